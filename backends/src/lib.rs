@@ -1,0 +1,97 @@
+//! The runtime seam of the gateway.
+//!
+//! Everything the gateway needs from an async runtime fits in one trait,
+//! [`Runtime`]: run a future on N worker threads, spawn tasks, adopt a bound
+//! TCP listener and accept from it, connect, sleep until an instant, hand
+//! hyper a timer, and wait for SIGTERM/SIGINT. The gateway is generic over
+//! it (`run::<Tokio>` / `run::<Smol>`), so the hot path is monomorphic and
+//! both runtimes run exactly the same HTTP code.
+//!
+//! Streams are handed out as [`hyper::rt::Read`] + [`hyper::rt::Write`]
+//! because hyper's IO traits are already the runtime-neutral vocabulary the
+//! gateway speaks; nothing here knows about HTTP messages, counters or visits.
+//!
+//! Adding a backend means one new module implementing [`Runtime`] plus a
+//! config value that selects it.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Instant;
+
+mod smol;
+mod tokio;
+
+pub use crate::smol::Smol;
+pub use crate::tokio::Tokio;
+
+/// The listen backlog the gateway asks for when it binds a socket itself;
+/// the kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 65535;
+
+/// An async runtime the gateway can run on.
+///
+/// All methods are associated functions: a process runs one runtime, set up
+/// once by [`Runtime::block_on`], and the functions reach it through its
+/// thread-local or global context, as `tokio::spawn` does.
+pub trait Runtime: Sized + Send + Sync + 'static {
+    /// The name used in `config.toml` (`runtime.backend`) and in logs.
+    const NAME: &'static str;
+
+    /// A listening TCP socket registered with this runtime's reactor.
+    type Listener: Send + Sync + 'static;
+    /// A connected TCP stream, in hyper's IO vocabulary.
+    type Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static;
+    /// The timer hyper uses for its own timeouts.
+    type Timer: hyper::rt::Timer + Clone + Send + Sync + 'static;
+    /// A future that completes at a given instant.
+    type Sleep: Future<Output = ()> + Send + 'static;
+
+    /// Runs `main` to completion with `workers` threads executing spawned
+    /// tasks, and returns its output. Tasks still running when `main`
+    /// returns are abandoned.
+    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static;
+
+    /// Spawns a detached task onto the running runtime.
+    fn spawn<F>(task: F)
+    where
+        F: Future<Output = ()> + Send + 'static;
+
+    /// Registers an already bound, listening socket (bound by
+    /// [`bind_listener`] or passed in by systemd) with this runtime.
+    fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener>;
+
+    /// Accepts one connection, with `TCP_NODELAY` set.
+    fn accept(
+        listener: &Self::Listener,
+    ) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+
+    /// Opens a connection, with `TCP_NODELAY` set.
+    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// A future that completes at `deadline`.
+    fn sleep_until(deadline: Instant) -> Self::Sleep;
+
+    /// The timer to give hyper's connection builders.
+    fn timer() -> Self::Timer;
+
+    /// Starts listening for SIGTERM and SIGINT; the returned future
+    /// completes when either arrives. Call it inside [`Runtime::block_on`].
+    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static>;
+}
+
+/// Binds a listening TCP socket the way a server wants it: `SO_REUSEADDR`
+/// (a restart does not wait out TIME_WAIT), a large backlog, non-blocking.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,105 @@
+//! The smol backend: one shared `async-executor` driven by `workers`
+//! threads, async-io's reactor and timers, and smol-hyper's adapters
+//! between futures-io and hyper's IO traits. No tokio runtime exists in
+//! this mode.
+//!
+//! The executor is a process-wide static so that [`Runtime::spawn`] can
+//! reach it from anywhere, as `tokio::spawn` reaches tokio's. async-io runs
+//! its reactor on whichever thread is blocked waiting, or on its own
+//! "async-io" thread when none is.
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Instant;
+
+use futures_lite::StreamExt;
+use smol::{Async, Executor, Timer};
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+use crate::Runtime;
+
+/// The executor shared by every worker thread.
+static EXECUTOR: Executor<'static> = Executor::new();
+
+/// Runs the gateway on smol: a shared executor over async-io.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smol;
+
+/// Completes at a deadline; async-io's [`Timer`] yields the instant, hyper
+/// and the gateway want `()`.
+pub struct SmolSleep(Timer);
+
+impl Future for SmolSleep {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+impl Runtime for Smol {
+    const NAME: &'static str = "smol";
+
+    type Listener = Async<TcpListener>;
+    type Stream = FuturesIo<Async<TcpStream>>;
+    type Timer = SmolTimer;
+    type Sleep = SmolSleep;
+
+    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        for index in 0..workers.max(1) {
+            std::thread::Builder::new()
+                .name(format!("gateway-worker-{index}"))
+                .spawn(|| smol::block_on(EXECUTOR.run(futures_lite::future::pending::<()>())))?;
+        }
+        // The main thread only waits for `main`, which runs on the workers,
+        // like tokio's `block_on` with its worker pool.
+        Ok(smol::block_on(EXECUTOR.spawn(main)))
+    }
+
+    fn spawn<F>(task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        EXECUTOR.spawn(task).detach();
+    }
+
+    fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener> {
+        Async::new(listener)
+    }
+
+    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        stream.get_ref().set_nodelay(true)?;
+        Ok((FuturesIo::new(stream), peer))
+    }
+
+    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream> {
+        let stream = Async::<TcpStream>::connect(addr).await?;
+        stream.get_ref().set_nodelay(true)?;
+        Ok(FuturesIo::new(stream))
+    }
+
+    fn sleep_until(deadline: Instant) -> Self::Sleep {
+        SmolSleep(Timer::at(deadline))
+    }
+
+    fn timer() -> Self::Timer {
+        SmolTimer::new()
+    }
+
+    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+        use async_signal::{Signal, Signals};
+        let mut signals = Signals::new([Signal::Term, Signal::Int])?;
+        Ok(async move {
+            let _ = signals.next().await;
+        })
+    }
+}

@@ -1,0 +1,87 @@
+//! The tokio backend: a multi-thread runtime with `workers` worker threads,
+//! tokio's reactor and timer, and hyper-util's adapters between tokio's IO
+//! traits and hyper's.
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Instant;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::Runtime;
+
+/// Runs the gateway on tokio's work-stealing multi-thread scheduler.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokio;
+
+impl Runtime for Tokio {
+    const NAME: &'static str = "tokio";
+
+    type Listener = tokio::net::TcpListener;
+    type Stream = TokioIo<tokio::net::TcpStream>;
+    type Timer = TokioTimer;
+    type Sleep = tokio::time::Sleep;
+
+    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("gateway-worker")
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(main))
+    }
+
+    fn spawn<F>(task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(task);
+    }
+
+    fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener> {
+        listener.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(listener)
+    }
+
+    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((TokioIo::new(stream), peer))
+    }
+
+    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(stream))
+    }
+
+    fn sleep_until(deadline: Instant) -> Self::Sleep {
+        tokio::time::sleep_until(deadline.into())
+    }
+
+    fn timer() -> Self::Timer {
+        TokioTimer::new()
+    }
+
+    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            futures_lite::future::or(
+                async {
+                    terminate.recv().await;
+                },
+                async {
+                    interrupt.recv().await;
+                },
+            )
+            .await;
+        })
+    }
+}

@@ -1,0 +1,480 @@
+//! The configuration file: its shape, its defaults, and errors that point
+//! at the offending line.
+//!
+//! Every key of SPEC §3 has a default, so an empty file is valid. Unknown
+//! keys are errors. A [`ConfigError`] names the file, the line and column,
+//! the key and what was expected; `serde_path_to_error` supplies the key
+//! path and toml's span-preserving parser the position.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration, as read from `config.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub responses: ResponsesConfig,
+    pub admin: Option<AdminConfig>,
+    pub counter: Option<CounterConfig>,
+    pub log: LogConfig,
+}
+
+/// Which async runtime runs the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Tokio,
+    Smol,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tokio => "tokio",
+            Backend::Smol => "smol",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub backend: Backend,
+    /// Worker threads; 0 means one per CPU this process may run on.
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            max_connections: 65536,
+            header_read_timeout_ms: 5000,
+            idle_timeout_ms: 60000,
+            max_header_bytes: 16384,
+            shutdown_timeout_ms: 10000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_connections: usize,
+    pub pool_idle_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3001/counter".to_owned(),
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 2000,
+            max_connections: 1024,
+            pool_idle_timeout_ms: 30000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponsesConfig {
+    pub welcome: String,
+    pub error: String,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self {
+            welcome: "Welcome to my site!".to_owned(),
+            error: "Error registering your visit".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CounterConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for CounterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            access: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file not found: {path} (looked there because {reason})")]
+    NotFound { path: PathBuf, reason: String },
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The upstream URL, split into what a connection needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// `host[:port]` exactly as written, for the `host` header.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, for the request line.
+    pub path_and_query: String,
+}
+
+impl UpstreamTarget {
+    /// Parses an `http://` URL; `https://` and anything else is refused.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "`{url}`: https upstreams are not supported yet; use an http:// URL"
+                ));
+            }
+            _ => return Err(format!("`{url}`: expected an http:// URL")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{url}`: the URL has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{url}`: credentials in the URL are not supported"));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        Ok(Self {
+            authority: authority.as_str().to_owned(),
+            host: host.to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            path_and_query: uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &source)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in errors.
+    pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            let (line, column) = span.map_or((1, 1), |s| line_column(source, s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let deserializer = toml::Deserializer::parse(source)
+            .map_err(|e| invalid(e.span(), "(syntax)".to_owned(), e.message().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let span = e.inner().span().or_else(|| span_of(source, &key));
+            invalid(span, key, e.inner().message().to_owned())
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| invalid(span_of(source, key), key.to_owned(), message))?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: ranges and the upstream URL.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+            (
+                "upstream.max_connections",
+                self.upstream.max_connections as u64,
+            ),
+            (
+                "upstream.pool_idle_timeout_ms",
+                self.upstream.pool_idle_timeout_ms,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key, "expected a value greater than 0".to_owned()));
+            }
+        }
+        if self.server.max_header_bytes < 8192 {
+            return Err((
+                "server.max_header_bytes",
+                format!(
+                    "expected at least 8192, got {}",
+                    self.server.max_header_bytes
+                ),
+            ));
+        }
+        UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err((
+                "log.level",
+                format!(
+                    "`{}` is not a log level or filter (expected e.g. error, warn, info, debug, trace)",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A one-line summary, printed by `gateway --check`.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "backend={} workers={} listen={} upstream={}",
+            self.runtime.backend.name(),
+            self.runtime.worker_count(),
+            self.server.listen,
+            self.upstream.url,
+        );
+        if let Some(counter) = &self.counter {
+            line.push_str(&format!(" counter={}", counter.listen));
+        }
+        if let Some(admin) = &self.admin {
+            line.push_str(&format!(" admin={}", admin.listen));
+        }
+        line
+    }
+}
+
+/// Milliseconds from the config as a [`Duration`].
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The span of the value at a dotted key path (`server.listen`), or of the
+/// nearest table on that path that the file has.
+fn span_of(source: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let document = toml::de::DeTable::parse(source).ok()?;
+    let mut table = document.get_ref();
+    let mut found = None;
+    for part in key.split('.') {
+        let (k, v) = table.get_key_value(part)?;
+        found = Some(k.span());
+        match v.get_ref() {
+            toml::de::DeValue::Table(inner) => table = inner,
+            _ => return Some(v.span()),
+        }
+    }
+    found
+}
+
+/// Where the configuration is read from: `--config`, else
+/// `$GATEWAY_CONFIG`, else `./config.toml`; the reason is for error messages.
+pub fn locate(cli: Option<PathBuf>) -> (PathBuf, String) {
+    if let Some(path) = cli {
+        return (path, "it was given with --config".to_owned());
+    }
+    if let Some(path) = std::env::var_os("GATEWAY_CONFIG").filter(|p| !p.is_empty()) {
+        return (PathBuf::from(path), "$GATEWAY_CONFIG names it".to_owned());
+    }
+    (
+        PathBuf::from("config.toml"),
+        "neither --config nor $GATEWAY_CONFIG was given, so ./config.toml is the default"
+            .to_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.runtime.backend, Backend::Tokio);
+        assert_eq!(config.server.max_header_bytes, 16384);
+        assert!(config.counter.is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:1: server"), "{err}");
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn bad_backend_lists_valid_ones() {
+        let err = parse("[runtime]\nbackend = \"glommio\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:11: runtime.backend"), "{err}");
+        assert!(err.contains("`tokio`") && err.contains("`smol`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let err = parse("[runtime]\nworkers = \"four\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:11: runtime.workers"), "{err}");
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let err = parse("[server]\nmax_header_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:2:20: server.max_header_bytes"),
+            "{err}"
+        );
+        let err = parse("[upstream]\nurl = \"https://example.com/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.url") && err.contains("https"),
+            "{err}"
+        );
+        let err = parse("[upstream]\nrequest_timeout_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.request_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let err = parse("[server\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn upstream_target() {
+        let t = UpstreamTarget::parse("http://localhost:8080/count?x=1").unwrap();
+        assert_eq!(t.authority, "localhost:8080");
+        assert_eq!(t.host, "localhost");
+        assert_eq!(t.port, 8080);
+        assert_eq!(t.path_and_query, "/count?x=1");
+        let t = UpstreamTarget::parse("http://[::1]/").unwrap();
+        assert_eq!(t.host, "::1");
+        assert_eq!(t.port, 80);
+    }
+}

@@ -1,0 +1,49 @@
+//! The built-in counter (SPEC §6): the reference upstream for demos, tests
+//! and benchmarks. `POST /counter` counts a visit; `GET /counter` reads
+//! the tally.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{ALLOW, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::service::{Body, Service, status_only, text, text_owned};
+
+/// The path the counter serves.
+pub const PATH: &str = "/counter";
+
+/// Counts visits.
+#[derive(Debug, Default)]
+pub struct Counter {
+    count: AtomicU64,
+}
+
+impl Counter {
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Service for Counter {
+    async fn call(&'static self, request: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        if request.uri().path() != PATH {
+            return status_only(StatusCode::NOT_FOUND);
+        }
+        match *request.method() {
+            Method::POST => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+                text(StatusCode::OK, "", true)
+            }
+            Method::GET => text_owned(StatusCode::OK, format!("{}\n", self.count())),
+            _ => {
+                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, POST"));
+                response
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Start-up and shutdown of the daemon.
+//!
+//! [`run`] binds the listeners (so "address in use" is reported before any
+//! thread starts), picks the runtime from `runtime.backend` — the only
+//! place in the gateway that names a backend type — and runs everything
+//! else generically over it. On SIGTERM/SIGINT the public listener stops
+//! accepting and drains first; the built-in counter it may be forwarding to
+//! stops after it.
+
+use std::net::{SocketAddr, TcpListener};
+
+use backends::Runtime;
+
+use crate::config::{Backend, Config, ms};
+use crate::counter::Counter;
+use crate::forward::Forward;
+use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
+use crate::shutdown::Latch;
+use crate::upstream::Upstream;
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The gateway, with its counter when `[counter]` is configured.
+    Gateway,
+    /// Only the counter listener (`gateway counter`).
+    CounterOnly,
+}
+
+/// Why the daemon could not run; each maps to an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Listen {
+        name: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Upstream(String),
+    #[error("cannot start the {backend} runtime: {source}")]
+    Runtime {
+        backend: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl Fatal {
+    /// The process exit status: 78 (EX_CONFIG) for configuration errors.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Fatal::Config(_) => 78,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, on the backend the config names.
+pub fn run(config: Config, mode: Mode) -> Result<(), Fatal> {
+    match config.runtime.backend {
+        Backend::Tokio => run_on::<backends::Tokio>(config, mode),
+        Backend::Smol => run_on::<backends::Smol>(config, mode),
+    }
+}
+
+/// Leaks a value that lives as long as the process: services, settings
+/// and latches are shared by every task without reference counting.
+fn forever<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}
+
+fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
+    backends::bind_listener(addr).map_err(|source| Fatal::Listen { name, addr, source })
+}
+
+fn adopt<R: Runtime>(
+    name: &'static str,
+    listener: TcpListener,
+) -> Result<(R::Listener, SocketAddr), Fatal> {
+    let addr = listener.local_addr().map_err(|source| Fatal::Listen {
+        name,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let listener =
+        R::adopt_listener(listener).map_err(|source| Fatal::Listen { name, addr, source })?;
+    tracing::info!("listening on {addr} ({name})");
+    Ok((listener, addr))
+}
+
+fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
+    raise_open_file_limit(&config);
+    let workers = config.runtime.worker_count();
+    let counter_listener = match &config.counter {
+        Some(counter) => Some(bind("counter", counter.listen)?),
+        None => None,
+    };
+    let public_listener = match mode {
+        Mode::Gateway => Some(bind("public", config.server.listen)?),
+        Mode::CounterOnly => None,
+    };
+    let upstream = match mode {
+        Mode::Gateway => Some(forever(
+            Upstream::<R>::new(&config.upstream).map_err(Fatal::Upstream)?,
+        )),
+        Mode::CounterOnly => None,
+    };
+    tracing::info!(
+        backend = R::NAME,
+        workers,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
+
+    let main = async move {
+        let signal = R::shutdown_signal().map_err(|source| Fatal::Runtime {
+            backend: R::NAME,
+            source,
+        })?;
+        let server = &config.server;
+        let settings = |name, idle_timeout_ms| {
+            forever(ServerSettings {
+                name,
+                header_read_timeout: ms(server.header_read_timeout_ms),
+                idle_timeout: ms(idle_timeout_ms),
+                max_header_bytes: server.max_header_bytes,
+                shutdown_timeout: ms(server.shutdown_timeout_ms),
+                access_log: config.log.access,
+            })
+        };
+
+        let counter_stop = forever(Latch::new());
+        let counter_done = forever(Latch::new());
+        if let Some(listener) = counter_listener {
+            let (listener, _) = adopt::<R>("counter", listener)?;
+            // Upstream clients keep idle connections for a while; the
+            // counter keeps them longer, so it is never the one to close
+            // a connection a client is about to reuse.
+            let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000));
+            let connections = forever(Connections::new(usize::MAX >> 4));
+            let counter = forever(Counter::default());
+            spawn_with_latch::<R>(
+                serve::<R, _>(
+                    listener,
+                    counter,
+                    counter_settings,
+                    connections,
+                    counter_stop,
+                ),
+                counter_done,
+            );
+        } else {
+            counter_done.set();
+        }
+
+        let public_stop = forever(Latch::new());
+        let public_done = forever(Latch::new());
+        if let (Some(listener), Some(upstream)) = (public_listener, upstream) {
+            let (listener, _) = adopt::<R>("public", listener)?;
+            R::spawn(upstream.reap_idle());
+            let forward = forever(Forward::new(upstream, &config.responses));
+            let connections = forever(Connections::new(server.max_connections));
+            let public_settings = settings("public", server.idle_timeout_ms);
+            spawn_with_latch::<R>(
+                serve::<R, _>(listener, forward, public_settings, connections, public_stop),
+                public_done,
+            );
+        } else {
+            public_done.set();
+        }
+
+        signal.await;
+        tracing::info!("shutdown signal received");
+        public_stop.set();
+        public_done.wait().await;
+        counter_stop.set();
+        counter_done.wait().await;
+        tracing::info!("stopped");
+        Ok::<(), Fatal>(())
+    };
+    R::block_on(workers, main).map_err(|source| Fatal::Runtime {
+        backend: R::NAME,
+        source,
+    })?
+}
+
+/// Raises the open-file soft limit to the hard limit, and warns when even
+/// that is short of what the configured connection caps need.
+fn raise_open_file_limit(config: &Config) {
+    let needed = config.server.max_connections as u64 + config.upstream.max_connections as u64 + 64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what server.max_connections and upstream.max_connections need; raise LimitNOFILE / ulimit -n"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}

@@ -1,0 +1,121 @@
+//! The gateway's service: every visit to `/` is registered with the
+//! upstream counter, and the answer says whether that worked (SPEC §4).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use backends::Runtime;
+use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::config::ResponsesConfig;
+use crate::service::{Body, Service, status_only, text};
+use crate::upstream::{Outcome, Upstream};
+
+/// Forwards visits to the upstream counter.
+pub struct Forward<R: Runtime> {
+    upstream: &'static Upstream<R>,
+    /// Response bodies, fixed for the life of the process.
+    welcome: &'static str,
+    error: &'static str,
+}
+
+impl<R: Runtime> Forward<R> {
+    pub fn new(upstream: &'static Upstream<R>, responses: &ResponsesConfig) -> Self {
+        Self {
+            upstream,
+            welcome: leak(&responses.welcome),
+            error: leak(&responses.error),
+        }
+    }
+
+    /// The answer to a visit, from the outcome of registering it.
+    fn answer(&self, outcome: Outcome, with_body: bool) -> Response<Body> {
+        match outcome {
+            Outcome::Counted => text(StatusCode::OK, self.welcome, with_body),
+            Outcome::Failed => text(StatusCode::BAD_GATEWAY, self.error, with_body),
+            Outcome::TimedOut => text(StatusCode::GATEWAY_TIMEOUT, self.error, with_body),
+            Outcome::Overloaded => {
+                let mut response = text(StatusCode::SERVICE_UNAVAILABLE, self.error, with_body);
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
+        }
+    }
+}
+
+impl<R: Runtime> Service for Forward<R> {
+    async fn call(&'static self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if request.uri().path() != "/" {
+            return status_only(StatusCode::NOT_FOUND);
+        }
+        let with_body = match *request.method() {
+            Method::GET => true,
+            Method::HEAD => false,
+            _ => {
+                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return response;
+            }
+        };
+        let forwarded_for = forwarded_for(&request, peer);
+        // The request (and its body, unread) is dropped before the upstream
+        // round trip: nothing of it is needed any more.
+        drop(request);
+        let outcome = self.upstream.register_visit(forwarded_for).await;
+        self.answer(outcome, with_body)
+    }
+}
+
+/// `x-forwarded-for`: what the client sent (all such headers, in order)
+/// with the client's address appended; IPv4-mapped IPv6 written as IPv4.
+fn forwarded_for<B>(request: &Request<B>, peer: SocketAddr) -> HeaderValue {
+    let client = peer.ip().to_canonical();
+    let mut value = String::new();
+    for received in request.headers().get_all("x-forwarded-for") {
+        if let Ok(received) = received.to_str() {
+            let received = received.trim();
+            if !received.is_empty() {
+                value.push_str(received);
+                value.push_str(", ");
+            }
+        }
+    }
+    let _ = write!(value, "{client}");
+    // Only visible ASCII came in (to_str checked) and an IP address goes
+    // out, so this cannot fail; fall back to the address alone regardless.
+    HeaderValue::try_from(value).unwrap_or_else(|_| {
+        HeaderValue::try_from(client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    })
+}
+
+/// Process-lifetime text, so that every response can borrow it for free.
+fn leak(text: &str) -> &'static str {
+    Box::leak(text.to_owned().into_boxed_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_appends_canonical_client() {
+        let peer: SocketAddr = "[::ffff:10.0.0.7]:4000".parse().unwrap();
+        let request = Request::builder()
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("x-forwarded-for", "5.6.7.8, 9.9.9.9")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            forwarded_for(&request, peer),
+            "1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.7"
+        );
+        let bare = Request::new(());
+        assert_eq!(forwarded_for(&bare, "[::1]:1".parse().unwrap()), "::1");
+    }
+}

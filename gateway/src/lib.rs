@@ -1,0 +1,28 @@
+//! `gateway`: for every visit to `/`, register it with an upstream counter
+//! and tell the visitor whether that worked, on tokio or smol.
+//!
+//! How the crate is laid out:
+//!
+//! - [`config`]: `config.toml`, its defaults, and errors that point at a line.
+//! - [`daemon`]: start-up and shutdown; the one place a backend is picked.
+//! - [`server`]: the HTTP/1.1 accept loop and per-connection task (hyper),
+//!   timeouts, connection cap, drain.
+//! - [`service`]: the `Request` → `Response` seam the server drives.
+//! - [`forward`]: the gateway's service, visits forwarded to the counter.
+//! - [`upstream`]: the pooled HTTP/1.1 client to the counter.
+//! - [`counter`]: the built-in counter, the reference upstream.
+//! - [`shutdown`], [`time`]: small primitives over the runtime trait.
+//!
+//! The runtime itself lives in the `backends` crate; nothing here uses
+//! tokio or smol directly.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod counter;
+pub mod daemon;
+pub mod forward;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod time;
+pub mod upstream;

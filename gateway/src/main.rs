@@ -1,0 +1,107 @@
+//! The `gateway` command: run the daemon, check a configuration, or serve
+//! only the built-in counter.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::{self, Backend, Config, ConfigError, CounterConfig, RuntimeConfig};
+use gateway::daemon::{self, Mode};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "An HTTP gateway that registers every visit with an upstream counter, on tokio or smol."
+)]
+struct Cli {
+    /// The configuration file [default: $GATEWAY_CONFIG, else ./config.toml]
+    #[arg(long, value_name = "PATH", global = true)]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print a one-line summary, and exit.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve only the built-in counter: POST /counter counts, GET /counter reads.
+    Counter {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:3001")]
+        listen: SocketAddr,
+        /// Async runtime to run on.
+        #[arg(long, value_enum, default_value = "tokio")]
+        backend: Backend,
+        /// Worker threads; 0 = one per CPU this process may run on.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config, mode) = match cli.command {
+        Some(Command::Counter {
+            listen,
+            backend,
+            workers,
+        }) => {
+            let config = Config {
+                runtime: RuntimeConfig { backend, workers },
+                counter: Some(CounterConfig { listen }),
+                ..Config::default()
+            };
+            (config, Mode::CounterOnly)
+        }
+        None => match load(cli.config) {
+            Ok(config) => (config, Mode::Gateway),
+            Err(error) => {
+                eprintln!("gateway: configuration error: {error}");
+                return ExitCode::from(78);
+            }
+        },
+    };
+    if cli.check {
+        println!("configuration ok: {}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config.log.level);
+    match daemon::run(config, mode) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("gateway: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn load(cli_path: Option<PathBuf>) -> Result<Config, ConfigError> {
+    let (path, reason) = config::locate(cli_path);
+    if !path.exists() {
+        let path = std::path::absolute(&path).unwrap_or(path);
+        return Err(ConfigError::NotFound { path, reason });
+    }
+    Config::load(&path)
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the configured level. Under
+/// journald (`JOURNAL_STREAM` set) lines carry no timestamp: it adds its own.
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

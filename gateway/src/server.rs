@@ -1,0 +1,430 @@
+//! The HTTP/1.1 server loop, written once over the runtime trait: accept
+//! connections up to the process-wide cap, serve each with hyper on its
+//! own task, enforce the header-read and idle timeouts, and drain on
+//! shutdown.
+//!
+//! Timeouts are kept here rather than by hyper because hyper (since 1.6)
+//! starts its header-read timer as soon as a keep-alive connection goes
+//! idle, which would close idle connections after `header_read_timeout_ms`
+//! instead of `idle_timeout_ms`. Each connection instead tracks its
+//! [`Phase`]: reading a head (from its first byte, or from the accept),
+//! busy in the service, or idle between requests; one resettable timer per
+//! connection, re-armed lazily, enforces the phase's deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_lock::{Semaphore, SemaphoreGuardArc};
+use backends::Runtime;
+use event_listener::Event;
+use futures_lite::future::{self, poll_fn};
+use hyper::rt::{Read, ReadBufCursor, Timer, Write};
+use hyper::server::conn::http1;
+
+use crate::service::Service;
+use crate::shutdown::Latch;
+
+/// How one listener serves its connections.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Shown in logs: "public", "counter".
+    pub name: &'static str,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub access_log: bool,
+}
+
+/// The connections of one listener: the cap, and the count to drain.
+pub struct Connections {
+    /// `max_connections` permits; a connection holds one while open, and
+    /// at the cap the accept loop waits (new clients queue in the backlog).
+    limit: Arc<Semaphore>,
+    open: AtomicUsize,
+    /// Notified when a connection closes, for the drain.
+    closed: Event,
+}
+
+impl Connections {
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            limit: Arc::new(Semaphore::new(max_connections)),
+            open: AtomicUsize::new(0),
+            closed: Event::new(),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    async fn wait_until_none_open(&self) {
+        loop {
+            if self.open() == 0 {
+                return;
+            }
+            let listener = self.closed.listen();
+            if self.open() == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// An open connection's claim on its listener's [`Connections`].
+struct Open {
+    connections: &'static Connections,
+    _permit: SemaphoreGuardArc,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.connections.open.fetch_sub(1, Ordering::AcqRel);
+        self.connections.closed.notify(usize::MAX);
+    }
+}
+
+/// Serves `listener` until `stop` is set, then drains: lets every
+/// connection finish the request it has, closes idle ones, and returns
+/// when none is left or `shutdown_timeout` has passed.
+pub async fn serve<R: Runtime, S: Service>(
+    listener: R::Listener,
+    service: &'static S,
+    settings: &'static ServerSettings,
+    connections: &'static Connections,
+    stop: &'static Latch,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(R::timer())
+        // The phases below do the header-read timeout; see the module doc.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(settings.max_header_bytes);
+    let builder: &'static http1::Builder = Box::leak(Box::new(builder));
+
+    let mut stopped = pin!(stop.wait());
+    loop {
+        let permit = future::or(
+            async { Some(connections.limit.acquire_arc().await) },
+            async {
+                stopped.as_mut().await;
+                None
+            },
+        );
+        let Some(permit) = permit.await else { break };
+        let accepted = future::or(async { Some(R::accept(&listener).await) }, async {
+            stopped.as_mut().await;
+            None
+        });
+        match accepted.await {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                connections.open.fetch_add(1, Ordering::AcqRel);
+                let open = Open {
+                    connections,
+                    _permit: permit,
+                };
+                R::spawn(serve_connection::<R, S>(
+                    stream, peer, service, settings, builder, stop, open,
+                ));
+            }
+            Some(Err(error)) => {
+                drop(permit);
+                if is_resource_exhaustion(&error) {
+                    // Out of file descriptors or memory: accepting again at
+                    // once would spin. Back off; closing connections frees
+                    // what is needed.
+                    tracing::warn!(listener = settings.name, %error, "accept failed, backing off 100ms");
+                    R::sleep_until(Instant::now() + Duration::from_millis(100)).await;
+                } else {
+                    tracing::debug!(listener = settings.name, %error, "accept failed");
+                }
+            }
+        }
+    }
+    drop(listener);
+    let open = connections.open();
+    tracing::info!(
+        listener = settings.name,
+        open,
+        "stopped accepting; draining"
+    );
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    let drained =
+        crate::time::timeout_at::<R, _>(deadline, connections.wait_until_none_open()).await;
+    if drained.is_err() {
+        tracing::warn!(
+            listener = settings.name,
+            open = connections.open(),
+            "shutdown timeout passed; closing the connections left"
+        );
+    } else {
+        tracing::info!(listener = settings.name, "drained");
+    }
+}
+
+fn is_resource_exhaustion(error: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Where a connection is in its request cycle; decides which timeout runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// Reading a request head: `header_read_timeout` from its first byte
+    /// (or from the accept, for a connection's first request).
+    Head = 0,
+    /// The service is answering: no timeout here (the service has its own).
+    Busy = 1,
+    /// Between requests on a keep-alive connection: `idle_timeout`.
+    Idle = 2,
+}
+
+/// A connection's phase and when it began, shared between the IO wrapper,
+/// the service wrapper and the connection task (all on the same task; the
+/// atomics are only there to make it `Sync`).
+struct Activity {
+    phase: AtomicU8,
+    /// Nanoseconds since [`epoch`].
+    since: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+impl Activity {
+    fn new(phase: Phase, at: Instant) -> Self {
+        Self {
+            phase: AtomicU8::new(phase as u8),
+            since: AtomicU64::new(nanos_since_epoch(at)),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Head,
+            1 => Phase::Busy,
+            _ => Phase::Idle,
+        }
+    }
+
+    fn enter(&self, phase: Phase, at: Instant) {
+        self.since.store(nanos_since_epoch(at), Ordering::Relaxed);
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: an idle connection starts reading a head.
+    fn on_read(&self) {
+        if self.phase() == Phase::Idle {
+            self.enter(Phase::Head, Instant::now());
+        }
+    }
+
+    /// When the current phase times out, if it can.
+    fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
+        let since = epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed));
+        match self.phase() {
+            Phase::Head => Some(since + settings.header_read_timeout),
+            Phase::Busy => None,
+            Phase::Idle => Some(since + settings.idle_timeout),
+        }
+    }
+}
+
+/// The client stream, reporting reads to the connection's [`Activity`].
+struct WatchedIo<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: Read + Unpin> Read for WatchedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // Ready(Ok) is either bytes or end of stream; at end of stream
+        // hyper closes the connection, so both count as activity.
+        if let Poll::Ready(Ok(())) = polled {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<S: Write + Unpin> Write for WatchedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// How a connection ended, for the debug log.
+enum Ended {
+    Closed(Result<(), hyper::Error>),
+    TimedOut(Phase),
+}
+
+async fn serve_connection<R: Runtime, S: Service>(
+    stream: R::Stream,
+    peer: SocketAddr,
+    service: &'static S,
+    settings: &'static ServerSettings,
+    builder: &'static http1::Builder,
+    stop: &'static Latch,
+    open: Open,
+) {
+    let activity = Arc::new(Activity::new(Phase::Head, Instant::now()));
+    let io = WatchedIo {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let service_activity = activity.clone();
+    let hyper_service = hyper::service::service_fn(move |request| {
+        service_activity.enter(Phase::Busy, Instant::now());
+        let activity = service_activity.clone();
+        let started = settings.access_log.then(|| {
+            (
+                request.method().clone(),
+                request.uri().path().to_owned(),
+                Instant::now(),
+            )
+        });
+        let response = service.call(request, peer);
+        async move {
+            let response = response.await;
+            activity.enter(Phase::Idle, Instant::now());
+            if let Some((method, path, at)) = started {
+                tracing::info!(
+                    target: "access",
+                    listener = settings.name,
+                    %peer,
+                    %method,
+                    path = ?path,
+                    status = response.status().as_u16(),
+                    micros = at.elapsed().as_micros() as u64,
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let mut connection = pin!(builder.serve_connection(io, hyper_service));
+
+    let timer = R::timer();
+    let first_deadline = activity
+        .deadline(settings)
+        .unwrap_or_else(|| Instant::now() + settings.header_read_timeout);
+    let mut sleep = timer.sleep_until(first_deadline);
+    let mut armed = first_deadline;
+    let mut stop_listener = Some(stop.listener());
+    let mut draining = false;
+
+    let ended = poll_fn(|cx| {
+        // On shutdown, a connection between requests is closed at once and
+        // a busy one after its answer; one still reading a head is left to
+        // finish it (or to time out), so a request already sent is served.
+        if let Some(listener) = &mut stop_listener {
+            if stop.is_set() || Pin::new(listener).poll(cx).is_ready() {
+                stop_listener = None;
+            }
+        }
+        loop {
+            if stop_listener.is_none() && !draining && activity.phase() != Phase::Head {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Ended::Closed(result));
+            }
+            // Polling may have moved the connection out of `Head`; if it
+            // is now due for draining, poll it once more to act on that.
+            if stop_listener.is_none() && !draining && activity.phase() != Phase::Head {
+                continue;
+            }
+            break;
+        }
+        loop {
+            let Some(deadline) = activity.deadline(settings) else {
+                return Poll::Pending;
+            };
+            if deadline < armed {
+                timer.reset(&mut sleep, deadline);
+                armed = deadline;
+            }
+            match sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    return Poll::Ready(Ended::TimedOut(activity.phase()));
+                }
+                Poll::Ready(()) => {
+                    // Fired for an earlier phase; wait for this one's deadline.
+                    timer.reset(&mut sleep, deadline);
+                    armed = deadline;
+                }
+            }
+        }
+    })
+    .await;
+    match ended {
+        Ended::Closed(Ok(())) => {}
+        Ended::Closed(Err(error)) => {
+            tracing::debug!(%peer, %error, "connection closed with an error")
+        }
+        Ended::TimedOut(phase) => tracing::debug!(%peer, ?phase, "connection timed out"),
+    }
+    drop(open);
+}
+
+/// Runs `future` on its own task and reports when it has finished.
+pub fn spawn_with_latch<R: Runtime>(
+    future: impl Future<Output = ()> + Send + 'static,
+    done: &'static Latch,
+) {
+    R::spawn(async move {
+        future.await;
+        done.set();
+    });
+}

@@ -1,0 +1,61 @@
+//! The seam between the HTTP server loop and what answers requests.
+//!
+//! A [`Service`] takes an `http::Request` and the client's address and
+//! returns an `http::Response` with a fixed body. It knows nothing of the
+//! runtime or of connections; the server loop ([`crate::server`]) drives it
+//! from hyper on either backend.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+/// The body of every response the gateway writes: known length, in memory.
+pub type Body = Full<Bytes>;
+
+/// Answers one request.
+pub trait Service: Send + Sync + 'static {
+    /// Answers `request`, which arrived from `peer`.
+    fn call(
+        &'static self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static;
+}
+
+static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// A `text/plain` response with `content-length` set. For `HEAD`, pass
+/// `with_body = false`: the length still describes the body a `GET` gets.
+pub fn text(status: StatusCode, body: &'static str, with_body: bool) -> Response<Body> {
+    let mut response = Response::new(if with_body {
+        Full::new(Bytes::from_static(body.as_bytes()))
+    } else {
+        Full::default()
+    });
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, TEXT_PLAIN.clone());
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    response
+}
+
+/// A `text/plain` response whose body is built at run time.
+pub fn text_owned(status: StatusCode, body: String) -> Response<Body> {
+    let length = body.len();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, TEXT_PLAIN.clone());
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+/// The reason phrase of a status as its body, e.g. "Not Found".
+pub fn status_only(status: StatusCode) -> Response<Body> {
+    text(status, status.canonical_reason().unwrap_or(""), true)
+}
