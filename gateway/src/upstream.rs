@@ -12,6 +12,7 @@
 //! once, on a fresh connection. Connections found closed while idle are
 //! dropped before anything is written to them.
 
+use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -143,15 +144,19 @@ impl<R: Runtime> Upstream<R> {
             Err(outcome) => return outcome,
         };
         loop {
-            match timeout_at::<R, _>(deadline, self.exchange(&mut sender, request)).await {
-                Err(Elapsed) => return Outcome::TimedOut,
-                Ok(Exchange::Done(outcome)) => {
-                    if outcome == Outcome::Counted {
-                        self.check_in(sender);
-                    }
+            // Boxed so that, past the deadline, the exchange can be moved
+            // to a task of its own and finish there (see `finish_late`).
+            let mut exchange = Box::pin(self.exchange(sender, request));
+            match timeout_at::<R, _>(deadline, exchange.as_mut()).await {
+                Err(Elapsed) => {
+                    self.finish_late(exchange);
+                    return Outcome::TimedOut;
+                }
+                Ok((sender, Exchange::Done(outcome))) => {
+                    self.check_in(sender);
                     return outcome;
                 }
-                Ok(Exchange::Unsent(returned)) if from_pool => {
+                Ok((_dead, Exchange::Unsent(returned))) if from_pool => {
                     // The pooled connection died before a byte of this
                     // request was written: replace it, once.
                     request = returned;
@@ -161,9 +166,27 @@ impl<R: Runtime> Upstream<R> {
                         Err(outcome) => return outcome,
                     };
                 }
-                Ok(Exchange::Unsent(_)) => return Outcome::Failed,
+                Ok((_dead, Exchange::Unsent(_))) => return Outcome::Failed,
             }
         }
+    }
+
+    /// Lets an exchange whose visit was already answered 504 run on for
+    /// another `request_timeout`. Dropping it would close the connection
+    /// and free its slot at once, and the next waiter would send another
+    /// POST to an upstream that is already too slow; finishing it keeps
+    /// the slot busy for as long as the upstream really is (so waiters at
+    /// the cap get 503 without adding load) and keeps the connection.
+    fn finish_late(
+        &'static self,
+        exchange: impl Future<Output = (Sender, Exchange)> + Send + 'static,
+    ) {
+        R::spawn(async move {
+            let grace = Instant::now() + self.request_timeout;
+            if let Ok((sender, Exchange::Done(_))) = timeout_at::<R, _>(grace, exchange).await {
+                self.check_in(sender);
+            }
+        });
     }
 
     fn visit_request(&self, forwarded_for: HeaderValue) -> Request<Empty<Bytes>> {
@@ -177,30 +200,44 @@ impl<R: Runtime> Upstream<R> {
         request
     }
 
-    /// Sends the request and reads the answer to its end.
-    async fn exchange(&self, sender: &mut Sender, request: Request<Empty<Bytes>>) -> Exchange {
+    /// Sends the request and reads the answer to its end; gives the
+    /// connection back for reuse.
+    async fn exchange(
+        &self,
+        mut sender: Sender,
+        request: Request<Empty<Bytes>>,
+    ) -> (Sender, Exchange) {
         if sender.ready().await.is_err() {
-            return Exchange::Unsent(request);
+            return (sender, Exchange::Unsent(request));
         }
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut error) => {
-                return match error.take_message() {
+                let exchange = match error.take_message() {
                     Some(request) => Exchange::Unsent(request),
-                    None => Exchange::Done(Outcome::Failed),
+                    None => {
+                        tracing::debug!(error = %error.error(), "upstream request failed");
+                        Exchange::Done(Outcome::Failed)
+                    }
                 };
+                return (sender, exchange);
             }
         };
         let status = response.status();
-        // Read the body to its end so the connection can carry the next visit.
-        if response.into_body().collect().await.is_err() {
-            return Exchange::Done(Outcome::Failed);
+        // Read the body to its end so the connection can carry the next
+        // visit; the bytes themselves are not needed.
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Err(error) = frame {
+                tracing::debug!(%error, "upstream answer cut short");
+                return (sender, Exchange::Done(Outcome::Failed));
+            }
         }
         if status.is_success() {
-            Exchange::Done(Outcome::Counted)
+            (sender, Exchange::Done(Outcome::Counted))
         } else {
             tracing::debug!(%status, "upstream answered non-2xx");
-            Exchange::Done(Outcome::Failed)
+            (sender, Exchange::Done(Outcome::Failed))
         }
     }
 

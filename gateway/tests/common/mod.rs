@@ -1,0 +1,513 @@
+//! Test harness: the real `gateway` binary in a child process, a real
+//! `gateway counter`, a controllable upstream served by hyper in the test
+//! process, and real HTTP clients (hyper, and raw sockets for exact bytes).
+//!
+//! Every behavioural test is one `async fn(Backend)` run once per backend
+//! by [`both_backends!`].
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// The backends every behavioural test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Tokio,
+    Smol,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tokio => "tokio",
+            Backend::Smol => "smol",
+        }
+    }
+}
+
+/// Runs each listed `async fn(Backend)` as two tests, `NAME::tokio` and
+/// `NAME::smol`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tokio() {
+                super::$name($crate::common::Backend::Tokio).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn smol() {
+                super::$name($crate::common::Backend::Smol).await
+            }
+        }
+    )*};
+}
+
+pub fn gateway_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gateway"))
+}
+
+/// A child process whose stderr is collected; killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+    /// `(name, address)` of each "listening on ADDR (NAME)" line.
+    pub listeners: Vec<(String, SocketAddr)>,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Process {
+    /// Starts `command` and waits until `expected` listeners are logged.
+    fn start(
+        mut command: Command,
+        expected: usize,
+        config: Option<tempfile::NamedTempFile>,
+    ) -> Self {
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn gateway");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(listener) = parse_listening(&line) {
+                    let _ = tx.send(listener);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut listeners = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while listeners.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "gateway did not start; its log:\n{}",
+                        log.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        }
+        Self {
+            child,
+            log,
+            listeners,
+            _config: config,
+        }
+    }
+
+    /// Starts a prepared command; waits for `expected` listeners.
+    pub fn start_command(command: Command, expected: usize) -> Self {
+        Self::start(command, expected, None)
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {name} listener in {:?}", self.listeners))
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let (addr, name) = rest.split_once(" (")?;
+    let name = name.split_once(')')?.0;
+    Some((name.to_owned(), addr.parse().ok()?))
+}
+
+/// Settings for a gateway under test; rendered into a config file.
+pub struct GatewayConfig {
+    pub backend: Backend,
+    pub upstream: String,
+    /// Extra `key = value` lines for `[server]`.
+    pub server: String,
+    /// Extra `key = value` lines for `[upstream]`.
+    pub upstream_extra: String,
+    /// Serve the built-in counter in the same process.
+    pub counter: bool,
+}
+
+impl GatewayConfig {
+    pub fn new(backend: Backend, upstream: SocketAddr) -> Self {
+        Self {
+            backend,
+            upstream: format!("http://{upstream}/counter"),
+            server: String::new(),
+            upstream_extra: String::new(),
+            counter: false,
+        }
+    }
+
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
+    pub fn upstream(mut self, lines: &str) -> Self {
+        self.upstream_extra.push_str(lines);
+        self.upstream_extra.push('\n');
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let counter = if self.counter {
+            "[counter]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "[runtime]\nbackend = \"{}\"\nworkers = 2\n\n[server]\nlisten = \"127.0.0.1:0\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
+            self.backend.name(),
+            self.server,
+            self.upstream,
+            self.upstream_extra,
+            counter,
+        )
+    }
+
+    pub fn start(&self) -> Process {
+        let mut file = tempfile::NamedTempFile::new().expect("temp config");
+        std::io::Write::write_all(&mut file, self.render().as_bytes()).expect("write config");
+        let mut command = Command::new(gateway_binary());
+        command
+            .arg("--config")
+            .arg(file.path())
+            .env_remove("RUST_LOG");
+        Process::start(command, 1 + usize::from(self.counter), Some(file))
+    }
+}
+
+/// Starts `gateway counter` on an ephemeral port.
+pub fn start_counter(backend: Backend) -> Process {
+    let mut command = Command::new(gateway_binary());
+    command
+        .args([
+            "counter",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            backend.name(),
+        ])
+        .env_remove("RUST_LOG");
+    Process::start(command, 1, None)
+}
+
+/// A keep-alive HTTP/1.1 client connection (hyper).
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        Self { sender }
+    }
+
+    pub async fn send(&mut self, request: Request<Empty<Bytes>>) -> Result<Answer, hyper::Error> {
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        read_answer(response).await
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.send(request("GET", path)).await.expect("GET")
+    }
+}
+
+pub fn request(method: &str, path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "gateway.test")
+        .body(Empty::new())
+        .unwrap()
+}
+
+async fn read_answer(response: Response<Incoming>) -> Result<Answer, hyper::Error> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One GET on a new connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    Client::connect(addr).await.get(path).await
+}
+
+/// Reads the built-in counter's tally.
+pub async fn counter_tally(counter: SocketAddr) -> u64 {
+    let answer = get(counter, "/counter").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    answer.body.trim().parse().expect("tally is a number")
+}
+
+/// Writes `bytes` on a new connection and reads until the server closes
+/// it or `limit` passes; returns what was read.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    read_until_close(&mut stream, limit).await
+}
+
+pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the test upstream does with each POST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// 200, empty body.
+    Ok,
+    /// This status, with a short body.
+    Status(u16),
+    /// Never answers.
+    Hang,
+    /// Answers after a delay.
+    Delay(Duration),
+    /// Writes bytes that are not HTTP, then closes.
+    Garbage,
+}
+
+/// What the test upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+struct UpstreamState {
+    behaviour: Mutex<Behaviour>,
+    requests: Mutex<Vec<Seen>>,
+    posts: AtomicU64,
+    connections: AtomicUsize,
+}
+
+/// An upstream counter in the test process whose behaviour the test sets,
+/// and which can stop (closing its listener and every connection) and
+/// start again on the same port.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl TestUpstream {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            behaviour: Mutex::new(behaviour),
+            requests: Mutex::new(Vec::new()),
+            posts: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+        });
+        let mut upstream = Self {
+            addr,
+            state,
+            tasks: None,
+        };
+        upstream.serve(listener);
+        upstream
+    }
+
+    /// An address where nothing listens (bound, then closed).
+    pub async fn closed_port() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().unwrap()
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let state = self.state.clone();
+        let mut tasks = JoinSet::new();
+        let connections = Arc::new(Mutex::new(JoinSet::new()));
+        let held = connections.clone();
+        tasks.spawn(async move {
+            let _held = held;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                state.connections.fetch_add(1, Ordering::SeqCst);
+                let state = state.clone();
+                connections.lock().unwrap().spawn(async move {
+                    let behaviour = *state.behaviour.lock().unwrap();
+                    if behaviour == Behaviour::Garbage {
+                        let mut stream = stream;
+                        let mut buf = [0u8; 1024];
+                        let _ = stream.read(&mut buf).await;
+                        state.posts.fetch_add(1, Ordering::SeqCst);
+                        let _ = stream.write_all(b"\x00\x01garbage, not HTTP\r\n\r\n").await;
+                        return;
+                    }
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&state, request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Closes the listener and resets every connection.
+    pub async fn stop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr).await.expect("rebind");
+        self.serve(listener);
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.state.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// POSTs received (counted when the request head arrives).
+    pub fn posts(&self) -> u64 {
+        self.state.posts.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.abort_all();
+        }
+    }
+}
+
+async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if parts.method == http::Method::POST {
+        state.posts.fetch_add(1, Ordering::SeqCst);
+    }
+    state.requests.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.to_string(),
+        headers: parts.headers,
+        body,
+    });
+    let behaviour = *state.behaviour.lock().unwrap();
+    let status = match behaviour {
+        Behaviour::Ok => 200,
+        Behaviour::Status(code) => code,
+        Behaviour::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Behaviour::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            200
+        }
+        Behaviour::Garbage => 200,
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+    response
+}
