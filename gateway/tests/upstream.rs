@@ -233,7 +233,21 @@ async fn saturated_pool_gives_503_with_retry_after(backend: Backend) {
     assert_eq!(upstream.connections(), 1);
 }
 
+async fn stale_pooled_connections_are_replaced_not_resent(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::CloseAfterAnswer).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let mut client = Client::connect(gateway.addr("public")).await;
+    for _ in 0..10 {
+        assert_eq!(client.get("/").await.status, StatusCode::OK);
+        // Let the upstream close the connection the gateway has pooled.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(upstream.posts(), 10, "each visit was sent exactly once");
+    assert_eq!(upstream.connections(), 10);
+}
+
 both_backends!(
+    stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,

@@ -350,6 +350,9 @@ pub enum Behaviour {
     Delay(Duration),
     /// Writes bytes that are not HTTP, then closes.
     Garbage,
+    /// Answers 200 while announcing keep-alive, then closes the connection
+    /// shortly after: the stale pooled connection every client meets.
+    CloseAfterAnswer,
 }
 
 /// What the test upstream saw of one request.
@@ -415,6 +418,20 @@ impl TestUpstream {
                 let state = state.clone();
                 connections.lock().unwrap().spawn(async move {
                     let behaviour = *state.behaviour.lock().unwrap();
+                    if behaviour == Behaviour::CloseAfterAnswer {
+                        let mut stream = stream;
+                        let mut buf = [0u8; 4096];
+                        if let Ok(n) = stream.read(&mut buf).await {
+                            if n > 0 {
+                                state.posts.fetch_add(1, Ordering::SeqCst);
+                                let _ = stream
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                    .await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        return;
+                    }
                     if behaviour == Behaviour::Garbage {
                         let mut stream = stream;
                         let mut buf = [0u8; 1024];
@@ -505,7 +522,7 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
             tokio::time::sleep(delay).await;
             200
         }
-        Behaviour::Garbage => 200,
+        Behaviour::Garbage | Behaviour::CloseAfterAnswer => 200,
     };
     let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();

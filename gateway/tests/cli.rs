@@ -1,0 +1,155 @@
+//! SPEC §2–§3: the command line, configuration errors and exit statuses.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn gateway(args: &[&str], config: Option<&str>) -> Output {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new(common::gateway_binary());
+    if let Some(text) = config {
+        std::fs::write(file.path(), text).unwrap();
+        command.arg("--config").arg(file.path());
+    }
+    command
+        .args(args)
+        .env_remove("GATEWAY_CONFIG")
+        .output()
+        .expect("run gateway")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn unknown_key_is_exit_78_naming_line_and_key() {
+    let output = gateway(
+        &[],
+        Some("[server]\nlisten = \"127.0.0.1:0\"\nmax_conections = 5\n"),
+    );
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert!(message.contains(":3:1: server"), "{message}");
+    assert!(
+        message.contains("unknown field `max_conections`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_backend_lists_the_valid_ones() {
+    let output = gateway(&[], Some("[runtime]\nbackend = \"glommio\"\n"));
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert!(message.contains(":2:11: runtime.backend"), "{message}");
+    assert!(message.contains("expected `tokio` or `smol`"), "{message}");
+}
+
+#[test]
+fn bad_values_are_exit_78() {
+    for (text, key) in [
+        (
+            "[server]\nmax_header_bytes = 1024\n",
+            "server.max_header_bytes",
+        ),
+        (
+            "[upstream]\nurl = \"https://127.0.0.1/counter\"\n",
+            "upstream.url",
+        ),
+        (
+            "[upstream]\nrequest_timeout_ms = 0\n",
+            "upstream.request_timeout_ms",
+        ),
+        ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+        ("[runtime]\nworkers = -1\n", "runtime.workers"),
+        ("[server\n", "(syntax)"),
+    ] {
+        let output = gateway(&[], Some(text));
+        assert_eq!(output.status.code(), Some(78), "{text}");
+        assert!(stderr(&output).contains(key), "{text}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn missing_file_says_where_it_looked() {
+    let output = Command::new(common::gateway_binary())
+        .args(["--config", "/nonexistent/gateway.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    assert!(
+        stderr(&output).contains("/nonexistent/gateway.toml"),
+        "{}",
+        stderr(&output)
+    );
+
+    let empty_dir = tempfile::tempdir().unwrap();
+    let output = Command::new(common::gateway_binary())
+        .current_dir(empty_dir.path())
+        .env_remove("GATEWAY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    assert!(
+        stderr(&output).contains("config.toml"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn config_comes_from_the_environment_when_not_given() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "[runtime]\nbackend = \"smol\"\n").unwrap();
+    let output = Command::new(common::gateway_binary())
+        .arg("--check")
+        .env("GATEWAY_CONFIG", file.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("backend=smol"));
+}
+
+#[test]
+fn check_prints_a_one_line_summary() {
+    let output = gateway(&["--check"], Some("[runtime]\nworkers = 3\n"));
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("backend=tokio workers=3"), "{stdout}");
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.toml");
+    let output = Command::new(common::gateway_binary())
+        .args(["--check", "--config", shipped])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn usage_error_is_exit_2_and_version_is_exit_0() {
+    let output = gateway(&["--no-such-flag"], None);
+    assert_eq!(output.status.code(), Some(2));
+    let output = gateway(&["counter", "--backend", "glommio"], None);
+    assert_eq!(output.status.code(), Some(2));
+    let output = gateway(&["--version"], None);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("gateway "));
+}
+
+#[test]
+fn address_in_use_is_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let output = gateway(&[], Some(&format!("[server]\nlisten = \"{addr}\"\n")));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains(&addr.to_string()),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -1,0 +1,172 @@
+//! Connection lifetimes and process lifetime: header-read and idle
+//! timeouts, the connection cap, and SIGTERM.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, read_until_close};
+use http::StatusCode;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// How long until the server closes `stream`, waiting at most `limit`.
+async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    read_until_close(stream, limit).await;
+    started.elapsed()
+}
+
+async fn idle_keep_alive_outlives_the_header_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("header_read_timeout_ms = 300\nidle_timeout_ms = 1500")
+        .start();
+    let mut client = Client::connect(gateway.addr("public")).await;
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Idle longer than the header timeout, shorter than the idle timeout.
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+}
+
+async fn idle_connection_is_closed_after_idle_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("header_read_timeout_ms = 300\nidle_timeout_ms = 1000")
+        .start();
+    let mut stream = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let took = time_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+}
+
+async fn silent_and_slow_clients_are_closed_at_the_header_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("header_read_timeout_ms = 500\nidle_timeout_ms = 10000")
+        .start();
+    let addr = gateway.addr("public");
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let took = time_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(
+        took >= Duration::from_millis(400),
+        "silent closed after {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "silent closed after {took:?}"
+    );
+
+    // A head trickled a byte at a time never completes in time.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        for byte in b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    trickle.await;
+    let rest = read_until_close(&mut slow, Duration::from_secs(3)).await;
+    let closed_by = started.elapsed();
+    // The trickle would take 2.5s; the server stops reading it at 0.5s.
+    assert!(
+        closed_by < Duration::from_millis(1500),
+        "closed after {closed_by:?}"
+    );
+    assert!(!rest.contains("200 OK"), "{rest}");
+    assert_eq!(upstream.posts(), 0);
+}
+
+async fn connections_over_the_cap_wait_in_the_backlog(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("max_connections = 2")
+        .start();
+    let addr = gateway.addr("public");
+    let mut first = Client::connect(addr).await;
+    let mut second = Client::connect(addr).await;
+    assert_eq!(first.get("/").await.status, StatusCode::OK);
+    assert_eq!(second.get("/").await.status, StatusCode::OK);
+
+    // The third connects (the kernel's backlog) but is not served...
+    let third = tokio::spawn(async move { Client::connect(addr).await.get("/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served at a cap of 2"
+    );
+    // ...until one of the others closes.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once below the cap")
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(second.get("/").await.status, StatusCode::OK);
+}
+
+async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(700))).await;
+    let mut gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let addr = gateway.addr("public");
+
+    // Idle keep-alive connections, to be closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut client = Client::connect(addr).await;
+        upstream.set(Behaviour::Ok);
+        assert_eq!(client.get("/").await.status, StatusCode::OK);
+        idle.push(client);
+    }
+    upstream.set(Behaviour::Delay(Duration::from_millis(700)));
+    let mut in_flight = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        in_flight.spawn(common::get(addr, "/"));
+    }
+    // Every visit has reached the upstream before the signal.
+    let waited = Instant::now();
+    while upstream.posts() < 70 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "visits did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.terminate();
+    let mut answered = 0;
+    while let Some(answer) = in_flight.join_next().await {
+        assert_eq!(answer.unwrap().status, StatusCode::OK);
+        answered += 1;
+    }
+    assert_eq!(answered, 50);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(5));
+        (status, gateway)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.0.expect("exited in time").code(),
+        Some(0),
+        "{}",
+        status.1.log_text()
+    );
+    // New connections are refused once it has gone.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+both_backends!(
+    idle_keep_alive_outlives_the_header_timeout,
+    idle_connection_is_closed_after_idle_timeout,
+    silent_and_slow_clients_are_closed_at_the_header_timeout,
+    connections_over_the_cap_wait_in_the_backlog,
+    sigterm_answers_requests_in_flight_and_exits_0,
+);
