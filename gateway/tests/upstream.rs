@@ -246,7 +246,26 @@ async fn stale_pooled_connections_are_replaced_not_resent(backend: Backend) {
     assert_eq!(upstream.connections(), 10);
 }
 
+async fn idle_pooled_connections_are_closed(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .upstream("pool_idle_timeout_ms = 300")
+        .start();
+    let mut client = Client::connect(gateway.addr("public")).await;
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+    assert_eq!(upstream.connections(), 1, "reused while fresh");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "a new one after the idle timeout"
+    );
+}
+
 both_backends!(
+    idle_pooled_connections_are_closed,
     stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,
     builtin_counter_counts_and_reports,
