@@ -32,26 +32,26 @@ static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=u
 /// A `text/plain` response with `content-length` set. For `HEAD`, pass
 /// `with_body = false`: the length still describes the body a `GET` gets.
 pub fn text(status: StatusCode, body: &'static str, with_body: bool) -> Response<Body> {
-    let mut response = Response::new(if with_body {
-        Full::new(Bytes::from_static(body.as_bytes()))
+    let bytes = if with_body {
+        Bytes::from_static(body.as_bytes())
     } else {
-        Full::default()
-    });
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, TEXT_PLAIN.clone());
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    response
+        Bytes::new()
+    };
+    plain(status, bytes, body.len())
 }
 
 /// A `text/plain` response whose body is built at run time.
 pub fn text_owned(status: StatusCode, body: String) -> Response<Body> {
     let length = body.len();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    plain(status, Bytes::from(body), length)
+}
+
+fn plain(status: StatusCode, body: Bytes, content_length: usize) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, TEXT_PLAIN.clone());
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(content_length));
     response
 }
 

@@ -24,20 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 /// The backends every behavioural test runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Tokio,
-    Smol,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Tokio => "tokio",
-            Backend::Smol => "smol",
-        }
-    }
-}
+pub use gateway::config::Backend;
 
 /// Runs each listed `async fn(Backend)` as two tests, `NAME::tokio` and
 /// `NAME::smol`.
