@@ -1,0 +1,228 @@
+//! `cargo run --release -p bench`: the gateway's throughput on each
+//! backend, side by side in one run, with nginx as an outside yardstick.
+//!
+//! It starts `gateway counter` as the upstream, then for each target (each
+//! backend, then nginx) starts it with identical settings and drives
+//! keep-alive load at each concurrency level, checking every answer and
+//! that the counter's tally grew by exactly the 200s seen. Processes are
+//! pinned to disjoint CPU sets (see [`layout`]). Outputs: a table on
+//! stdout, `results.json` and `throughput.svg` in `--out`.
+
+mod layout;
+mod load;
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::layout::{Layout, available_cpus, cpu_model};
+use crate::load::LoadSpec;
+use crate::report::{Report, Row};
+
+#[derive(Debug, Parser)]
+#[command(about = "Compare the gateway's throughput across backends (and nginx) on this host.")]
+struct Options {
+    /// Backends to measure, in order.
+    #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
+    backends: Vec<String>,
+    /// Concurrency levels: keep-alive connections held open by the load generator.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
+    connections: Vec<usize>,
+    /// Measured time per level.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Load before measuring, per level (excluded from the numbers).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Gateway worker threads (and nginx workers) [default: the gateway's CPUs].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// CPU layout override, e.g. "gateway=0-3 counter=4-5 load=6-15".
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Open loop at this many requests/s (latency corrected for coordinated
+    /// omission); without it, closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Add a reference row: `nginx`.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Also run wrk on each target with the same connections and CPUs, to
+    /// check the load generator is not the bottleneck.
+    #[arg(long)]
+    wrk: bool,
+    /// Where results.json and throughput.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    match run(&options) {
+        Ok(all_counted) => {
+            if all_counted {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("bench: the counter's tally did not match the 200s seen (count ok = NO)");
+                ExitCode::from(3)
+            }
+        }
+        Err(message) => {
+            eprintln!("bench: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(options: &Options) -> Result<bool, String> {
+    for backend in &options.backends {
+        if backend != "tokio" && backend != "smol" {
+            return Err(format!("--backends: `{backend}` is not tokio or smol"));
+        }
+    }
+    if options.connections.is_empty() || options.connections.contains(&0) {
+        return Err("--connections: give one or more counts above 0".to_owned());
+    }
+    if let Some(reference) = &options.reference {
+        if reference != "nginx" {
+            return Err(format!("--reference: `{reference}` is not nginx"));
+        }
+    }
+    if options.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        return Err("--rate must be above 0".to_owned());
+    }
+    let cpus = available_cpus();
+    let mut layout = Layout::for_cpus(&cpus);
+    if let Some(spec) = &options.cpus {
+        layout = layout
+            .override_with(spec)
+            .map_err(|e| format!("--cpus: {e}"))?;
+    }
+    let workers = options.workers.unwrap_or(layout.gateway.len()).max(1);
+    std::fs::create_dir_all(&options.out).map_err(|e| format!("{}: {e}", options.out.display()))?;
+    let out = options
+        .out
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", options.out.display()))?;
+
+    let binary = procs::gateway_binary()?;
+    let nginx = match options.reference.as_deref() {
+        Some("nginx") => match procs::nginx_binary() {
+            Some(path) => Some(path),
+            None => {
+                eprintln!("bench: nginx is not installed; no reference row");
+                None
+            }
+        },
+        _ => None,
+    };
+    eprintln!(
+        "bench: {} ({} CPUs): gateway on CPUs {} ({} workers), counter on {}, load on {}",
+        cpu_model(),
+        cpus.len(),
+        layout.gateway,
+        workers,
+        layout.counter,
+        layout.load
+    );
+    let counter = procs::start_counter(&binary, &layout.counter)?;
+
+    let mut targets: Vec<String> = options.backends.clone();
+    if nginx.is_some() {
+        targets.push("nginx".to_owned());
+    }
+    let total_runs = targets.len() * options.connections.len();
+    let mut run_index = 0;
+    let mut rows = Vec::new();
+    for target in &targets {
+        let server = match (target.as_str(), &nginx) {
+            ("nginx", Some(nginx)) => {
+                procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, &out)?
+            }
+            _ => procs::start_gateway(
+                &binary,
+                &layout.gateway,
+                target,
+                workers,
+                counter.addr,
+                &out,
+            )?,
+        };
+        for &connections in &options.connections {
+            run_index += 1;
+            eprintln!(
+                "[{run_index}/{total_runs}] {target}, {connections} connections: {} warm-up, {} measured{}",
+                humantime::format_duration(options.warmup),
+                humantime::format_duration(options.duration),
+                options
+                    .rate
+                    .map(|r| format!(", open loop at {r:.0}/s"))
+                    .unwrap_or_default()
+            );
+            let before = procs::settled_tally(counter.addr)?;
+            let spec = LoadSpec {
+                target: server.addr,
+                connections,
+                cpus: layout.load.clone(),
+                warmup: options.warmup,
+                duration: options.duration,
+                rate: options.rate,
+            };
+            let result = load::run(&spec).map_err(|e| format!("load generator: {e}"))?;
+            let after = procs::settled_tally(counter.addr)?;
+            let wrk = if options.wrk {
+                procs::wrk(&layout.load, server.addr, connections, options.duration)
+            } else {
+                None
+            };
+            let row = Row {
+                target: target.clone(),
+                workers,
+                connections,
+                requests: result.requests,
+                requests_per_second: result.requests_per_second(),
+                p50_us: result.latency.value_at_quantile(0.50),
+                p99_us: result.latency.value_at_quantile(0.99),
+                p999_us: result.latency.value_at_quantile(0.999),
+                errors: result.errors,
+                count_ok: after - before == result.ok_total,
+                ok_total: result.ok_total,
+                tally_delta: after - before,
+                wrk_requests_per_second: wrk,
+            };
+            eprintln!(
+                "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",
+                row.requests_per_second,
+                row.p99_us as f64 / 1000.0,
+                row.errors,
+                if row.count_ok { "ok" } else { "MISMATCH" },
+                wrk.map(|w| format!(", wrk {w:.0} requests/s"))
+                    .unwrap_or_default()
+            );
+            rows.push(row);
+        }
+        server.stop();
+    }
+    counter.stop();
+
+    let report = Report {
+        cpu_model: cpu_model(),
+        cpus: cpus.len(),
+        layout,
+        duration_s: options.duration.as_secs_f64(),
+        warmup_s: options.warmup.as_secs_f64(),
+        rate: options.rate,
+        rows,
+    };
+    print!("{}", report::table(&report));
+    let json = out.join("results.json");
+    let svg = out.join("throughput.svg");
+    report::write_json(&report, &json)?;
+    report::write_svg(&report, &svg)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(report.rows.iter().all(|r| r.count_ok))
+}

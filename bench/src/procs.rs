@@ -1,0 +1,283 @@
+//! The processes a benchmark runs: the release `gateway` binary (as the
+//! daemon and as `gateway counter`) and nginx, each pinned with `taskset`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::layout::CpuList;
+
+/// A child process, killed on drop.
+pub struct Running {
+    pub name: String,
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Running {
+    /// Stops the process with SIGTERM, then SIGKILL if it lingers.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "bench: {} did not exit within 15s of SIGTERM; killing it",
+            self.name
+        );
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The workspace's release `gateway`, built with cargo if it is missing.
+pub fn gateway_binary() -> Result<PathBuf, String> {
+    let beside_me = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("gateway")));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = workspace.join("target/release/gateway");
+    for candidate in beside_me.iter().chain([&built]) {
+        if candidate.is_file() && candidate.to_string_lossy().contains("release") {
+            return Ok(candidate.clone());
+        }
+    }
+    eprintln!("bench: building the release gateway (cargo build --release -p gateway)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "gateway"])
+        .current_dir(&workspace)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() || !built.is_file() {
+        return Err("cargo build --release -p gateway failed".to_owned());
+    }
+    Ok(built)
+}
+
+/// `taskset -c CPUS program args...`
+fn pinned(cpus: &CpuList, program: &Path) -> Command {
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(cpus.to_string()).arg(program);
+    command
+}
+
+/// Starts a gateway-binary process and waits for its "listening on" line.
+fn start_logged(name: String, mut command: Command) -> Result<Running, String> {
+    command
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {name} (is taskset installed?): {e}"))?;
+    let Some(stderr) = child.stderr.take() else {
+        return Err(format!("{name}: no stderr"));
+    };
+    let (found, listening) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining after the first line, or the child would block
+        // on a full pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split_once("listening on ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|addr| addr.parse::<SocketAddr>().ok())
+            {
+                let _ = found.send(addr);
+            } else if line.contains("ERROR") || line.contains("WARN") {
+                eprintln!("  {line}");
+            }
+        }
+    });
+    match listening.recv_timeout(Duration::from_secs(15)) {
+        Ok(addr) => Ok(Running { name, child, addr }),
+        Err(_) => {
+            let _ = child.kill();
+            Err(format!("{name} did not start listening within 15s"))
+        }
+    }
+}
+
+/// `gateway counter` on its own CPUs.
+pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
+    let mut command = pinned(cpus, binary);
+    command.args([
+        "counter",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "tokio",
+        "--workers",
+        &cpus.len().to_string(),
+    ]);
+    start_logged("counter".to_owned(), command)
+}
+
+/// The gateway daemon on `backend`, forwarding to `counter`.
+pub fn start_gateway(
+    binary: &Path,
+    cpus: &CpuList,
+    backend: &str,
+    workers: usize,
+    counter: SocketAddr,
+    out: &Path,
+) -> Result<Running, String> {
+    let config = out.join(format!("gateway-{backend}.toml"));
+    let text = format!(
+        "# Written by the bench; identical for every backend but `backend`.\n\
+         [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\n\n\
+         [server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [upstream]\nurl = \"http://{counter}/counter\"\n\n\
+         [log]\nlevel = \"info\"\n"
+    );
+    std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+    let mut command = pinned(cpus, binary);
+    command.arg("--config").arg(&config);
+    start_logged(backend.to_owned(), command)
+}
+
+/// Whether an `nginx` binary is on the PATH (or at `$NGINX`).
+pub fn nginx_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("NGINX") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+            .map(|dir| dir.join("nginx"))
+            .find(|path| path.is_file())
+    })
+}
+
+/// nginx with one worker per gateway worker, proxying to the counter with
+/// an upstream keep-alive pool: the outside yardstick.
+pub fn start_nginx(
+    binary: &Path,
+    cpus: &CpuList,
+    workers: usize,
+    counter: SocketAddr,
+    out: &Path,
+) -> Result<Running, String> {
+    let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+    let dir = out.join("nginx");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let template = include_str!("../nginx.conf");
+    let config = template
+        .replace("{{workers}}", &workers.to_string())
+        .replace("{{dir}}", &dir.display().to_string())
+        .replace("{{listen}}", &format!("127.0.0.1:{port}"))
+        .replace("{{counter}}", &counter.to_string());
+    let config_path = dir.join("nginx.conf");
+    std::fs::write(&config_path, config).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let mut command = pinned(cpus, binary);
+    command
+        .arg("-c")
+        .arg(&config_path)
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start nginx: {e}"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let running = Running {
+        name: "nginx".to_owned(),
+        child,
+        addr,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "nginx did not start listening; see {}/error.log",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(running)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The counter's tally (`GET /counter`).
+pub fn tally(counter: SocketAddr) -> Result<u64, String> {
+    let mut stream = TcpStream::connect(counter).map_err(|e| format!("counter: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /counter HTTP/1.1\r\nhost: counter\r\nconnection: close\r\n\r\n")
+        .map_err(|e| format!("counter: {e}"))?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("counter: {e}"))?;
+    reply
+        .rsplit("\r\n\r\n")
+        .next()
+        .and_then(|body| body.trim().parse().ok())
+        .ok_or_else(|| format!("counter answered {reply:?}"))
+}
+
+/// The counter's tally once it has stopped moving: visits still in flight
+/// from a previous load (wrk, for one, leaves requests unanswered when it
+/// stops) must not be counted against the next run.
+pub fn settled_tally(counter: SocketAddr) -> Result<u64, String> {
+    let mut last = tally(counter)?;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = tally(counter)?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Err("the counter's tally kept moving with no load running".to_owned())
+}
+
+/// Runs `wrk` with the same connections and duration on the load CPUs,
+/// for the cross-check; returns its requests/s.
+pub fn wrk(
+    cpus: &CpuList,
+    target: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> Option<f64> {
+    let threads = cpus.len().min(connections).max(1);
+    let output = Command::new("taskset")
+        .arg("-c")
+        .arg(cpus.to_string())
+        .arg("wrk")
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg(format!("http://{target}/"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

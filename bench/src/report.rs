@@ -1,0 +1,234 @@
+//! The bench's outputs: the table on stdout, `results.json`, and
+//! `throughput.svg` (requests/s and p99 against connections, one line per
+//! target).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::layout::Layout;
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `tokio`, `smol` or `nginx`.
+    pub target: String,
+    pub workers: usize,
+    pub connections: usize,
+    pub requests: u64,
+    pub requests_per_second: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub errors: u64,
+    /// The counter's tally grew by exactly the number of 200s.
+    pub count_ok: bool,
+    pub ok_total: u64,
+    pub tally_delta: u64,
+    /// wrk's requests/s on the same target and CPUs, with `--wrk`.
+    pub wrk_requests_per_second: Option<f64>,
+}
+
+/// Everything `results.json` holds.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub layout: Layout,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    /// Open-loop rate, if one was set.
+    pub rate: Option<f64>,
+    pub rows: Vec<Row>,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}ms", us as f64 / 1000.0)
+}
+
+/// The table, as printed at the end.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let with_wrk = report
+        .rows
+        .iter()
+        .any(|r| r.wrk_requests_per_second.is_some());
+    out.push_str(&format!(
+        "{:<7} {:>7} {:>11} {:>12} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+        "backend",
+        "workers",
+        "connections",
+        "requests/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "errors",
+        "count ok",
+        if with_wrk { "     wrk req/s" } else { "" }
+    ));
+    for row in &report.rows {
+        let wrk = match (with_wrk, row.wrk_requests_per_second) {
+            (true, Some(rps)) => format!(" {rps:>13.0}"),
+            (true, None) => format!(" {:>13}", "-"),
+            (false, _) => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<7} {:>7} {:>11} {:>12.0} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+            row.target,
+            row.workers,
+            row.connections,
+            row.requests_per_second,
+            ms(row.p50_us),
+            ms(row.p99_us),
+            ms(row.p999_us),
+            row.errors,
+            if row.count_ok { "yes" } else { "NO" },
+            wrk,
+        ));
+    }
+    out.push_str(&format!(
+        "host: {} ({} CPUs); gateway/nginx on CPUs {}, counter on {}, load on {}{}\n",
+        report.cpu_model,
+        report.cpus,
+        report.layout.gateway,
+        report.layout.counter,
+        report.layout.load,
+        if report.layout.gateway_shares() {
+            " (shared: the numbers include contention)"
+        } else {
+            ""
+        }
+    ));
+    out
+}
+
+pub fn write_json(report: &Report, path: &Path) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Requests/s (top) and p99 latency (bottom) against connections.
+pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
+    draw(report, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let mut targets: Vec<&str> = Vec::new();
+    for row in &report.rows {
+        if !targets.contains(&row.target.as_str()) {
+            targets.push(&row.target);
+        }
+    }
+    let min_c = report.rows.iter().map(|r| r.connections).min().unwrap_or(1) as f64;
+    let max_c = report.rows.iter().map(|r| r.connections).max().unwrap_or(1) as f64;
+    let (min_c, max_c) = if min_c == max_c {
+        (min_c / 2.0, max_c * 2.0)
+    } else {
+        (min_c, max_c)
+    };
+    let max_rps = report
+        .rows
+        .iter()
+        .map(|r| r.requests_per_second)
+        .fold(1.0, f64::max)
+        * 1.15;
+    let max_p99 = report
+        .rows
+        .iter()
+        .map(|r| r.p99_us as f64 / 1000.0)
+        .fold(0.1, f64::max)
+        * 1.15;
+
+    let root = SVGBackend::new(path, (900, 760)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(400);
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "gateway throughput — {} ({} CPUs)",
+                report.cpu_model, report.cpus
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((min_c..max_c).log_scale(), 0.0..max_rps)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("requests/s")
+        .x_label_formatter(&|c| format!("{c:.0}"))
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()?;
+    for (i, target) in targets.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let points: Vec<(f64, f64)> = report
+            .rows
+            .iter()
+            .filter(|r| r.target == *target)
+            .map(|r| (r.connections as f64, r.requests_per_second))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*target)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("p99 latency", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((min_c..max_c).log_scale(), 0.0..max_p99)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("p99 (ms)")
+        .x_label_formatter(&|c| format!("{c:.0}"))
+        .draw()?;
+    for (i, target) in targets.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let points: Vec<(f64, f64)> = report
+            .rows
+            .iter()
+            .filter(|r| r.target == *target)
+            .map(|r| (r.connections as f64, r.p99_us as f64 / 1000.0))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*target)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
