@@ -13,6 +13,7 @@ mod load;
 mod procs;
 mod report;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -55,6 +56,10 @@ struct Options {
     /// check the load generator is not the bottleneck.
     #[arg(long)]
     wrk: bool,
+    /// Measure an already running server at this address instead (no
+    /// counter check); with --wrk, to compare the load generator with wrk.
+    #[arg(long)]
+    target: Option<SocketAddr>,
     /// Where results.json and throughput.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -109,6 +114,59 @@ fn run(options: &Options) -> Result<bool, String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", options.out.display()))?;
 
+    let mut rows = Vec::new();
+    if let Some(target) = options.target {
+        // An already running server: no counter to check against.
+        eprintln!(
+            "bench: {} ({} CPUs): load on CPUs {} against {target}",
+            cpu_model(),
+            cpus.len(),
+            layout.load
+        );
+        for (index, &connections) in options.connections.iter().enumerate() {
+            let progress = format!("[{}/{}] {target}", index + 1, options.connections.len());
+            rows.push(measure(
+                options,
+                &layout,
+                "target",
+                workers,
+                target,
+                None,
+                connections,
+                &progress,
+            )?);
+        }
+    } else {
+        rows = measure_local(options, &layout, workers, &cpus, &out)?;
+    }
+
+    let report = Report {
+        cpu_model: cpu_model(),
+        cpus: cpus.len(),
+        layout,
+        duration_s: options.duration.as_secs_f64(),
+        warmup_s: options.warmup.as_secs_f64(),
+        rate: options.rate,
+        rows,
+    };
+    print!("{}", report::table(&report));
+    let json = out.join("results.json");
+    let svg = out.join("throughput.svg");
+    report::write_json(&report, &json)?;
+    report::write_svg(&report, &svg)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(report.rows.iter().all(|r| r.count_ok != Some(false)))
+}
+
+/// Starts the counter, then each backend's gateway (and nginx), and
+/// measures each at every concurrency level.
+fn measure_local(
+    options: &Options,
+    layout: &Layout,
+    workers: usize,
+    cpus: &[usize],
+    out: &std::path::Path,
+) -> Result<Vec<Row>, String> {
     let binary = procs::gateway_binary()?;
     let nginx = match options.reference.as_deref() {
         Some("nginx") => match procs::nginx_binary() {
@@ -141,88 +199,98 @@ fn run(options: &Options) -> Result<bool, String> {
     for target in &targets {
         let server = match (target.as_str(), &nginx) {
             ("nginx", Some(nginx)) => {
-                procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, &out)?
+                procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, out)?
             }
-            _ => procs::start_gateway(
-                &binary,
-                &layout.gateway,
-                target,
-                workers,
-                counter.addr,
-                &out,
-            )?,
+            _ => {
+                procs::start_gateway(&binary, &layout.gateway, target, workers, counter.addr, out)?
+            }
         };
         for &connections in &options.connections {
             run_index += 1;
-            eprintln!(
-                "[{run_index}/{total_runs}] {target}, {connections} connections: {} warm-up, {} measured{}",
-                humantime::format_duration(options.warmup),
-                humantime::format_duration(options.duration),
-                options
-                    .rate
-                    .map(|r| format!(", open loop at {r:.0}/s"))
-                    .unwrap_or_default()
-            );
-            let before = procs::settled_tally(counter.addr)?;
-            let spec = LoadSpec {
-                target: server.addr,
-                connections,
-                cpus: layout.load.clone(),
-                warmup: options.warmup,
-                duration: options.duration,
-                rate: options.rate,
-            };
-            let result = load::run(&spec).map_err(|e| format!("load generator: {e}"))?;
-            let after = procs::settled_tally(counter.addr)?;
-            let wrk = if options.wrk {
-                procs::wrk(&layout.load, server.addr, connections, options.duration)
-            } else {
-                None
-            };
-            let row = Row {
-                target: target.clone(),
+            let progress = format!("[{run_index}/{total_runs}] {target}");
+            rows.push(measure(
+                options,
+                layout,
+                target,
                 workers,
+                server.addr,
+                Some(counter.addr),
                 connections,
-                requests: result.requests,
-                requests_per_second: result.requests_per_second(),
-                p50_us: result.latency.value_at_quantile(0.50),
-                p99_us: result.latency.value_at_quantile(0.99),
-                p999_us: result.latency.value_at_quantile(0.999),
-                errors: result.errors,
-                count_ok: after - before == result.ok_total,
-                ok_total: result.ok_total,
-                tally_delta: after - before,
-                wrk_requests_per_second: wrk,
-            };
-            eprintln!(
-                "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",
-                row.requests_per_second,
-                row.p99_us as f64 / 1000.0,
-                row.errors,
-                if row.count_ok { "ok" } else { "MISMATCH" },
-                wrk.map(|w| format!(", wrk {w:.0} requests/s"))
-                    .unwrap_or_default()
-            );
-            rows.push(row);
+                &progress,
+            )?);
         }
         server.stop();
     }
     counter.stop();
+    Ok(rows)
+}
 
-    let report = Report {
-        cpu_model: cpu_model(),
-        cpus: cpus.len(),
-        layout,
-        duration_s: options.duration.as_secs_f64(),
-        warmup_s: options.warmup.as_secs_f64(),
+/// One row: load at one concurrency level, checked against the counter's
+/// tally when there is one, and cross-checked with wrk when asked.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    options: &Options,
+    layout: &Layout,
+    target: &str,
+    workers: usize,
+    addr: SocketAddr,
+    counter: Option<SocketAddr>,
+    connections: usize,
+    progress: &str,
+) -> Result<Row, String> {
+    eprintln!(
+        "{progress}, {connections} connections: {} warm-up, {} measured{}",
+        humantime::format_duration(options.warmup),
+        humantime::format_duration(options.duration),
+        options
+            .rate
+            .map(|r| format!(", open loop at {r:.0}/s"))
+            .unwrap_or_default()
+    );
+    let before = counter.map(procs::settled_tally).transpose()?;
+    let spec = LoadSpec {
+        target: addr,
+        connections,
+        cpus: layout.load.clone(),
+        warmup: options.warmup,
+        duration: options.duration,
         rate: options.rate,
-        rows,
     };
-    print!("{}", report::table(&report));
-    let json = out.join("results.json");
-    let svg = out.join("throughput.svg");
-    report::write_json(&report, &json)?;
-    report::write_svg(&report, &svg)?;
-    println!("wrote {} and {}", json.display(), svg.display());
-    Ok(report.rows.iter().all(|r| r.count_ok))
+    let result = load::run(&spec).map_err(|e| format!("load generator: {e}"))?;
+    let after = counter.map(procs::settled_tally).transpose()?;
+    let tally_delta = before.zip(after).map(|(before, after)| after - before);
+    let wrk = if options.wrk {
+        procs::wrk(&layout.load, addr, connections, options.duration)
+    } else {
+        None
+    };
+    let row = Row {
+        target: target.to_owned(),
+        workers,
+        connections,
+        requests: result.requests,
+        requests_per_second: result.requests_per_second(),
+        p50_us: result.latency.value_at_quantile(0.50),
+        p99_us: result.latency.value_at_quantile(0.99),
+        p999_us: result.latency.value_at_quantile(0.999),
+        errors: result.errors,
+        count_ok: tally_delta.map(|delta| delta == result.ok_total),
+        ok_total: result.ok_total,
+        tally_delta,
+        wrk_requests_per_second: wrk,
+    };
+    eprintln!(
+        "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",
+        row.requests_per_second,
+        row.p99_us as f64 / 1000.0,
+        row.errors,
+        match row.count_ok {
+            Some(true) => "ok",
+            Some(false) => "MISMATCH",
+            None => "not checked",
+        },
+        wrk.map(|w| format!(", wrk {w:.0} requests/s"))
+            .unwrap_or_default()
+    );
+    Ok(row)
 }

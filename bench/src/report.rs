@@ -22,10 +22,11 @@ pub struct Row {
     pub p99_us: u64,
     pub p999_us: u64,
     pub errors: u64,
-    /// The counter's tally grew by exactly the number of 200s.
-    pub count_ok: bool,
+    /// The counter's tally grew by exactly the number of 200s (`None`
+    /// against an outside `--target`, which has no known counter).
+    pub count_ok: Option<bool>,
     pub ok_total: u64,
-    pub tally_delta: u64,
+    pub tally_delta: Option<u64>,
     /// wrk's requests/s on the same target and CPUs, with `--wrk`.
     pub wrk_requests_per_second: Option<f64>,
 }
@@ -83,9 +84,20 @@ pub fn table(report: &Report) -> String {
             ms(row.p99_us),
             ms(row.p999_us),
             row.errors,
-            if row.count_ok { "yes" } else { "NO" },
+            match row.count_ok {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "n/a",
+            },
             wrk,
         ));
+    }
+    if report.rows.iter().all(|r| r.target == "target") {
+        out.push_str(&format!(
+            "host: {} ({} CPUs); load on CPUs {}\n",
+            report.cpu_model, report.cpus, report.layout.load
+        ));
+        return out;
     }
     out.push_str(&format!(
         "host: {} ({} CPUs); gateway/nginx on CPUs {}, counter on {}, load on {}{}\n",
