@@ -8,6 +8,7 @@
 //! stops after it.
 
 use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
@@ -16,6 +17,7 @@ use crate::counter::Counter;
 use crate::forward::Forward;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::shutdown::Latch;
+use crate::systemd;
 use crate::upstream::Upstream;
 
 /// What to run.
@@ -40,6 +42,8 @@ pub enum Fatal {
     },
     #[error("{0}")]
     Upstream(String),
+    #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
+    Activation(std::io::Error),
     #[error("cannot start the {backend} runtime: {source}")]
     Runtime {
         backend: &'static str,
@@ -98,7 +102,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         None => None,
     };
     let public_listener = match mode {
-        Mode::Gateway => Some(bind("public", config.server.listen)?),
+        Mode::Gateway => Some(public_listener(config.server.listen)?),
         Mode::CounterOnly => None,
     };
     let upstream = match mode {
@@ -133,6 +137,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
 
         let counter_stop = forever(Latch::new());
         let counter_done = forever(Latch::new());
+        let mut served = None;
         if let Some(listener) = counter_listener {
             let (listener, _) = adopt::<R>("counter", listener)?;
             // Upstream clients keep idle connections for a while; the
@@ -140,6 +145,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             // a connection a client is about to reuse.
             let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000));
             let connections = forever(Connections::new(usize::MAX >> 4));
+            served = Some(connections);
             let counter = forever(Counter::default());
             spawn_with_latch::<R>(
                 serve::<R, _>(
@@ -162,6 +168,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             R::spawn(upstream.reap_idle());
             let forward = forever(Forward::new(upstream, &config.responses));
             let connections = forever(Connections::new(server.max_connections));
+            served = Some(connections);
             let public_settings = settings("public", server.idle_timeout_ms);
             spawn_with_latch::<R>(
                 serve::<R, _>(listener, forward, public_settings, connections, public_stop),
@@ -171,8 +178,21 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             public_done.set();
         }
 
+        // Every listener is up: tell systemd, and keep telling it that the
+        // runtime is alive and what it has done.
+        let status = move || {
+            let (requests, open) = served.map_or((0, 0), |c| (c.requests.get(), c.open()));
+            format!(
+                "{} with {workers} workers: {requests} requests served, {open} connections open",
+                R::NAME
+            )
+        };
+        systemd::ready(&status());
+        R::spawn(report_to_systemd::<R>(status));
+
         signal.await;
         tracing::info!("shutdown signal received");
+        systemd::stopping(&format!("stopping; {}", status()));
         public_stop.set();
         public_done.wait().await;
         counter_stop.set();
@@ -184,6 +204,39 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         backend: R::NAME,
         source,
     })?
+}
+
+/// The public listener: the socket systemd passed (socket activation), or
+/// one bound to `server.listen`.
+fn public_listener(listen: SocketAddr) -> Result<TcpListener, Fatal> {
+    match systemd::passed_listener() {
+        Ok(Some(listener)) => {
+            tracing::info!("serving the socket passed by systemd; server.listen is not used");
+            Ok(listener)
+        }
+        Ok(None) => bind("public", listen),
+        Err(source) => Err(Fatal::Activation(source)),
+    }
+}
+
+/// Pings the watchdog at half its timeout and refreshes `STATUS=` every
+/// few seconds. It runs as a task on the runtime itself, so a stuck
+/// executor stops the pings and systemd restarts the service.
+async fn report_to_systemd<R: Runtime>(status: impl Fn() -> String + Send + 'static) {
+    const STATUS_EVERY: Duration = Duration::from_secs(5);
+    let watchdog = systemd::watchdog_interval();
+    let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    let mut last_status = Instant::now();
+    loop {
+        R::sleep_until(Instant::now() + tick).await;
+        if watchdog.is_some() {
+            systemd::watchdog();
+        }
+        if last_status.elapsed() >= STATUS_EVERY {
+            systemd::status(&status());
+            last_status = Instant::now();
+        }
+    }
 }
 
 /// Raises the open-file soft limit to the hard limit, and warns when even

@@ -11,6 +11,8 @@
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter.
 //! - [`counter`]: the built-in counter, the reference upstream.
+//! - [`systemd`]: socket activation and `sd_notify`.
+//! - [`stats`]: per-thread counters summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
 //! The runtime itself lives in the `backends` crate; nothing here uses
@@ -24,5 +26,7 @@ pub mod forward;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod stats;
+pub mod systemd;
 pub mod time;
 pub mod upstream;

@@ -31,6 +31,7 @@ use hyper::server::conn::http1;
 
 use crate::service::Service;
 use crate::shutdown::Latch;
+use crate::stats::ShardedCounter;
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub struct Connections {
     open: AtomicUsize,
     /// Notified when a connection closes, for the drain.
     closed: Event,
+    /// Requests answered, for the systemd status line.
+    pub requests: ShardedCounter,
 }
 
 impl Connections {
@@ -60,6 +63,7 @@ impl Connections {
             limit: Arc::new(Semaphore::new(max_connections)),
             open: AtomicUsize::new(0),
             closed: Event::new(),
+            requests: ShardedCounter::new(),
         }
     }
 
@@ -323,6 +327,7 @@ async fn serve_connection<R: Runtime, S: Service>(
         activity: activity.clone(),
     };
     let service_activity = activity.clone();
+    let connections = open.connections;
     let hyper_service = hyper::service::service_fn(move |request| {
         service_activity.enter(Phase::Busy, Instant::now());
         let activity = service_activity.clone();
@@ -337,6 +342,7 @@ async fn serve_connection<R: Runtime, S: Service>(
         async move {
             let response = response.await;
             activity.enter(Phase::Idle, Instant::now());
+            connections.requests.increment();
             if let Some((method, path, at)) = started {
                 tracing::info!(
                     target: "access",

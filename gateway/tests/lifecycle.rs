@@ -128,12 +128,12 @@ async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
     }
     upstream.set(Behaviour::Delay(Duration::from_millis(700)));
     let mut in_flight = tokio::task::JoinSet::new();
-    for _ in 0..50 {
+    for _ in 0..100 {
         in_flight.spawn(common::get(addr, "/"));
     }
     // Every visit has reached the upstream before the signal.
     let waited = Instant::now();
-    while upstream.posts() < 70 {
+    while upstream.posts() < 120 {
         assert!(
             waited.elapsed() < Duration::from_secs(5),
             "visits did not arrive"
@@ -146,7 +146,7 @@ async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
         assert_eq!(answer.unwrap().status, StatusCode::OK);
         answered += 1;
     }
-    assert_eq!(answered, 50);
+    assert_eq!(answered, 100);
     let status = tokio::task::spawn_blocking(move || {
         let status = gateway.wait_exit(Duration::from_secs(5));
         (status, gateway)

@@ -161,6 +161,8 @@ fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
 pub struct GatewayConfig {
     pub backend: Backend,
     pub upstream: String,
+    /// `server.listen`.
+    pub listen: String,
     /// Extra `key = value` lines for `[server]`.
     pub server: String,
     /// Extra `key = value` lines for `[upstream]`.
@@ -174,6 +176,7 @@ impl GatewayConfig {
         Self {
             backend,
             upstream: format!("http://{upstream}/counter"),
+            listen: "127.0.0.1:0".to_owned(),
             server: String::new(),
             upstream_extra: String::new(),
             counter: false,
@@ -199,8 +202,9 @@ impl GatewayConfig {
             ""
         };
         format!(
-            "[runtime]\nbackend = \"{}\"\nworkers = 2\n\n[server]\nlisten = \"127.0.0.1:0\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
+            "[runtime]\nbackend = \"{}\"\nworkers = 2\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
             self.backend.name(),
+            self.listen,
             self.server,
             self.upstream,
             self.upstream_extra,
@@ -209,13 +213,47 @@ impl GatewayConfig {
     }
 
     pub fn start(&self) -> Process {
+        self.start_with(|_| {})
+    }
+
+    fn write_config(&self) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().expect("temp config");
         std::io::Write::write_all(&mut file, self.render().as_bytes()).expect("write config");
+        file
+    }
+
+    /// Starts the gateway after `adjust` has had its say on the command
+    /// (environment, file descriptors).
+    pub fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Process {
+        let file = self.write_config();
         let mut command = Command::new(gateway_binary());
         command
             .arg("--config")
             .arg(file.path())
             .env_remove("RUST_LOG");
+        adjust(&mut command);
+        Process::start(command, 1 + usize::from(self.counter), Some(file))
+    }
+
+    /// Starts the gateway the way systemd's socket activation does: the
+    /// listening socket as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = its pid.
+    pub fn start_activated(&self, listener: &std::net::TcpListener) -> Process {
+        use command_fds::{CommandFdExt, FdMapping};
+        let file = self.write_config();
+        let socket = std::os::fd::OwnedFd::from(listener.try_clone().expect("dup listener"));
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+            .arg(gateway_binary())
+            .arg("--config")
+            .arg(file.path())
+            .env_remove("RUST_LOG")
+            .fd_mappings(vec![FdMapping {
+                parent_fd: socket,
+                child_fd: 3,
+            }])
+            .expect("map fd 3");
         Process::start(command, 1 + usize::from(self.counter), Some(file))
     }
 }
@@ -250,13 +288,17 @@ pub struct Answer {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).unwrap();
+        Self::try_connect(addr).await.expect("connect")
+    }
+
+    pub async fn try_connect(addr: SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .expect("handshake");
+            .map_err(std::io::Error::other)?;
         tokio::spawn(connection);
-        Self { sender }
+        Ok(Self { sender })
     }
 
     pub async fn send(&mut self, request: Request<Empty<Bytes>>) -> Result<Answer, hyper::Error> {
