@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Static checks of the systemd units: `systemd-analyze verify` against a
+# scratch root holding the installed binary (it checks ExecStart exists),
+# and `systemd-analyze security`, failing above an exposure of 1.5.
+# Usage: systemd/check-units.sh [path/to/release/gateway]
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+binary=${1:-$repo/target/release/gateway}
+max_exposure=1.5
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+install -D -m 0755 "$binary" "$root/usr/local/bin/gateway"
+install -D -m 0644 "$repo/config.toml" "$root/etc/gateway/config.toml"
+install -D -m 0644 "$repo/systemd/gateway.service" "$root/etc/systemd/system/gateway.service"
+install -D -m 0644 "$repo/systemd/gateway.socket" "$root/etc/systemd/system/gateway.socket"
+# verify resolves the units' dependencies (sysinit.target, ...) in the root.
+mkdir -p "$root/usr/lib/systemd"
+cp -r /usr/lib/systemd/system "$root/usr/lib/systemd/"
+echo "== systemd-analyze verify"
+systemd-analyze verify --root="$root" /etc/systemd/system/gateway.socket /etc/systemd/system/gateway.service
+echo "units verify clean"
+
+echo "== systemd-analyze security"
+report=$(systemd-analyze security --offline=yes "$repo/systemd/gateway.service")
+echo "$report" | grep -v '✓' | tail -n 12
+exposure=$(echo "$report" | sed -nE 's/.*Overall exposure level for gateway.service: ([0-9.]+).*/\1/p')
+[ -n "$exposure" ] || { echo "no exposure score in the report"; exit 1; }
+awk -v e="$exposure" -v m="$max_exposure" 'BEGIN { exit !(e <= m) }' \
+  || { echo "exposure $exposure is above $max_exposure"; exit 1; }
+echo "exposure $exposure (at most $max_exposure): ok"
