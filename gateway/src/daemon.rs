@@ -7,14 +7,18 @@
 //! accepting and drains first; the built-in counter it may be forwarding to
 //! stops after it.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
+use crate::admin::Admin;
 use crate::config::{Backend, Config, ms};
 use crate::counter::Counter;
 use crate::forward::Forward;
+use crate::metrics::Metrics;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::shutdown::Latch;
 use crate::systemd;
@@ -105,6 +109,10 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         Mode::Gateway => Some(public_listener(config.server.listen)?),
         Mode::CounterOnly => None,
     };
+    let admin_listener = match (&config.admin, mode) {
+        (Some(admin), Mode::Gateway) => Some(bind("admin", admin.listen)?),
+        _ => None,
+    };
     let upstream = match mode {
         Mode::Gateway => Some(forever(
             Upstream::<R>::new(&config.upstream).map_err(Fatal::Upstream)?,
@@ -124,7 +132,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             source,
         })?;
         let server = &config.server;
-        let settings = |name, idle_timeout_ms| {
+        let settings = |name, idle_timeout_ms, metrics| {
             forever(ServerSettings {
                 name,
                 header_read_timeout: ms(server.header_read_timeout_ms),
@@ -132,71 +140,95 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
                 max_header_bytes: server.max_header_bytes,
                 shutdown_timeout: ms(server.shutdown_timeout_ms),
                 access_log: config.log.access,
+                metrics,
             })
         };
+        // What the systemd status line reports: the public listener's
+        // requests, or the counter's in `gateway counter`.
+        let mut status_source: Option<(&'static Connections, RequestCount)> = None;
 
-        let counter_stop = forever(Latch::new());
-        let counter_done = forever(Latch::new());
-        let mut served = None;
+        let mut counter = Stage::new();
         if let Some(listener) = counter_listener {
             let (listener, _) = adopt::<R>("counter", listener)?;
             // Upstream clients keep idle connections for a while; the
             // counter keeps them longer, so it is never the one to close
             // a connection a client is about to reuse.
-            let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000));
+            let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000), None);
             let connections = forever(Connections::new(usize::MAX >> 4));
-            served = Some(connections);
-            let counter = forever(Counter::default());
-            spawn_with_latch::<R>(
-                serve::<R, _>(
-                    listener,
-                    counter,
-                    counter_settings,
-                    connections,
-                    counter_stop,
-                ),
-                counter_done,
-            );
-        } else {
-            counter_done.set();
+            let service = forever(Counter::default());
+            status_source = Some((connections, Box::new(|| service.count())));
+            counter.start::<R>(serve::<R, _>(
+                listener,
+                service,
+                counter_settings,
+                connections,
+                counter.stop,
+            ));
         }
 
-        let public_stop = forever(Latch::new());
-        let public_done = forever(Latch::new());
+        let mut public = Stage::new();
+        let mut admin = Stage::new();
         if let (Some(listener), Some(upstream)) = (public_listener, upstream) {
             let (listener, _) = adopt::<R>("public", listener)?;
             R::spawn(upstream.reap_idle());
-            let forward = forever(Forward::new(upstream, &config.responses));
             let connections = forever(Connections::new(server.max_connections));
-            served = Some(connections);
-            let public_settings = settings("public", server.idle_timeout_ms);
-            spawn_with_latch::<R>(
-                serve::<R, _>(listener, forward, public_settings, connections, public_stop),
-                public_done,
-            );
-        } else {
-            public_done.set();
+            let metrics = forever(Metrics::new(
+                R::NAME,
+                workers,
+                connections,
+                Box::new(|| upstream.open_connections()),
+            ));
+            status_source = Some((connections, Box::new(|| metrics.requests_total())));
+            let forward = forever(Forward::new(upstream, metrics, &config.responses));
+            let public_settings = settings("public", server.idle_timeout_ms, Some(metrics));
+            public.start::<R>(serve::<R, _>(
+                listener,
+                forward,
+                public_settings,
+                connections,
+                public.stop,
+            ));
+            if let Some(listener) = admin_listener {
+                let (listener, _) = adopt::<R>("admin", listener)?;
+                let admin_settings = settings("admin", server.idle_timeout_ms, None);
+                let connections = forever(Connections::new(1024));
+                let service = forever(Admin::new(metrics));
+                admin.start::<R>(serve::<R, _>(
+                    listener,
+                    service,
+                    admin_settings,
+                    connections,
+                    admin.stop,
+                ));
+            }
         }
 
         // Every listener is up: tell systemd, and keep telling it that the
         // runtime is alive and what it has done.
         let status = move || {
-            let (requests, open) = served.map_or((0, 0), |c| (c.requests.get(), c.open()));
+            let (requests, open) = status_source
+                .as_ref()
+                .map_or((0, 0), |(connections, requests)| {
+                    (requests(), connections.open())
+                });
             format!(
                 "{} with {workers} workers: {requests} requests served, {open} connections open",
                 R::NAME
             )
         };
         systemd::ready(&status());
-        R::spawn(report_to_systemd::<R>(status));
+        let status = Arc::new(status);
+        let reported = status.clone();
+        R::spawn(report_to_systemd::<R>(move || reported()));
 
         signal.await;
         tracing::info!("shutdown signal received");
         systemd::stopping(&format!("stopping; {}", status()));
-        public_stop.set();
-        public_done.wait().await;
-        counter_stop.set();
-        counter_done.wait().await;
+        // The public listener drains first; health and metrics stay up
+        // while it does, and the counter it may forward to stops last.
+        public.finish().await;
+        admin.finish().await;
+        counter.finish().await;
         tracing::info!("stopped");
         Ok::<(), Fatal>(())
     };
@@ -204,6 +236,40 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         backend: R::NAME,
         source,
     })?
+}
+
+/// Reads a listener's requests served, for the status line.
+type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// One listener's server task and the latches that stop it and report it
+/// stopped. A stage never started counts as finished.
+struct Stage {
+    stop: &'static Latch,
+    done: &'static Latch,
+    started: bool,
+}
+
+impl Stage {
+    fn new() -> Self {
+        Self {
+            stop: forever(Latch::new()),
+            done: forever(Latch::new()),
+            started: false,
+        }
+    }
+
+    fn start<R: Runtime>(&mut self, server: impl Future<Output = ()> + Send + 'static) {
+        self.started = true;
+        spawn_with_latch::<R>(server, self.done);
+    }
+
+    /// Stops the listener and waits until it has drained.
+    async fn finish(&self) {
+        self.stop.set();
+        if self.started {
+            self.done.wait().await;
+        }
+    }
 }
 
 /// The public listener: the socket systemd passed (socket activation), or

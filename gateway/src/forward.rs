@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use backends::Runtime;
 use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
@@ -10,21 +11,28 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::ResponsesConfig;
+use crate::metrics::Metrics;
 use crate::service::{Body, Service, status_only, text};
 use crate::upstream::{Outcome, Upstream};
 
 /// Forwards visits to the upstream counter.
 pub struct Forward<R: Runtime> {
     upstream: &'static Upstream<R>,
+    metrics: &'static Metrics,
     /// Response bodies, fixed for the life of the process.
     welcome: &'static str,
     error: &'static str,
 }
 
 impl<R: Runtime> Forward<R> {
-    pub fn new(upstream: &'static Upstream<R>, responses: &ResponsesConfig) -> Self {
+    pub fn new(
+        upstream: &'static Upstream<R>,
+        metrics: &'static Metrics,
+        responses: &ResponsesConfig,
+    ) -> Self {
         Self {
             upstream,
+            metrics,
             welcome: leak(&responses.welcome),
             error: leak(&responses.error),
         }
@@ -67,7 +75,9 @@ impl<R: Runtime> Service for Forward<R> {
         // The request (and its body, unread) is dropped before the upstream
         // round trip: nothing of it is needed any more.
         drop(request);
+        let started = Instant::now();
         let outcome = self.upstream.register_visit(forwarded_for).await;
+        self.metrics.record_upstream(outcome, started.elapsed());
         self.answer(outcome, with_body)
     }
 }

@@ -11,6 +11,7 @@
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter.
 //! - [`counter`]: the built-in counter, the reference upstream.
+//! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`.
 //! - [`stats`]: per-thread counters summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
@@ -19,10 +20,12 @@
 //! tokio or smol directly.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod daemon;
 pub mod forward;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod shutdown;

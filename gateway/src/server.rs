@@ -29,9 +29,9 @@ use futures_lite::future::{self, poll_fn};
 use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::http1;
 
+use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::shutdown::Latch;
-use crate::stats::ShardedCounter;
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
     pub access_log: bool,
+    /// Where to record requests and parser rejections (the public
+    /// listener's; other listeners record nothing).
+    pub metrics: Option<&'static Metrics>,
 }
 
 /// The connections of one listener: the cap, and the count to drain.
@@ -53,8 +56,6 @@ pub struct Connections {
     open: AtomicUsize,
     /// Notified when a connection closes, for the drain.
     closed: Event,
-    /// Requests answered, for the systemd status line.
-    pub requests: ShardedCounter,
 }
 
 impl Connections {
@@ -63,7 +64,6 @@ impl Connections {
             limit: Arc::new(Semaphore::new(max_connections)),
             open: AtomicUsize::new(0),
             closed: Event::new(),
-            requests: ShardedCounter::new(),
         }
     }
 
@@ -327,9 +327,9 @@ async fn serve_connection<R: Runtime, S: Service>(
         activity: activity.clone(),
     };
     let service_activity = activity.clone();
-    let connections = open.connections;
     let hyper_service = hyper::service::service_fn(move |request| {
-        service_activity.enter(Phase::Busy, Instant::now());
+        let head_complete = Instant::now();
+        service_activity.enter(Phase::Busy, head_complete);
         let activity = service_activity.clone();
         let started = settings.access_log.then(|| {
             (
@@ -341,8 +341,11 @@ async fn serve_connection<R: Runtime, S: Service>(
         let response = service.call(request, peer);
         async move {
             let response = response.await;
-            activity.enter(Phase::Idle, Instant::now());
-            connections.requests.increment();
+            let answered = Instant::now();
+            activity.enter(Phase::Idle, answered);
+            if let Some(metrics) = settings.metrics {
+                metrics.record_request(response.status(), answered - head_complete);
+            }
             if let Some((method, path, at)) = started {
                 tracing::info!(
                     target: "access",
@@ -417,6 +420,11 @@ async fn serve_connection<R: Runtime, S: Service>(
     match ended {
         Ended::Closed(Ok(())) => {}
         Ended::Closed(Err(error)) => {
+            if error.is_parse() {
+                if let Some(metrics) = settings.metrics {
+                    metrics.record_bad_request();
+                }
+            }
             tracing::debug!(%peer, %error, "connection closed with an error")
         }
         Ended::TimedOut(phase) => tracing::debug!(%peer, ?phase, "connection timed out"),

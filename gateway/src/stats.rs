@@ -6,7 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-const SHARDS: usize = 64;
+/// Slots per counter: threads beyond this share slots (still correct).
+pub const SHARDS: usize = 64;
 
 /// A slot on its own cache line (128 bytes covers adjacent-line prefetch).
 #[repr(align(128))]
@@ -25,7 +26,8 @@ impl Default for ShardedCounter {
     }
 }
 
-fn shard() -> usize {
+/// This thread's slot index.
+pub fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;

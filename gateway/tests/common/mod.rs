@@ -169,6 +169,8 @@ pub struct GatewayConfig {
     pub upstream_extra: String,
     /// Serve the built-in counter in the same process.
     pub counter: bool,
+    /// Serve the admin listener.
+    pub admin: bool,
 }
 
 impl GatewayConfig {
@@ -180,6 +182,7 @@ impl GatewayConfig {
             server: String::new(),
             upstream_extra: String::new(),
             counter: false,
+            admin: false,
         }
     }
 
@@ -195,12 +198,18 @@ impl GatewayConfig {
         self
     }
 
+    fn listeners(&self) -> usize {
+        1 + usize::from(self.counter) + usize::from(self.admin)
+    }
+
     pub fn render(&self) -> String {
-        let counter = if self.counter {
-            "[counter]\nlisten = \"127.0.0.1:0\"\n"
-        } else {
-            ""
-        };
+        let mut counter = String::new();
+        if self.counter {
+            counter.push_str("[counter]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        if self.admin {
+            counter.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
+        }
         format!(
             "[runtime]\nbackend = \"{}\"\nworkers = 2\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
             self.backend.name(),
@@ -232,7 +241,7 @@ impl GatewayConfig {
             .arg(file.path())
             .env_remove("RUST_LOG");
         adjust(&mut command);
-        Process::start(command, 1 + usize::from(self.counter), Some(file))
+        Process::start(command, self.listeners(), Some(file))
     }
 
     /// Starts the gateway the way systemd's socket activation does: the
@@ -254,7 +263,7 @@ impl GatewayConfig {
                 child_fd: 3,
             }])
             .expect("map fd 3");
-        Process::start(command, 1 + usize::from(self.counter), Some(file))
+        Process::start(command, self.listeners(), Some(file))
     }
 }
 

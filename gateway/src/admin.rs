@@ -1,0 +1,60 @@
+//! The admin listener (SPEC §7): `GET /healthz` for load balancers and
+//! `GET /metrics` for Prometheus. Off unless `[admin]` is configured;
+//! meant for loopback or a private network.
+
+use std::net::SocketAddr;
+
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{self, Metrics};
+use crate::service::{Body, Service, status_only, text, text_owned};
+
+/// The content type of the OpenMetrics text exposition.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves health and metrics.
+pub struct Admin {
+    registry: Registry,
+}
+
+impl Admin {
+    pub fn new(metrics: &'static Metrics) -> Self {
+        Self {
+            registry: Metrics::registry(metrics),
+        }
+    }
+}
+
+impl Service for Admin {
+    async fn call(&'static self, request: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path();
+        if path != "/healthz" && path != "/metrics" {
+            return status_only(StatusCode::NOT_FOUND);
+        }
+        let with_body = match *request.method() {
+            Method::GET => true,
+            Method::HEAD => false,
+            _ => {
+                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return response;
+            }
+        };
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok", with_body);
+        }
+        let mut response = text_owned(StatusCode::OK, metrics::encode(&self.registry));
+        if !with_body {
+            *response.body_mut() = Body::default();
+        }
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+        response
+    }
+}

@@ -1,0 +1,152 @@
+//! SPEC §7: the admin listener's health check and metrics, which must
+//! equal the traffic that was sent.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, raw_exchange, request};
+use http::StatusCode;
+
+/// `name{labels}` → value, from the OpenMetrics text.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn metrics_equal_the_traffic_sent(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let mut config = GatewayConfig::new(backend, upstream.addr);
+    config.admin = true;
+    let gateway = config.start();
+    let public = gateway.addr("public");
+    let admin = gateway.addr("admin");
+
+    let mut client = Client::connect(public).await;
+    for _ in 0..5 {
+        assert_eq!(client.get("/").await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        let answer = client.send(request("HEAD", "/")).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    for _ in 0..3 {
+        assert_eq!(client.get("/nope").await.status, StatusCode::NOT_FOUND);
+    }
+    for _ in 0..2 {
+        let answer = client.send(request("POST", "/")).await.unwrap();
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    upstream.set(Behaviour::Status(500));
+    for _ in 0..2 {
+        assert_eq!(client.get("/").await.status, StatusCode::BAD_GATEWAY);
+    }
+    for bad in [&b"GARBAGE\r\n\r\n"[..], b"GET / HTTP/1.1\r\nhost x\r\n\r\n"] {
+        let reply = raw_exchange(public, bad, Duration::from_secs(5)).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+    drop(client);
+
+    let health = common::get(admin, "/healthz").await;
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (StatusCode::OK, "ok")
+    );
+
+    let page = common::get(admin, "/metrics").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        page.headers
+    );
+    assert!(page.body.ends_with("# EOF\n"), "{}", page.body);
+    let m = samples(&page.body);
+    let get = |key: &str| {
+        *m.get(key)
+            .unwrap_or_else(|| panic!("no {key} in\n{}", page.body))
+    };
+    assert_eq!(get(r#"gateway_requests_total{status="200"}"#), 7.0);
+    assert_eq!(get(r#"gateway_requests_total{status="404"}"#), 3.0);
+    assert_eq!(get(r#"gateway_requests_total{status="405"}"#), 2.0);
+    assert_eq!(get(r#"gateway_requests_total{status="502"}"#), 2.0);
+    assert_eq!(get(r#"gateway_requests_total{status="503"}"#), 0.0);
+    assert_eq!(get(r#"gateway_requests_total{status="504"}"#), 0.0);
+    assert_eq!(get("gateway_bad_requests_total"), 2.0);
+    assert_eq!(get(r#"gateway_upstream_requests_total{outcome="ok"}"#), 7.0);
+    assert_eq!(
+        get(r#"gateway_upstream_requests_total{outcome="error"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"gateway_upstream_requests_total{outcome="timeout"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"gateway_upstream_requests_total{outcome="overloaded"}"#),
+        0.0
+    );
+    assert_eq!(get("gateway_request_duration_seconds_count"), 14.0);
+    assert_eq!(
+        get(r#"gateway_request_duration_seconds_bucket{le="+Inf"}"#),
+        14.0
+    );
+    assert_eq!(get("gateway_upstream_duration_seconds_count"), 9.0);
+    assert_eq!(
+        get(r#"gateway_upstream_duration_seconds_bucket{le="+Inf"}"#),
+        9.0
+    );
+    assert!(get("gateway_upstream_duration_seconds_sum") > 0.0);
+    assert_eq!(get("gateway_upstream_connections_open"), 1.0);
+    let build = format!(
+        r#"gateway_build_info{{version="{}",backend="{}",workers="2"}}"#,
+        env!("CARGO_PKG_VERSION"),
+        backend.name()
+    );
+    assert_eq!(get(&build), 1.0);
+    assert_eq!(upstream.posts(), 9);
+
+    // The gauge follows the open public connections.
+    let _held: Vec<Client> = futures_held(public, 3).await;
+    let m = samples(&common::get(admin, "/metrics").await.body);
+    assert_eq!(m["gateway_connections_open"], 3.0);
+
+    assert_eq!(
+        common::get(admin, "/other").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+async fn futures_held(addr: std::net::SocketAddr, n: usize) -> Vec<Client> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut client = Client::connect(addr).await;
+        assert_eq!(client.get("/nope").await.status, StatusCode::NOT_FOUND);
+        held.push(client);
+    }
+    held
+}
+
+async fn admin_listener_is_off_unless_configured(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    assert!(
+        gateway.listeners.iter().all(|(name, _)| name != "admin"),
+        "{:?}",
+        gateway.listeners
+    );
+}
+
+both_backends!(
+    metrics_equal_the_traffic_sent,
+    admin_listener_is_off_unless_configured
+);
