@@ -76,8 +76,11 @@ echo "GET / -> $answer"
 
 echo "== systemctl status gateway"
 sleep 6   # the STATUS= line is refreshed every 5 s
-in_container systemctl status gateway --no-pager | head -n 12
-in_container systemctl status gateway --no-pager | grep -q 'Status: "tokio with' || fail "no STATUS line"
+# Captured first: `grep -q` exits at the first match, and under pipefail
+# the writer's SIGPIPE would fail the pipeline.
+status_text=$(in_container systemctl status gateway --no-pager || true)
+echo "$status_text" | head -n 12
+grep -q 'Status: "tokio with' <<<"$status_text" || fail "no STATUS line"
 
 echo "== switch backend under load"
 in_container rm -f /root/load.stop /root/load.result
@@ -103,9 +106,10 @@ echo "requests during the restarts: $ok ok, $failed failed"
 [ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "requests failed across restarts"
 
 echo "== journalctl -u gateway"
-in_container journalctl -u gateway --no-pager | grep -E 'starting|listening on|passed by systemd' | tail -n 12
-in_container journalctl -u gateway --no-pager | grep -q 'starting backend="smol"' || fail "no smol startup line"
-in_container journalctl -u gateway --no-pager | grep -q 'starting backend="tokio"' || fail "no tokio startup line"
+journal=$(in_container journalctl -u gateway --no-pager)
+grep -E 'starting|listening on|passed by systemd' <<<"$journal" | tail -n 12
+grep -q 'starting backend="smol"' <<<"$journal" || fail "no smol startup line"
+grep -q 'starting backend="tokio"' <<<"$journal" || fail "no tokio startup line"
 
 echo "== bad config"
 in_container sh -c 'printf "[runtime]\nbackend = \"glommio\"\n" > /etc/gateway/config.toml'
@@ -114,7 +118,8 @@ sleep 1
 status=$(in_container systemctl show gateway -p ExecMainStatus --value)
 restarts=$(in_container systemctl show gateway -p NRestarts --value)
 echo "exit status $status, NRestarts $restarts"
-in_container journalctl -u gateway --no-pager | grep 'configuration error' | tail -n 1
+journal=$(in_container journalctl -u gateway --no-pager)
+grep 'configuration error' <<<"$journal" | tail -n 1
 [ "$status" = 78 ] || fail "exit status $status, not 78"
 [ "$restarts" = 0 ] || fail "restarted $restarts times"
 
