@@ -49,6 +49,12 @@ def drive(port, total, connections=4):
     errors = []
 
     def one(count):
+        try:
+            run(count)
+        except Exception as e:  # a thread's exception must fail the run
+            errors.append(repr(e))
+
+    def run(count):
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = b""
@@ -77,7 +83,7 @@ def drive(port, total, connections=4):
     for t in threads:
         t.join()
     if errors:
-        sys.exit(f"{len(errors)} non-200 answers, e.g. {errors[0]}")
+        sys.exit(f"{len(errors)} failed requests or connections, e.g. {errors[0]}")
 
 
 def callgrind_total(out_file):
@@ -102,7 +108,8 @@ http {{
   access_log off;
   client_body_temp_path {workdir}/b; proxy_temp_path {workdir}/p;
   fastcgi_temp_path {workdir}/f; uwsgi_temp_path {workdir}/u; scgi_temp_path {workdir}/s;
-  upstream counter {{ server 127.0.0.1:{counter_port}; keepalive 64; }}
+  upstream counter {{ server 127.0.0.1:{counter_port}; keepalive 64; keepalive_requests 1000000; }}
+  keepalive_requests 1000000;
   server {{
     listen 127.0.0.1:{port};
     location = / {{

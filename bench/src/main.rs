@@ -60,6 +60,10 @@ struct Options {
     /// counter check); with --wrk, to compare the load generator with wrk.
     #[arg(long)]
     target: Option<SocketAddr>,
+    /// The gateway binary to run [default: the workspace's release build,
+    /// built if missing]; e.g. to compare two builds.
+    #[arg(long)]
+    gateway: Option<PathBuf>,
     /// Where results.json and throughput.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -167,7 +171,11 @@ fn measure_local(
     cpus: &[usize],
     out: &std::path::Path,
 ) -> Result<Vec<Row>, String> {
-    let binary = procs::gateway_binary()?;
+    let binary = match &options.gateway {
+        Some(path) if path.is_file() => path.clone(),
+        Some(path) => return Err(format!("--gateway: no file at {}", path.display())),
+        None => procs::gateway_binary()?,
+    };
     let nginx = match options.reference.as_deref() {
         Some("nginx") => match procs::nginx_binary() {
             Some(path) => Some(path),
