@@ -30,8 +30,10 @@ use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::http1;
 
 use crate::metrics::Metrics;
-use crate::service::Service;
+use crate::service::{Service, status_only};
 use crate::shutdown::Latch;
+use http::header::{CONNECTION, HOST, HeaderValue};
+use http::{StatusCode, Version};
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -331,22 +333,35 @@ async fn serve_connection<R: Runtime, S: Service>(
         let head_complete = Instant::now();
         service_activity.enter(Phase::Busy, head_complete);
         let activity = service_activity.clone();
-        let started = settings.access_log.then(|| {
-            (
-                request.method().clone(),
-                request.uri().path().to_owned(),
-                Instant::now(),
-            )
-        });
-        let response = service.call(request, peer);
+        let logged = settings
+            .access_log
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        // RFC 9112 §3.2: an HTTP/1.1 request without `host` gets 400. hyper
+        // leaves that to the application; no service should see one.
+        let missing_host =
+            request.version() == Version::HTTP_11 && !request.headers().contains_key(HOST);
+        let response = (!missing_host).then(|| service.call(request, peer));
         async move {
-            let response = response.await;
+            let response = match response {
+                Some(response) => response.await,
+                None => {
+                    let mut response = status_only(StatusCode::BAD_REQUEST);
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    response
+                }
+            };
             let answered = Instant::now();
             activity.enter(Phase::Idle, answered);
             if let Some(metrics) = settings.metrics {
-                metrics.record_request(response.status(), answered - head_complete);
+                if missing_host {
+                    metrics.record_bad_request();
+                } else {
+                    metrics.record_request(response.status(), answered - head_complete);
+                }
             }
-            if let Some((method, path, at)) = started {
+            if let Some((method, path)) = logged {
                 tracing::info!(
                     target: "access",
                     listener = settings.name,
@@ -354,7 +369,7 @@ async fn serve_connection<R: Runtime, S: Service>(
                     %method,
                     path = ?path,
                     status = response.status().as_u16(),
-                    micros = at.elapsed().as_micros() as u64,
+                    micros = (answered - head_complete).as_micros() as u64,
                 );
             }
             Ok::<_, Infallible>(response)

@@ -391,6 +391,12 @@ pub enum Behaviour {
     /// Answers 200 while announcing keep-alive, then closes the connection
     /// shortly after: the stale pooled connection every client meets.
     CloseAfterAnswer,
+    /// Keep-alive upstream that misbehaves on a fixed pattern: every 7th
+    /// request (from the 4th) gets its connection reset without an answer,
+    /// and every 5th answer (from the 2nd) is followed by a close.
+    Flaky,
+    /// Sends half a response head, then closes.
+    CloseMidResponse,
 }
 
 /// What the test upstream saw of one request.
@@ -404,6 +410,8 @@ pub struct Seen {
 
 struct UpstreamState {
     behaviour: Mutex<Behaviour>,
+    /// Requests seen by the raw (non-hyper) behaviours, for their patterns.
+    raw_sequence: AtomicU64,
     requests: Mutex<Vec<Seen>>,
     posts: AtomicU64,
     connections: AtomicUsize,
@@ -424,6 +432,7 @@ impl TestUpstream {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState {
             behaviour: Mutex::new(behaviour),
+            raw_sequence: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
             posts: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -468,6 +477,18 @@ impl TestUpstream {
                             }
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
+                        return;
+                    }
+                    if behaviour == Behaviour::Flaky {
+                        serve_flaky(stream, &state).await;
+                        return;
+                    }
+                    if behaviour == Behaviour::CloseMidResponse {
+                        let mut stream = stream;
+                        let mut buf = [0u8; 1024];
+                        let _ = stream.read(&mut buf).await;
+                        state.posts.fetch_add(1, Ordering::SeqCst);
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
                         return;
                     }
                     if behaviour == Behaviour::Garbage {
@@ -560,9 +581,65 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
             tokio::time::sleep(delay).await;
             200
         }
-        Behaviour::Garbage | Behaviour::CloseAfterAnswer => 200,
+        Behaviour::Garbage
+        | Behaviour::CloseAfterAnswer
+        | Behaviour::Flaky
+        | Behaviour::CloseMidResponse => 200,
     };
     let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     response
+}
+
+/// The `Flaky` behaviour, over raw bytes so that it can reset a connection
+/// with a request unanswered (SO_LINGER 0) or close one after answering.
+async fn serve_flaky(mut stream: TcpStream, state: &UpstreamState) {
+    let mut buffer = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        buffer.drain(..head_end + 4);
+        let mut headers = HeaderMap::new();
+        for line in head.lines().skip(1) {
+            if let Some((name, value)) = line.split_once(':') {
+                if let (Ok(name), Ok(value)) = (
+                    http::HeaderName::from_bytes(name.trim().as_bytes()),
+                    http::HeaderValue::from_str(value.trim()),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+        }
+        state.posts.fetch_add(1, Ordering::SeqCst);
+        state.requests.lock().unwrap().push(Seen {
+            method: head.split(' ').next().unwrap_or("").to_owned(),
+            path: head.split(' ').nth(1).unwrap_or("").to_owned(),
+            headers,
+            body: Bytes::new(),
+        });
+        let sequence = state.raw_sequence.fetch_add(1, Ordering::SeqCst);
+        if sequence % 7 == 3 {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        if stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if sequence % 5 == 1 {
+            return;
+        }
+    }
 }
