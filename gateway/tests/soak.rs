@@ -47,7 +47,8 @@ async fn traffic(public: SocketAddr, stop: Arc<AtomicBool>, seen: Seen, worker: 
         match i % 10 {
             // Malformed and abandoned requests.
             0 => {
-                let _ = common::raw_exchange(public, b"GARBAGE\r\n\r\n", Duration::from_secs(2)).await;
+                let _ =
+                    common::raw_exchange(public, b"GARBAGE\r\n\r\n", Duration::from_secs(2)).await;
             }
             1 => {
                 if let Ok(mut s) = TcpStream::connect(public).await {
@@ -55,7 +56,12 @@ async fn traffic(public: SocketAddr, stop: Arc<AtomicBool>, seen: Seen, worker: 
                 }
             }
             2 => {
-                let _ = common::raw_exchange(public, b"GET /missing HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", Duration::from_secs(5)).await;
+                let _ = common::raw_exchange(
+                    public,
+                    b"GET /missing HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                    Duration::from_secs(5),
+                )
+                .await;
             }
             // Tagged visits on a kept-alive connection, and on new ones.
             n => {
@@ -65,9 +71,13 @@ async fn traffic(public: SocketAddr, stop: Arc<AtomicBool>, seen: Seen, worker: 
                 if fresh || client.is_none() {
                     client = Client::try_connect(public).await.ok();
                 }
-                let Some(connection) = client.as_mut() else { continue };
+                let Some(connection) = client.as_mut() else {
+                    continue;
+                };
                 let mut visit = request("GET", "/");
-                visit.headers_mut().insert("x-forwarded-for", tag.parse().unwrap());
+                visit
+                    .headers_mut()
+                    .insert("x-forwarded-for", tag.parse().unwrap());
                 match tokio::time::timeout(Duration::from_secs(10), connection.send(visit)).await {
                     Ok(Ok(answer)) => seen.lock().unwrap().push((tag, answer.status)),
                     _ => client = None,
@@ -120,7 +130,10 @@ async fn run_phase(
 
 async fn soak(backend: Backend) {
     let total = Duration::from_secs(
-        std::env::var("GATEWAY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60),
+        std::env::var("GATEWAY_SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
     );
     let warmup = total / 5;
     let mut upstream = TestUpstream::start(Behaviour::Ok).await;
@@ -158,12 +171,19 @@ async fn soak(backend: Backend) {
         rss_after
     );
     assert_eq!(fds_after, fds_before, "file descriptors leaked");
-    assert!(rss_after <= rss_before + 16 * 1024, "RSS grew {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after <= rss_before + 16 * 1024,
+        "RSS grew {rss_before} -> {rss_after} KiB"
+    );
 
     // Exact in SPEC §4's sense: each 200 received once; nothing twice.
     let mut received: HashMap<String, usize> = HashMap::new();
     for r in upstream.requests() {
-        if let Some(tag) = r.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        if let Some(tag) = r
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             let tag = tag.split(',').next().unwrap_or("").trim().to_owned();
             *received.entry(tag).or_default() += 1;
         }
