@@ -126,63 +126,85 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
 }
 
 fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let connections = report.rows.iter().map(|r| r.connections as f64);
+    let min_c = connections.clone().fold(f64::INFINITY, f64::min);
+    let max_c = connections.fold(1.0, f64::max);
+    let x_range = if min_c >= max_c {
+        (max_c / 2.0, max_c * 2.0)
+    } else {
+        (min_c, max_c)
+    };
+    let root = SVGBackend::new(path, (900, 760)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(400);
+    panel(
+        &top,
+        report,
+        &format!(
+            "gateway throughput — {} ({} CPUs)",
+            report.cpu_model, report.cpus
+        ),
+        "requests/s",
+        x_range,
+        |row| row.requests_per_second,
+        &|v| format!("{:.0}k", v / 1000.0),
+        SeriesLabelPosition::LowerRight,
+    )?;
+    panel(
+        &bottom,
+        report,
+        "p99 latency",
+        "p99 (ms)",
+        x_range,
+        |row| row.p99_us as f64 / 1000.0,
+        &|v| format!("{v:.1}"),
+        SeriesLabelPosition::UpperLeft,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// One chart: `value` of each row against connections (log scale), one
+/// line per target.
+#[allow(clippy::too_many_arguments)]
+fn panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    report: &Report,
+    caption: &str,
+    y_desc: &str,
+    (min_c, max_c): (f64, f64),
+    value: fn(&Row) -> f64,
+    y_format: &dyn Fn(&f64) -> String,
+    legend: SeriesLabelPosition,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut targets: Vec<&str> = Vec::new();
     for row in &report.rows {
         if !targets.contains(&row.target.as_str()) {
             targets.push(&row.target);
         }
     }
-    let min_c = report.rows.iter().map(|r| r.connections).min().unwrap_or(1) as f64;
-    let max_c = report.rows.iter().map(|r| r.connections).max().unwrap_or(1) as f64;
-    let (min_c, max_c) = if min_c == max_c {
-        (min_c / 2.0, max_c * 2.0)
-    } else {
-        (min_c, max_c)
-    };
-    let max_rps = report
-        .rows
-        .iter()
-        .map(|r| r.requests_per_second)
-        .fold(1.0, f64::max)
-        * 1.15;
-    let max_p99 = report
-        .rows
-        .iter()
-        .map(|r| r.p99_us as f64 / 1000.0)
-        .fold(0.1, f64::max)
-        * 1.15;
-
-    let root = SVGBackend::new(path, (900, 760)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (top, bottom) = root.split_vertically(400);
+    let y_max = report.rows.iter().map(value).fold(0.001, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((min_c..max_c).log_scale(), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc(y_desc)
+        .x_label_formatter(&|c| format!("{c:.0}"))
+        .y_label_formatter(y_format)
+        .draw()?;
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            format!(
-                "gateway throughput — {} ({} CPUs)",
-                report.cpu_model, report.cpus
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((min_c..max_c).log_scale(), 0.0..max_rps)?;
-    chart
-        .configure_mesh()
-        .x_desc("connections")
-        .y_desc("requests/s")
-        .x_label_formatter(&|c| format!("{c:.0}"))
-        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
-        .draw()?;
     for (i, target) in targets.iter().enumerate() {
         let color = palette[i % palette.len()];
         let points: Vec<(f64, f64)> = report
             .rows
             .iter()
             .filter(|r| r.target == *target)
-            .map(|r| (r.connections as f64, r.requests_per_second))
+            .map(|r| (r.connections as f64, value(r)))
             .collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
@@ -200,47 +222,7 @@ fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend)
         .draw()?;
-
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("p99 latency", ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((min_c..max_c).log_scale(), 0.0..max_p99)?;
-    chart
-        .configure_mesh()
-        .x_desc("connections")
-        .y_desc("p99 (ms)")
-        .x_label_formatter(&|c| format!("{c:.0}"))
-        .draw()?;
-    for (i, target) in targets.iter().enumerate() {
-        let color = palette[i % palette.len()];
-        let points: Vec<(f64, f64)> = report
-            .rows
-            .iter()
-            .filter(|r| r.target == *target)
-            .map(|r| (r.connections as f64, r.p99_us as f64 / 1000.0))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(*target)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 4, color.filled())),
-        )?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
     Ok(())
 }

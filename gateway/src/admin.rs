@@ -4,13 +4,15 @@
 
 use std::net::SocketAddr;
 
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::{self, Metrics};
-use crate::service::{Body, Service, status_only, text, text_owned};
+use crate::service::{
+    Body, Service, get_or_head, method_not_allowed, status_only, text, text_owned,
+};
 
 /// The content type of the OpenMetrics text exposition.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -34,16 +36,8 @@ impl Service for Admin {
         if path != "/healthz" && path != "/metrics" {
             return status_only(StatusCode::NOT_FOUND);
         }
-        let with_body = match *request.method() {
-            Method::GET => true,
-            Method::HEAD => false,
-            _ => {
-                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-                return response;
-            }
+        let Some(with_body) = get_or_head(request.method()) else {
+            return method_not_allowed("GET, HEAD");
         };
         if path == "/healthz" {
             return text(StatusCode::OK, "ok", with_body);

@@ -5,11 +5,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::header::{ALLOW, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::service::{Body, Service, status_only, text, text_owned};
+use crate::service::{Body, Service, method_not_allowed, status_only, text, text_owned};
 
 /// The path the counter serves.
 pub const PATH: &str = "/counter";
@@ -37,13 +36,7 @@ impl Service for Counter {
                 text(StatusCode::OK, "", true)
             }
             Method::GET => text_owned(StatusCode::OK, format!("{}\n", self.count())),
-            _ => {
-                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("GET, POST"));
-                response
-            }
+            _ => method_not_allowed("GET, POST"),
         }
     }
 }

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use backends::Runtime;
-use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::ResponsesConfig;
 use crate::metrics::Metrics;
-use crate::service::{Body, Service, status_only, text};
+use crate::service::{Body, Service, get_or_head, method_not_allowed, status_only, text};
 use crate::upstream::{Outcome, Upstream};
 
 /// Forwards visits to the upstream counter.
@@ -60,16 +60,8 @@ impl<R: Runtime> Service for Forward<R> {
         if request.uri().path() != "/" {
             return status_only(StatusCode::NOT_FOUND);
         }
-        let with_body = match *request.method() {
-            Method::GET => true,
-            Method::HEAD => false,
-            _ => {
-                let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-                return response;
-            }
+        let Some(with_body) = get_or_head(request.method()) else {
+            return method_not_allowed("GET, HEAD");
         };
         let forwarded_for = forwarded_for(&request, peer);
         // The request (and its body, unread) is dropped before the upstream

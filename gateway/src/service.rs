@@ -9,8 +9,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -52,6 +52,25 @@ fn plain(status: StatusCode, body: Bytes, content_length: usize) -> Response<Bod
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, TEXT_PLAIN.clone());
     headers.insert(CONTENT_LENGTH, HeaderValue::from(content_length));
+    response
+}
+
+/// Whether a read-only resource answers `method` with a body: `Some(true)`
+/// for `GET`, `Some(false)` for `HEAD`, `None` for anything else (405).
+pub fn get_or_head(method: &Method) -> Option<bool> {
+    match *method {
+        Method::GET => Some(true),
+        Method::HEAD => Some(false),
+        _ => None,
+    }
+}
+
+/// `405` with the `allow` header listing what is.
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = status_only(StatusCode::METHOD_NOT_ALLOWED);
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     response
 }
 

@@ -3,22 +3,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, raw_exchange, request};
 use http::StatusCode;
-
-/// `name{labels}` → value, from the OpenMetrics text.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 async fn metrics_equal_the_traffic_sent(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
@@ -69,12 +57,8 @@ async fn metrics_equal_the_traffic_sent(backend: Backend) {
         "{:?}",
         page.headers
     );
-    assert!(page.body.ends_with("# EOF\n"), "{}", page.body);
-    let m = samples(&page.body);
-    let get = |key: &str| {
-        *m.get(key)
-            .unwrap_or_else(|| panic!("no {key} in\n{}", page.body))
-    };
+    let m = common::scrape(admin).await;
+    let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in {m:?}"));
     assert_eq!(get(r#"gateway_requests_total{status="200"}"#), 7.0);
     assert_eq!(get(r#"gateway_requests_total{status="404"}"#), 3.0);
     assert_eq!(get(r#"gateway_requests_total{status="405"}"#), 2.0);
@@ -117,7 +101,7 @@ async fn metrics_equal_the_traffic_sent(backend: Backend) {
 
     // The gauge follows the open public connections.
     let _held: Vec<Client> = futures_held(public, 3).await;
-    let m = samples(&common::get(admin, "/metrics").await.body);
+    let m = common::scrape(admin).await;
     assert_eq!(m["gateway_connections_open"], 3.0);
 
     assert_eq!(

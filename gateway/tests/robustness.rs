@@ -17,11 +17,7 @@ use tokio::net::TcpStream;
 
 /// `gateway_bad_requests_total` from the admin listener.
 async fn bad_requests(admin: SocketAddr) -> u64 {
-    let page = common::get(admin, "/metrics").await.body;
-    page.lines()
-        .find_map(|l| l.strip_prefix("gateway_bad_requests_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no gateway_bad_requests_total in\n{page}"))
+    common::scrape(admin).await["gateway_bad_requests_total"] as u64
 }
 
 /// A small deterministic generator, so a failing case can be replayed.

@@ -345,6 +345,21 @@ pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     Client::connect(addr).await.get(path).await
 }
 
+/// The admin listener's `/metrics` as `name{labels}` → value.
+pub async fn scrape(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let page = get(admin, "/metrics").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.ends_with("# EOF\n"), "{}", page.body);
+    page.body
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Reads the built-in counter's tally.
 pub async fn counter_tally(counter: SocketAddr) -> u64 {
     let answer = get(counter, "/counter").await;
