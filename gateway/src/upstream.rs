@@ -1,16 +1,17 @@
 //! The upstream client: a pool of kept-alive HTTP/1.1 connections to the
 //! counter, written once over the runtime trait.
 //!
-//! Each pooled connection is a hyper `SendRequest` whose connection future
-//! runs as its own task. The pool caps the connections open at once
-//! (`upstream.max_connections`, counting those being dialled); a visit that
-//! finds none idle and the cap reached waits for one to come back until its
-//! deadline, then is answered 503 without touching the upstream.
+//! A visit takes the most recently used idle connection, else dials a new
+//! one if the cap (`upstream.max_connections`, counting those being
+//! dialled) allows, else waits for either until its deadline and is then
+//! answered 503 without touching the upstream. The exchange itself runs in
+//! the visitor's own task ([`crate::exchange`]); a connection is just a
+//! stream, its buffer, and its slot under the cap.
 //!
-//! The never-send-twice rule (SPEC §4): a POST is retried only when hyper
-//! hands it back unsent (`try_send_request` → `into_request`), and only
-//! once, on a fresh connection. Connections found closed while idle are
-//! dropped before anything is written to them.
+//! The never-send-twice rule (SPEC §4): a POST is retried only when no
+//! byte of it can have left — the pooled connection was found closed
+//! before writing, or the very first write failed — and only once, on a
+//! fresh connection.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -19,14 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
-use bytes::Bytes;
-use event_listener::Event;
-use http::header::{CONTENT_LENGTH, HOST, HeaderValue};
-use http::{Method, Request};
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::{self, SendRequest};
+use event_listener::{Event, EventListener};
 
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
+use crate::exchange::{Connection, Exchange};
 use crate::time::{Elapsed, timeout_at};
 
 /// How a visit's upstream exchange ended.
@@ -42,32 +39,34 @@ pub enum Outcome {
     Overloaded,
 }
 
-type Sender = SendRequest<Empty<Bytes>>;
-
-/// An idle connection and when it went idle.
-struct Idle {
-    sender: Sender,
-    since: Instant,
+/// An open upstream connection and its slot under the cap.
+struct Conn<R: Runtime> {
+    connection: Connection<R::Stream>,
+    _slot: Slot<R>,
 }
 
-struct PoolState {
-    /// Idle connections, most recently used last (reused first: it is the
-    /// least likely to have been closed by the upstream).
-    idle: Vec<Idle>,
-    /// Connections open or being dialled; never above the cap.
-    open: usize,
+/// An idle connection and when it went idle.
+struct Idle<R: Runtime> {
+    conn: Conn<R>,
+    since: Instant,
 }
 
 /// The upstream client and its connection pool; one per process.
 pub struct Upstream<R: Runtime> {
     target: UpstreamTarget,
-    host_header: HeaderValue,
-    path: http::Uri,
+    /// `POST … HTTP/1.1`, `host`, `content-length: 0` and the
+    /// `x-forwarded-for: ` name: every visit's request up to its one
+    /// varying value.
+    request_head: Vec<u8>,
     connect_timeout: Duration,
     request_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
-    state: Mutex<PoolState>,
+    /// Idle connections, most recently used last (reused first: the least
+    /// likely to have been closed by the upstream).
+    idle: Mutex<Vec<Idle<R>>>,
+    /// Connections open or being dialled; never above the cap.
+    open: AtomicUsize,
     /// Signalled when a connection goes idle or a slot frees up.
     available: Event,
     /// The resolved upstream addresses; replaced by a re-resolution after
@@ -76,19 +75,25 @@ pub struct Upstream<R: Runtime> {
     /// Round-robin index into `addrs`.
     next_addr: AtomicUsize,
     resolving: AtomicBool,
-    _runtime: std::marker::PhantomData<fn() -> R>,
 }
 
-/// Holds one slot of the cap; gives it back, and wakes a waiter, on drop.
+/// One slot of the cap; given back, waking a waiter, on drop.
 struct Slot<R: Runtime> {
     upstream: &'static Upstream<R>,
 }
 
 impl<R: Runtime> Drop for Slot<R> {
     fn drop(&mut self) {
-        self.upstream.lock().open -= 1;
+        self.upstream.open.fetch_sub(1, Ordering::AcqRel);
         self.upstream.available.notify(1);
     }
+}
+
+/// The result of one attempt on one connection.
+enum Attempt<R: Runtime> {
+    Done(Outcome, Option<Conn<R>>),
+    /// Not a byte left: the request may go out on another connection.
+    Unsent(Vec<u8>),
 }
 
 impl<R: Runtime> Upstream<R> {
@@ -97,159 +102,136 @@ impl<R: Runtime> Upstream<R> {
         let target = UpstreamTarget::parse(&config.url)?;
         let addrs = resolve(&target)
             .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
-        let host_header = HeaderValue::from_str(&target.authority)
-            .map_err(|e| format!("upstream host `{}`: {e}", target.authority))?;
-        let path = target
-            .path_and_query
-            .parse()
-            .map_err(|e| format!("upstream path `{}`: {e}", target.path_and_query))?;
+        let request_head = format!(
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
+            target.path_and_query, target.authority
+        )
+        .into_bytes();
         Ok(Self {
             target,
-            host_header,
-            path,
+            request_head,
             connect_timeout: ms(config.connect_timeout_ms),
             request_timeout: ms(config.request_timeout_ms),
             idle_timeout: ms(config.pool_idle_timeout_ms),
             max_connections: config.max_connections,
-            state: Mutex::new(PoolState {
-                idle: Vec::new(),
-                open: 0,
-            }),
+            idle: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
             available: Event::new(),
             addrs: RwLock::new(addrs.into()),
             next_addr: AtomicUsize::new(0),
             resolving: AtomicBool::new(false),
-            _runtime: std::marker::PhantomData,
         })
     }
 
     /// Connections open now (idle or busy).
     pub fn open_connections(&self) -> usize {
-        self.lock().open
+        self.open.load(Ordering::Acquire)
     }
 
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // A panic elsewhere while holding the lock leaves the state intact
-        // (every critical section is a push, pop or counter update).
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn idle(&self) -> MutexGuard<'_, Vec<Idle<R>>> {
+        // Every critical section is a push, pop or filter: a panic
+        // elsewhere cannot leave the list inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers one visit: one POST, unless the pool is saturated.
-    /// `forwarded_for` is the complete `x-forwarded-for` value to send.
-    pub async fn register_visit(&'static self, forwarded_for: HeaderValue) -> Outcome {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut request = self.visit_request(forwarded_for);
-        let (mut sender, mut from_pool) = match self.checkout(deadline).await {
+    /// Registers one visit, which began at `started`: one POST carrying
+    /// `forwarded_for` (the complete `x-forwarded-for` value), unless the
+    /// pool is saturated.
+    pub async fn register_visit(&'static self, forwarded_for: &[u8], started: Instant) -> Outcome {
+        let deadline = started + self.request_timeout;
+        let mut request = Vec::with_capacity(self.request_head.len() + forwarded_for.len() + 4);
+        request.extend_from_slice(&self.request_head);
+        request.extend_from_slice(forwarded_for);
+        request.extend_from_slice(b"\r\n\r\n");
+
+        let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {
             Ok(found) => found,
             Err(outcome) => return outcome,
         };
         loop {
-            // Boxed so that, past the deadline, the exchange can be moved
-            // to a task of its own and finish there (see `finish_late`).
-            let mut exchange = Box::pin(self.exchange(sender, request));
-            match timeout_at::<R, _>(deadline, exchange.as_mut()).await {
+            // Boxed so that, past the deadline, the attempt can move to a
+            // task of its own and finish there (see `finish_late`).
+            let mut attempt = Box::pin(self.attempt(conn, request, from_pool));
+            match timeout_at::<R, _>(deadline, attempt.as_mut()).await {
                 Err(Elapsed) => {
-                    self.finish_late(exchange);
+                    self.finish_late(attempt);
                     return Outcome::TimedOut;
                 }
-                Ok((sender, Exchange::Done(outcome))) => {
-                    self.check_in(sender);
+                Ok(Attempt::Done(outcome, reusable)) => {
+                    if let Some(conn) = reusable {
+                        self.check_in(conn);
+                    }
                     return outcome;
                 }
-                Ok((_dead, Exchange::Unsent(returned))) if from_pool => {
-                    // The pooled connection died before a byte of this
-                    // request was written: replace it, once.
+                Ok(Attempt::Unsent(returned)) if from_pool => {
+                    // The pooled connection was dead before a byte of this
+                    // request left: replace it, once.
                     request = returned;
                     from_pool = false;
-                    sender = match self.dial(deadline).await {
-                        Ok(sender) => sender,
+                    conn = match self.dial(deadline).await {
+                        Ok(conn) => conn,
                         Err(outcome) => return outcome,
                     };
                 }
-                Ok((_dead, Exchange::Unsent(_))) => return Outcome::Failed,
+                Ok(Attempt::Unsent(_)) => return Outcome::Failed,
             }
         }
     }
 
-    /// Lets an exchange whose visit was already answered 504 run on for
+    /// One request and answer on `conn`.
+    async fn attempt(&self, mut conn: Conn<R>, request: Vec<u8>, from_pool: bool) -> Attempt<R> {
+        if from_pool && !conn.connection.is_usable() {
+            return Attempt::Unsent(request);
+        }
+        match conn.connection.exchange(&request).await {
+            Exchange::Answered { status, reusable } => {
+                let outcome = if (200..300).contains(&status) {
+                    Outcome::Counted
+                } else {
+                    tracing::debug!(status, "upstream answered non-2xx");
+                    Outcome::Failed
+                };
+                Attempt::Done(outcome, reusable.then_some(conn))
+            }
+            Exchange::Unsent(error) => {
+                tracing::debug!(%error, "upstream connection failed before the request left");
+                Attempt::Unsent(request)
+            }
+            Exchange::Failed(error) => {
+                tracing::debug!(%error, "upstream exchange failed");
+                Attempt::Done(Outcome::Failed, None)
+            }
+        }
+    }
+
+    /// Lets an attempt whose visit was already answered 504 run on for
     /// another `request_timeout`. Dropping it would close the connection
     /// and free its slot at once, and the next waiter would send another
     /// POST to an upstream that is already too slow; finishing it keeps
     /// the slot busy for as long as the upstream really is (so waiters at
     /// the cap get 503 without adding load) and keeps the connection.
-    fn finish_late(
-        &'static self,
-        exchange: impl Future<Output = (Sender, Exchange)> + Send + 'static,
-    ) {
+    fn finish_late(&'static self, attempt: impl Future<Output = Attempt<R>> + Send + 'static) {
         R::spawn(async move {
             let grace = Instant::now() + self.request_timeout;
-            if let Ok((sender, Exchange::Done(_))) = timeout_at::<R, _>(grace, exchange).await {
-                self.check_in(sender);
+            if let Ok(Attempt::Done(_, Some(conn))) = timeout_at::<R, _>(grace, attempt).await {
+                self.check_in(conn);
             }
         });
     }
 
-    fn visit_request(&self, forwarded_for: HeaderValue) -> Request<Empty<Bytes>> {
-        let mut request = Request::new(Empty::new());
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.path.clone();
-        let headers = request.headers_mut();
-        headers.insert(HOST, self.host_header.clone());
-        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
-        headers.insert("x-forwarded-for", forwarded_for);
-        request
-    }
-
-    /// Sends the request and reads the answer to its end; gives the
-    /// connection back for reuse.
-    async fn exchange(
-        &self,
-        mut sender: Sender,
-        request: Request<Empty<Bytes>>,
-    ) -> (Sender, Exchange) {
-        if sender.ready().await.is_err() {
-            return (sender, Exchange::Unsent(request));
-        }
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
-            Err(mut error) => {
-                let exchange = match error.take_message() {
-                    Some(request) => Exchange::Unsent(request),
-                    None => {
-                        tracing::debug!(error = %error.error(), "upstream request failed");
-                        Exchange::Done(Outcome::Failed)
-                    }
-                };
-                return (sender, exchange);
-            }
-        };
-        let status = response.status();
-        // Read the body to its end so the connection can carry the next
-        // visit; the bytes themselves are not needed.
-        let mut body = response.into_body();
-        while let Some(frame) = body.frame().await {
-            if let Err(error) = frame {
-                tracing::debug!(%error, "upstream answer cut short");
-                return (sender, Exchange::Done(Outcome::Failed));
-            }
-        }
-        if status.is_success() {
-            (sender, Exchange::Done(Outcome::Counted))
-        } else {
-            tracing::debug!(%status, "upstream answered non-2xx");
-            (sender, Exchange::Done(Outcome::Failed))
-        }
-    }
-
     /// An idle pooled connection, else a new one if the cap allows, else
     /// waits for either until `deadline`. The flag is true for a pooled one.
-    async fn checkout(&'static self, deadline: Instant) -> Result<(Sender, bool), Outcome> {
+    async fn checkout(
+        &'static self,
+        deadline: Instant,
+        now: Instant,
+    ) -> Result<(Conn<R>, bool), Outcome> {
         loop {
-            if let Some(sender) = self.take_idle() {
-                return Ok((sender, true));
+            if let Some(conn) = self.take_idle(now) {
+                return Ok((conn, true));
             }
             match self.take_slot() {
-                Ok(slot) => return self.connect(slot, deadline).await.map(|s| (s, false)),
+                Ok(slot) => return self.connect(slot, deadline).await.map(|c| (c, false)),
                 Err(listener) => {
                     // Woken when a connection goes idle or a slot frees up.
                     if timeout_at::<R, _>(deadline, listener).await.is_err() {
@@ -261,7 +243,7 @@ impl<R: Runtime> Upstream<R> {
     }
 
     /// A new connection, for a retry: waits for a free slot first.
-    async fn dial(&'static self, deadline: Instant) -> Result<Sender, Outcome> {
+    async fn dial(&'static self, deadline: Instant) -> Result<Conn<R>, Outcome> {
         loop {
             match self.take_slot() {
                 Ok(slot) => return self.connect(slot, deadline).await,
@@ -274,72 +256,73 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 
-    /// The most recently used idle connection that is still usable.
-    fn take_idle(&self) -> Option<Sender> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        while let Some(idle) = state.idle.pop() {
-            if !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
-                return Some(idle.sender);
-            }
-            // Dropping the sender ends its connection task, which frees
-            // the slot.
+    /// The most recently used idle connection that has not expired.
+    /// (Whether the upstream closed it is checked just before use.)
+    fn take_idle(&self, now: Instant) -> Option<Conn<R>> {
+        let mut idle = self.idle();
+        let fresh = idle.pop()?;
+        if now.saturating_duration_since(fresh.since) < self.idle_timeout {
+            return Some(fresh.conn);
         }
+        // The freshest has expired, so all have: close them, outside the lock.
+        let expired = std::mem::take(&mut *idle);
+        drop(idle);
+        drop(fresh);
+        drop(expired);
         None
     }
 
     /// A slot under the cap, or a listener that fires when one may be free.
-    fn take_slot(&'static self) -> Result<Slot<R>, event_listener::EventListener> {
-        let mut state = self.lock();
-        if state.open < self.max_connections {
-            state.open += 1;
-            return Ok(Slot { upstream: self });
+    fn take_slot(&'static self) -> Result<Slot<R>, EventListener> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max_connections).then_some(open + 1)
+            });
+        match taken {
+            Ok(_) => Ok(Slot { upstream: self }),
+            Err(_) => {
+                let listener = self.available.listen();
+                // A slot freed between the check and the listen would
+                // otherwise go unnoticed until the deadline.
+                match self
+                    .open
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                        (open < self.max_connections).then_some(open + 1)
+                    }) {
+                    Ok(_) => Ok(Slot { upstream: self }),
+                    Err(_) => Err(listener),
+                }
+            }
         }
-        Err(self.available.listen())
     }
 
-    /// Dials the upstream within the connect timeout and the deadline, and
-    /// starts the connection's task, which then owns `slot`.
-    async fn connect(&'static self, slot: Slot<R>, deadline: Instant) -> Result<Sender, Outcome> {
+    /// Dials the upstream within the connect timeout and the deadline.
+    async fn connect(&'static self, slot: Slot<R>, deadline: Instant) -> Result<Conn<R>, Outcome> {
         let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
         let addr = self.pick_addr();
-        let stream = match timeout_at::<R, _>(connect_deadline, R::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
+        match timeout_at::<R, _>(connect_deadline, R::connect(addr)).await {
+            Ok(Ok(stream)) => Ok(Conn {
+                connection: Connection::new(stream),
+                _slot: slot,
+            }),
             Ok(Err(error)) => {
                 tracing::debug!(%addr, %error, "upstream connect failed");
                 self.re_resolve();
-                return Err(Outcome::Failed);
+                Err(Outcome::Failed)
             }
             Err(Elapsed) => {
                 tracing::debug!(%addr, "upstream connect timed out");
                 self.re_resolve();
-                return Err(Outcome::TimedOut);
+                Err(Outcome::TimedOut)
             }
-        };
-        // The handshake only sets up hyper's state; it does no IO.
-        let (sender, connection) = match http1::handshake(stream).await {
-            Ok(parts) => parts,
-            Err(error) => {
-                tracing::debug!(%error, "upstream handshake failed");
-                return Err(Outcome::Failed);
-            }
-        };
-        R::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection closed with an error");
-            }
-            drop(slot);
-        });
-        Ok(sender)
+        }
     }
 
-    /// Returns a connection that just finished a visit cleanly.
-    fn check_in(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        self.lock().idle.push(Idle {
-            sender,
+    /// Returns a connection that just finished an exchange cleanly.
+    fn check_in(&self, conn: Conn<R>) {
+        self.idle().push(Idle {
+            conn,
             since: Instant::now(),
         });
         self.available.notify(1);
@@ -377,34 +360,25 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 
-    /// Closes connections idle longer than `pool_idle_timeout_ms`; runs
-    /// for the life of the process.
+    /// Closes connections idle longer than `pool_idle_timeout_ms`, or
+    /// closed by the upstream; runs for the life of the process.
     pub async fn reap_idle(&'static self) {
         let period = (self.idle_timeout / 2).max(Duration::from_millis(100));
         loop {
             R::sleep_until(Instant::now() + period).await;
-            let expired: Vec<Idle> = {
-                let mut state = self.lock();
+            let expired: Vec<Idle<R>> = {
+                let mut idle = self.idle();
                 let now = Instant::now();
-                let keep = |idle: &Idle| {
-                    !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
-                };
-                let (kept, expired) = std::mem::take(&mut state.idle).into_iter().partition(keep);
-                state.idle = kept;
+                let (kept, expired) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|i| now.saturating_duration_since(i.since) < self.idle_timeout);
+                *idle = kept;
                 expired
             };
-            // Dropped outside the lock: each drop ends a connection task.
+            // Closed outside the lock; each frees its slot.
             drop(expired);
         }
     }
-}
-
-/// The result of one attempt on one connection. The unsent request comes
-/// back by value (boxing it would cost an allocation on every visit).
-#[allow(clippy::large_enum_variant)]
-enum Exchange {
-    Done(Outcome),
-    Unsent(Request<Empty<Bytes>>),
 }
 
 fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
