@@ -347,7 +347,7 @@ async fn tagged_load(
     public: SocketAddr,
     clients: usize,
     run_for: Duration,
-) -> Vec<(String, StatusCode, Instant)> {
+) -> Vec<(String, StatusCode, Instant, Instant)> {
     let deadline = Instant::now() + run_for;
     let mut tasks = tokio::task::JoinSet::new();
     for client_index in 0..clients {
@@ -362,11 +362,12 @@ async fn tagged_load(
                 visit
                     .headers_mut()
                     .insert("x-forwarded-for", tag.parse().unwrap());
+                let sent = Instant::now();
                 let answer = client
                     .send(visit)
                     .await
                     .expect("the gateway always answers");
-                results.push((tag, answer.status, Instant::now()));
+                results.push((tag, answer.status, sent, Instant::now()));
             }
             results
         });
@@ -407,12 +408,12 @@ async fn upstream_restarted_mid_load_recovers_within_a_second(backend: Backend) 
     let restarted = Instant::now();
     let results = load.await.unwrap();
 
-    for (tag, status, at) in &results {
+    for (tag, status, sent, done) in &results {
         assert!(
             *status == StatusCode::OK || *status == StatusCode::BAD_GATEWAY,
             "{tag}: {status}"
         );
-        if *at > stopped + Duration::from_millis(50) && *at < restarted {
+        if *sent > stopped + Duration::from_millis(50) && *done < restarted {
             assert_eq!(
                 *status,
                 StatusCode::BAD_GATEWAY,
@@ -422,8 +423,8 @@ async fn upstream_restarted_mid_load_recovers_within_a_second(backend: Backend) 
     }
     let first_ok_after = results
         .iter()
-        .filter(|(_, status, at)| *at > restarted && *status == StatusCode::OK)
-        .map(|(_, _, at)| *at)
+        .filter(|(_, status, _, done)| *done > restarted && *status == StatusCode::OK)
+        .map(|(_, _, _, done)| *done)
         .min()
         .expect("200s again after the restart");
     let recovery = first_ok_after - restarted;
@@ -435,13 +436,13 @@ async fn upstream_restarted_mid_load_recovers_within_a_second(backend: Backend) 
     assert!(
         !results
             .iter()
-            .any(|(_, s, at)| *at > first_ok_after && *s == StatusCode::BAD_GATEWAY),
-        "502s after recovery"
+            .any(|(_, s, sent, _)| *sent > first_ok_after && *s == StatusCode::BAD_GATEWAY),
+        "502s for visits sent after recovery"
     );
 
     // Count: every 200 received exactly once; no visit received twice.
     let seen = received(&upstream);
-    for (tag, status, _) in &results {
+    for (tag, status, _, _) in &results {
         let times = seen.get(tag).copied().unwrap_or(0);
         assert!(times <= 1, "{tag} reached the upstream {times} times");
         if *status == StatusCode::OK {
@@ -456,7 +457,7 @@ async fn flaky_upstream_never_receives_a_visit_twice(backend: Backend) {
     let results = tagged_load(gateway.addr("public"), 4, Duration::from_millis(1500)).await;
     let seen = received(&upstream);
     let (mut ok, mut failed) = (0, 0);
-    for (tag, status, _) in &results {
+    for (tag, status, _, _) in &results {
         let times = seen.get(tag).copied().unwrap_or(0);
         assert!(times <= 1, "{tag} reached the upstream {times} times");
         match *status {
@@ -472,7 +473,8 @@ async fn flaky_upstream_never_receives_a_visit_twice(backend: Backend) {
     eprintln!("{}: {ok} ok, {failed} lost to resets", backend.name());
     assert!(ok > 50 && failed > 0, "{ok} ok, {failed} failed");
     // Nothing reached the upstream that the clients did not send.
-    let sent: std::collections::HashSet<&String> = results.iter().map(|(tag, _, _)| tag).collect();
+    let sent: std::collections::HashSet<&String> =
+        results.iter().map(|(tag, _, _, _)| tag).collect();
     assert!(
         seen.keys().all(|tag| sent.contains(tag)),
         "unknown visits upstream"
