@@ -10,9 +10,9 @@ use http::StatusCode;
 
 async fn metrics_equal_the_traffic_sent(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let mut config = GatewayConfig::new(backend, upstream.addr);
-    config.admin = true;
-    let gateway = config.start();
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .with_admin()
+        .start();
     let public = gateway.addr("public");
     let admin = gateway.addr("admin");
 

@@ -35,9 +35,9 @@ impl Lcg {
 
 async fn bad_inputs_get_their_status_and_the_gateway_serves_on(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let mut config = GatewayConfig::new(backend, upstream.addr);
-    config.admin = true;
-    let gateway = config.start();
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .with_admin()
+        .start();
     let public = gateway.addr("public");
     let admin = gateway.addr("admin");
 

@@ -192,6 +192,12 @@ impl GatewayConfig {
         self
     }
 
+    /// Also serve the admin listener.
+    pub fn with_admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
     pub fn upstream(mut self, lines: &str) -> Self {
         self.upstream_extra.push_str(lines);
         self.upstream_extra.push('\n');
