@@ -49,20 +49,22 @@ impl Future for SmolSleep {
 /// hyper hands a reader uninitialised memory; futures-io readers want
 /// initialised memory, and zeroing hyper's whole read buffer before every
 /// read (what a generic adapter must do without `unsafe`) cost more than
-/// the rest of a request in profiles. Instead each stream reads into its
-/// own small buffer, zeroed once, and copies what arrived.
+/// the rest of a request in profiles. Instead reads land in a per-thread
+/// buffer, zeroed once, and what arrived is copied; a per-stream buffer
+/// would cost every idle connection 4 KiB.
 pub struct SmolStream {
     io: Async<TcpStream>,
-    scratch: Box<[u8]>,
 }
 
 impl SmolStream {
     fn new(io: Async<TcpStream>) -> Self {
-        Self {
-            io,
-            scratch: vec![0; 4096].into_boxed_slice(),
-        }
+        Self { io }
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
 }
 
 impl hyper::rt::Read for SmolStream {
@@ -71,11 +73,13 @@ impl hyper::rt::Read for SmolStream {
         cx: &mut Context<'_>,
         mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let len = buf.remaining().min(this.scratch.len());
-        let n = ready!(Pin::new(&mut this.io).poll_read(cx, &mut this.scratch[..len]))?;
-        buf.put_slice(&this.scratch[..n]);
-        Poll::Ready(Ok(()))
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let len = buf.remaining().min(scratch.len());
+            let n = ready!(Pin::new(&mut self.io).poll_read(cx, &mut scratch[..len]))?;
+            buf.put_slice(&scratch[..n]);
+            Poll::Ready(Ok(()))
+        })
     }
 }
 
