@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use backends::Runtime;
+use http::HeaderMap;
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -63,12 +64,13 @@ impl<R: Runtime> Service for Forward<R> {
         let Some(with_body) = get_or_head(request.method()) else {
             return method_not_allowed("GET, HEAD");
         };
-        let forwarded_for = forwarded_for(&request, peer);
-        // The request (and its body, unread) is dropped before the upstream
-        // round trip: nothing of it is needed any more.
-        drop(request);
         let started = Instant::now();
-        let outcome = self.upstream.register_visit(&forwarded_for, started).await;
+        // The header is written straight into the upstream request's buffer.
+        let headers = request.headers();
+        let outcome = self
+            .upstream
+            .register_visit(|out| write_forwarded_for(out, headers, peer), started)
+            .await;
         self.metrics.record_upstream(outcome, started.elapsed());
         self.answer(outcome, with_body)
     }
@@ -78,19 +80,17 @@ impl<R: Runtime> Service for Forward<R> {
 /// with the client's address appended; IPv4-mapped IPv6 written as IPv4.
 /// Received values are visible ASCII (hyper refused CR, LF and NUL; other
 /// values are skipped), so the result is safe to write into a request head.
-fn forwarded_for<B>(request: &Request<B>, peer: SocketAddr) -> Vec<u8> {
-    let mut value = Vec::with_capacity(48);
-    for received in request.headers().get_all("x-forwarded-for") {
+fn write_forwarded_for(out: &mut Vec<u8>, headers: &HeaderMap, peer: SocketAddr) {
+    for received in headers.get_all("x-forwarded-for") {
         if let Ok(received) = received.to_str() {
             let received = received.trim();
             if !received.is_empty() {
-                value.extend_from_slice(received.as_bytes());
-                value.extend_from_slice(b", ");
+                out.extend_from_slice(received.as_bytes());
+                out.extend_from_slice(b", ");
             }
         }
     }
-    write_ip(&mut value, peer.ip().to_canonical());
-    value
+    write_ip(out, peer.ip().to_canonical());
 }
 
 /// Writes an address as text; IPv4 by hand, as `fmt` costs more than the
@@ -125,6 +125,12 @@ fn leak(text: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forwarded_for<B>(request: &Request<B>, peer: SocketAddr) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_forwarded_for(&mut out, request.headers(), peer);
+        out
+    }
 
     #[test]
     fn forwarded_for_appends_canonical_client() {

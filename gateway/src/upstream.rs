@@ -134,14 +134,18 @@ impl<R: Runtime> Upstream<R> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers one visit, which began at `started`: one POST carrying
-    /// `forwarded_for` (the complete `x-forwarded-for` value), unless the
-    /// pool is saturated.
-    pub async fn register_visit(&'static self, forwarded_for: &[u8], started: Instant) -> Outcome {
+    /// Registers one visit, which began at `started`: one POST whose
+    /// `x-forwarded-for` value `forwarded_for` writes, unless the pool is
+    /// saturated.
+    pub async fn register_visit(
+        &'static self,
+        forwarded_for: impl FnOnce(&mut Vec<u8>),
+        started: Instant,
+    ) -> Outcome {
         let deadline = started + self.request_timeout;
-        let mut request = Vec::with_capacity(self.request_head.len() + forwarded_for.len() + 4);
+        let mut request = Vec::with_capacity(self.request_head.len() + 64);
         request.extend_from_slice(&self.request_head);
-        request.extend_from_slice(forwarded_for);
+        forwarded_for(&mut request);
         request.extend_from_slice(b"\r\n\r\n");
 
         let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {

@@ -505,19 +505,12 @@ impl TestUpstream {
                         return;
                     }
                     if behaviour == Behaviour::CloseMidResponse {
-                        let mut stream = stream;
-                        let mut buf = [0u8; 1024];
-                        let _ = stream.read(&mut buf).await;
-                        state.posts.fetch_add(1, Ordering::SeqCst);
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
+                        answer_raw_and_close(stream, &state, b"HTTP/1.1 200 OK\r\ncontent-le").await;
                         return;
                     }
                     if behaviour == Behaviour::Garbage {
-                        let mut stream = stream;
-                        let mut buf = [0u8; 1024];
-                        let _ = stream.read(&mut buf).await;
-                        state.posts.fetch_add(1, Ordering::SeqCst);
-                        let _ = stream.write_all(b"\x00\x01garbage, not HTTP\r\n\r\n").await;
+                        answer_raw_and_close(stream, &state, b"\x00\x01garbage, not HTTP\r\n\r\n")
+                            .await;
                         return;
                     }
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -610,6 +603,14 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
     let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     response
+}
+
+/// Reads a request, counts it, answers `reply` (whatever it is) and closes.
+async fn answer_raw_and_close(mut stream: TcpStream, state: &UpstreamState, reply: &[u8]) {
+    let mut buf = [0u8; 1024];
+    let _ = stream.read(&mut buf).await;
+    state.posts.fetch_add(1, Ordering::SeqCst);
+    let _ = stream.write_all(reply).await;
 }
 
 /// The `Flaky` behaviour, over raw bytes so that it can reset a connection
