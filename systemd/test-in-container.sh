@@ -35,7 +35,7 @@ cleanup() {
     kill "$nspawn_pid" 2>/dev/null || true
     wait "$nspawn_pid" 2>/dev/null || true
   fi
-  rm -rf "$root"
+  rm -rf "$root" "$root.console.log"
 }
 trap cleanup EXIT
 cp -a "$base/." "$root/"
@@ -51,9 +51,13 @@ echo "== boot"
 systemd-nspawn -D "$root" --register=no --keep-unit --private-network \
   --console=pipe -b </dev/null >"$root.console.log" 2>&1 &
 nspawn_pid=$!
+# The container's init is the child of systemd-nspawn that has exec'ed
+# systemd. Not just any child: nspawn first forks an "outer child" that sets
+# up the namespaces and exits, and picking it up leaves a PID that is gone a
+# moment later.
 leader=
 for _ in $(seq 100); do
-  leader=$(pgrep -P "$nspawn_pid" | head -n1 || true)
+  leader=$(pgrep -P "$nspawn_pid" -x systemd | head -n1 || true)
   [ -n "$leader" ] && break
   sleep 0.1
 done
@@ -65,6 +69,10 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 echo "system state: $state"
+case "$state" in
+  running|degraded) ;;
+  *) echo "the container's systemd did not come up"; tail -n 40 "$root.console.log"; exit 1 ;;
+esac
 
 fail() { echo "FAIL: $*"; in_container journalctl -u gateway --no-pager | tail -30; exit 1; }
 
