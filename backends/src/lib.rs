@@ -26,6 +26,15 @@ mod tokio;
 pub use crate::smol::Smol;
 pub use crate::tokio::Tokio;
 
+/// A connected TCP stream as the gateway uses it: hyper's IO traits, plus
+/// the one question a connection pool asks of an idle stream.
+pub trait Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {
+    /// Whether a kept-alive stream that nothing is expected on can still
+    /// carry a request: the peer has not closed or reset it and has sent
+    /// nothing unasked. Never waits.
+    fn is_reusable(&mut self) -> bool;
+}
+
 /// The listen backlog the gateway asks for when it binds a socket itself;
 /// the kernel caps it at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: i32 = 65535;
@@ -42,7 +51,7 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     /// A listening TCP socket registered with this runtime's reactor.
     type Listener: Send + Sync + 'static;
     /// A connected TCP stream, in hyper's IO vocabulary.
-    type Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static;
+    type Stream: Stream;
     /// The timer hyper uses for its own timeouts.
     type Timer: hyper::rt::Timer + Clone + Send + Sync + 'static;
     /// A future that completes at a given instant.

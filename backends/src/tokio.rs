@@ -12,6 +12,18 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::Runtime;
 
+/// tokio's readiness is edge-triggered and tracked for every registered
+/// stream, so an idle stream's FIN or RST has already marked it readable:
+/// `try_read` only makes a syscall when something arrived.
+impl crate::Stream for TokioIo<tokio::net::TcpStream> {
+    fn is_reusable(&mut self) -> bool {
+        matches!(
+            self.inner().try_read(&mut [0; 1]),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+}
+
 /// Runs the gateway on tokio's work-stealing multi-thread scheduler.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tokio;

@@ -13,10 +13,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Waker};
 
 use futures_lite::future::poll_fn;
-use hyper::rt::{Read, ReadBuf, Write};
+use hyper::rt::ReadBuf;
 
 /// Most bytes an answer's head may take; the counter's is ~40.
 const MAX_HEAD: usize = 16 * 1024;
@@ -42,7 +41,7 @@ pub enum Exchange {
     Failed(io::Error),
 }
 
-impl<S: Read + Write + Unpin> Connection<S> {
+impl<S: backends::Stream> Connection<S> {
     pub fn new(stream: S) -> Self {
         Self {
             stream,
@@ -52,19 +51,11 @@ impl<S: Read + Write + Unpin> Connection<S> {
         }
     }
 
-    /// Whether an idle connection can still be used: the upstream has not
-    /// closed it and has not sent anything unasked. Never waits.
+    /// Whether an idle connection can still be used: nothing is left
+    /// unread, and the upstream has not closed it or sent anything unasked.
+    /// Never waits.
     pub fn is_usable(&mut self) -> bool {
-        if self.start != self.end {
-            return false;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut probe = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut probe);
-        // Ready means end of stream, unasked bytes, or an error: all fatal.
-        Pin::new(&mut self.stream)
-            .poll_read(&mut cx, buf.unfilled())
-            .is_pending()
+        self.start == self.end && self.stream.is_reusable()
     }
 
     /// Sends `request` (one complete message) and reads the answer.
