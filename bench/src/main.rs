@@ -49,6 +49,11 @@ struct Options {
     /// omission); without it, closed loop.
     #[arg(long)]
     rate: Option<f64>,
+    /// Repeat every measurement this many times, the targets in a rotated
+    /// order each round; the table shows each row's median round. On a
+    /// shared, noisy host one round can move a row by 20%.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Add a reference row: `nginx`.
     #[arg(long)]
     reference: Option<String>,
@@ -101,6 +106,9 @@ fn run(options: &Options) -> Result<bool, String> {
             return Err(format!("--reference: `{reference}` is not nginx"));
         }
     }
+    if options.rounds == 0 {
+        return Err("--rounds must be 1 or more".to_owned());
+    }
     if options.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err("--rate must be above 0".to_owned());
     }
@@ -151,6 +159,7 @@ fn run(options: &Options) -> Result<bool, String> {
         duration_s: options.duration.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
         rate: options.rate,
+        rounds: options.rounds,
         rows,
     };
     print!("{}", report::table(&report));
@@ -201,33 +210,46 @@ fn measure_local(
     if nginx.is_some() {
         targets.push("nginx".to_owned());
     }
-    let total_runs = targets.len() * options.connections.len();
+    let total_runs = options.rounds * targets.len() * options.connections.len();
     let mut run_index = 0;
     let mut rows = Vec::new();
-    for target in &targets {
-        let server = match (target.as_str(), &nginx) {
-            ("nginx", Some(nginx)) => {
-                procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, out)?
+    for round in 1..=options.rounds {
+        // Rotated, so that no target always runs first (or last) in a
+        // round while the host's load drifts.
+        let mut order = targets.clone();
+        order.rotate_left((round - 1) % targets.len());
+        for target in &order {
+            let server = match (target.as_str(), &nginx) {
+                ("nginx", Some(nginx)) => {
+                    procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, out)?
+                }
+                _ => procs::start_gateway(
+                    &binary,
+                    &layout.gateway,
+                    target,
+                    workers,
+                    counter.addr,
+                    out,
+                )?,
+            };
+            for &connections in &options.connections {
+                run_index += 1;
+                let progress = format!("[{run_index}/{total_runs}] {target}");
+                let mut row = measure(
+                    options,
+                    layout,
+                    target,
+                    workers,
+                    server.addr,
+                    Some(counter.addr),
+                    connections,
+                    &progress,
+                )?;
+                row.round = round;
+                rows.push(row);
             }
-            _ => {
-                procs::start_gateway(&binary, &layout.gateway, target, workers, counter.addr, out)?
-            }
-        };
-        for &connections in &options.connections {
-            run_index += 1;
-            let progress = format!("[{run_index}/{total_runs}] {target}");
-            rows.push(measure(
-                options,
-                layout,
-                target,
-                workers,
-                server.addr,
-                Some(counter.addr),
-                connections,
-                &progress,
-            )?);
+            server.stop();
         }
-        server.stop();
     }
     counter.stop();
     Ok(rows)
@@ -286,6 +308,7 @@ fn measure(
         ok_total: result.ok_total,
         tally_delta,
         wrk_requests_per_second: wrk,
+        round: 1,
     };
     eprintln!(
         "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",

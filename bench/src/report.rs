@@ -29,6 +29,8 @@ pub struct Row {
     pub tally_delta: Option<u64>,
     /// wrk's requests/s on the same target and CPUs, with `--wrk`.
     pub wrk_requests_per_second: Option<f64>,
+    /// Which of the `--rounds` this row was measured in, from 1.
+    pub round: usize,
 }
 
 /// Everything `results.json` holds.
@@ -41,7 +43,64 @@ pub struct Report {
     pub warmup_s: f64,
     /// Open-loop rate, if one was set.
     pub rate: Option<f64>,
+    pub rounds: usize,
+    /// Every measurement, of every round.
     pub rows: Vec<Row>,
+}
+
+/// One target at one concurrency level, over all its rounds.
+pub struct Summary<'a> {
+    /// The round with the median requests/s.
+    pub median: &'a Row,
+    pub lowest: f64,
+    pub highest: f64,
+    /// Over every round.
+    pub errors: u64,
+    pub count_ok: Option<bool>,
+}
+
+impl Report {
+    /// One summary per target and concurrency level, in the order first
+    /// measured.
+    pub fn summaries(&self) -> Vec<Summary<'_>> {
+        let mut keys: Vec<(&str, usize)> = Vec::new();
+        for row in &self.rows {
+            let key = (row.target.as_str(), row.connections);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        keys.into_iter()
+            .filter_map(|(target, connections)| {
+                let mut rounds: Vec<&Row> = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.target == target && r.connections == connections)
+                    .collect();
+                rounds.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+                let count_ok = rounds
+                    .iter()
+                    .map(|r| r.count_ok)
+                    .reduce(|a, b| Some(a? && b?))
+                    .flatten();
+                Some(Summary {
+                    median: rounds[rounds.len() / 2],
+                    lowest: rounds.first()?.requests_per_second,
+                    highest: rounds.last()?.requests_per_second,
+                    errors: rounds.iter().map(|r| r.errors).sum(),
+                    count_ok,
+                })
+            })
+            .collect()
+    }
+
+    /// nginx's median requests/s at `connections`, when it was measured.
+    fn nginx_at(&self, connections: usize) -> Option<f64> {
+        self.summaries()
+            .into_iter()
+            .find(|s| s.median.target == "nginx" && s.median.connections == connections)
+            .map(|s| s.median.requests_per_second)
+    }
 }
 
 fn ms(us: u64) -> String {
@@ -55,12 +114,16 @@ pub fn table(report: &Report) -> String {
         .rows
         .iter()
         .any(|r| r.wrk_requests_per_second.is_some());
+    let with_nginx = report.rows.iter().any(|r| r.target == "nginx");
+    let with_rounds = report.rounds > 1;
     out.push_str(&format!(
-        "{:<7} {:>7} {:>11} {:>12} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+        "{:<7} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
         "backend",
         "workers",
         "connections",
         "requests/s",
+        if with_nginx { " vs nginx" } else { "" },
+        if with_rounds { "   rounds' range" } else { "" },
         "p50",
         "p99",
         "p99.9",
@@ -68,23 +131,36 @@ pub fn table(report: &Report) -> String {
         "count ok",
         if with_wrk { "     wrk req/s" } else { "" }
     ));
-    for row in &report.rows {
+    for summary in report.summaries() {
+        let row = summary.median;
         let wrk = match (with_wrk, row.wrk_requests_per_second) {
             (true, Some(rps)) => format!(" {rps:>13.0}"),
             (true, None) => format!(" {:>13}", "-"),
             (false, _) => String::new(),
         };
+        let vs_nginx = match (with_nginx, report.nginx_at(row.connections)) {
+            (true, Some(nginx)) => format!(" {:>8.2}x", row.requests_per_second / nginx),
+            (true, None) => format!(" {:>9}", "-"),
+            (false, _) => String::new(),
+        };
+        let range = if with_rounds {
+            format!(" {:>15}", format!("{:.0}-{:.0}", summary.lowest, summary.highest))
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "{:<7} {:>7} {:>11} {:>12.0} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+            "{:<7} {:>7} {:>11} {:>12.0}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
             row.target,
             row.workers,
             row.connections,
             row.requests_per_second,
+            vs_nginx,
+            range,
             ms(row.p50_us),
             ms(row.p99_us),
             ms(row.p999_us),
-            row.errors,
-            match row.count_ok {
+            summary.errors,
+            match summary.count_ok {
                 Some(true) => "yes",
                 Some(false) => "NO",
                 None => "n/a",
@@ -177,13 +253,14 @@ fn panel(
     y_format: &dyn Fn(&f64) -> String,
     legend: SeriesLabelPosition,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let medians: Vec<&Row> = report.summaries().into_iter().map(|s| s.median).collect();
     let mut targets: Vec<&str> = Vec::new();
-    for row in &report.rows {
+    for row in &medians {
         if !targets.contains(&row.target.as_str()) {
             targets.push(&row.target);
         }
     }
-    let y_max = report.rows.iter().map(value).fold(0.001, f64::max) * 1.15;
+    let y_max = medians.iter().map(|r| value(r)).fold(0.001, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))
         .margin(12)
@@ -200,8 +277,7 @@ fn panel(
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (i, target) in targets.iter().enumerate() {
         let color = palette[i % palette.len()];
-        let points: Vec<(f64, f64)> = report
-            .rows
+        let points: Vec<(f64, f64)> = medians
             .iter()
             .filter(|r| r.target == *target)
             .map(|r| (r.connections as f64, value(r)))
