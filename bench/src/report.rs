@@ -144,7 +144,10 @@ pub fn table(report: &Report) -> String {
             (false, _) => String::new(),
         };
         let range = if with_rounds {
-            format!(" {:>15}", format!("{:.0}-{:.0}", summary.lowest, summary.highest))
+            format!(
+                " {:>15}",
+                format!("{:.0}-{:.0}", summary.lowest, summary.highest)
+            )
         } else {
             String::new()
         };
