@@ -50,7 +50,8 @@ pub struct Report {
 
 /// One target at one concurrency level, over all its rounds.
 pub struct Summary<'a> {
-    /// The round with the median requests/s.
+    /// The round with the median requests/s (the higher of the middle two
+    /// for an even count of rounds).
     pub median: &'a Row,
     pub lowest: f64,
     pub highest: f64,
@@ -93,14 +94,6 @@ impl Report {
             })
             .collect()
     }
-
-    /// nginx's median requests/s at `connections`, when it was measured.
-    fn nginx_at(&self, connections: usize) -> Option<f64> {
-        self.summaries()
-            .into_iter()
-            .find(|s| s.median.target == "nginx" && s.median.connections == connections)
-            .map(|s| s.median.requests_per_second)
-    }
 }
 
 fn ms(us: u64) -> String {
@@ -131,14 +124,21 @@ pub fn table(report: &Report) -> String {
         "count ok",
         if with_wrk { "     wrk req/s" } else { "" }
     ));
-    for summary in report.summaries() {
+    let summaries = report.summaries();
+    let nginx_at = |connections| {
+        summaries
+            .iter()
+            .find(|s| s.median.target == "nginx" && s.median.connections == connections)
+            .map(|s| s.median.requests_per_second)
+    };
+    for summary in &summaries {
         let row = summary.median;
         let wrk = match (with_wrk, row.wrk_requests_per_second) {
             (true, Some(rps)) => format!(" {rps:>13.0}"),
             (true, None) => format!(" {:>13}", "-"),
             (false, _) => String::new(),
         };
-        let vs_nginx = match (with_nginx, report.nginx_at(row.connections)) {
+        let vs_nginx = match (with_nginx, nginx_at(row.connections)) {
             (true, Some(nginx)) => format!(" {:>8.2}x", row.requests_per_second / nginx),
             (true, None) => format!(" {:>9}", "-"),
             (false, _) => String::new(),
