@@ -29,6 +29,12 @@ pub use crate::tokio::Tokio;
 /// A connected TCP stream as the gateway uses it: hyper's IO traits, plus
 /// the one question a connection pool asks of an idle stream.
 pub trait Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {
+    /// The stream goes idle with nothing expected on it (into a pool):
+    /// from now on, anything arriving on it should be noticed, for
+    /// [`Stream::is_reusable`]. A runtime whose reactor already watches
+    /// every stream has nothing to do.
+    fn watch_while_idle(&mut self) {}
+
     /// Whether a kept-alive stream that nothing is expected on can still
     /// carry a request: the peer has not closed or reset it and has sent
     /// nothing unasked. Never waits.

@@ -14,7 +14,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Instant;
 
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker, ready};
 
 use futures_lite::{AsyncWrite, StreamExt};
 use smol::{Async, Executor, Timer};
@@ -64,6 +66,8 @@ pub struct SmolStream {
     /// False once a read came back short or would block, until async-io
     /// reports the socket readable again.
     may_be_readable: bool,
+    /// For a stream in a pool: set when something arrives while it idles.
+    arrived: Option<Arc<Arrived>>,
 }
 
 impl SmolStream {
@@ -71,6 +75,7 @@ impl SmolStream {
         Self {
             io,
             may_be_readable: true,
+            arrived: None,
         }
     }
 }
@@ -119,15 +124,56 @@ impl hyper::rt::Read for SmolStream {
     }
 }
 
-/// async-io's reactor only watches a stream while a task waits on it, so
-/// nothing has noticed what arrived on an idle one: ask the socket.
+/// async-io's reactor only watches a stream while a task waits on it, with
+/// one-shot interest, so nothing notices what arrives on an idle pooled
+/// stream unless it is armed for it. It is armed with a waker that only
+/// raises a flag: the next event (a FIN, a reset, bytes nobody asked for)
+/// sets it, and checking it costs no syscall. The waker is what counts:
+/// `poll_readable`'s own "an event came since" answer can miss an event
+/// delivered by a reactor turn that began before the arming (measured: a
+/// closed connection taken as usable). The exchange that reuses the stream
+/// finds the interest still armed and replaces the waker with its own.
 impl crate::Stream for SmolStream {
+    fn watch_while_idle(&mut self) {
+        if self.may_be_readable {
+            return; // `is_reusable` asks the socket
+        }
+        let arrived = self.arrived.get_or_insert_with(Default::default);
+        arrived.0.store(false, Ordering::Release);
+        let waker = Waker::from(arrived.clone());
+        if self
+            .io
+            .poll_readable(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            self.may_be_readable = true;
+        }
+    }
+
     fn is_reusable(&mut self) -> bool {
+        if let (false, Some(arrived)) = (self.may_be_readable, &self.arrived) {
+            return !arrived.0.load(Ordering::Acquire);
+        }
+        // Not drained, or not watched: ask the socket.
         let mut probe = [std::mem::MaybeUninit::uninit(); 1];
         matches!(
             socket2::SockRef::from(self.io.get_ref()).peek(&mut probe),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock
         )
+    }
+}
+
+/// Raised by async-io when an idle stream's armed interest fires.
+#[derive(Default)]
+struct Arrived(AtomicBool);
+
+impl Wake for Arrived {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

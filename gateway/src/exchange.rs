@@ -58,6 +58,11 @@ impl<S: backends::Stream> Connection<S> {
         self.start == self.end && self.stream.is_reusable()
     }
 
+    /// The connection goes back to the pool; see [`backends::Stream::watch_while_idle`].
+    pub fn watch_while_idle(&mut self) {
+        self.stream.watch_while_idle();
+    }
+
     /// Sends `request` (one complete message) and reads the answer.
     pub async fn exchange(&mut self, request: &[u8]) -> Exchange {
         let mut written = 0;

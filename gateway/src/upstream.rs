@@ -324,7 +324,8 @@ impl<R: Runtime> Upstream<R> {
     }
 
     /// Returns a connection that just finished an exchange cleanly.
-    fn check_in(&self, conn: Conn<R>) {
+    fn check_in(&self, mut conn: Conn<R>) {
+        conn.connection.watch_while_idle();
         self.idle().push(Idle {
             conn,
             since: Instant::now(),
