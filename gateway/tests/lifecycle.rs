@@ -114,8 +114,18 @@ async fn connections_over_the_cap_wait_in_the_backlog(backend: Backend) {
 }
 
 async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
+    sigterm_with_100_visits_in_flight(backend, 2).await;
+}
+
+async fn sigterm_on_one_worker_answers_requests_in_flight(backend: Backend) {
+    sigterm_with_100_visits_in_flight(backend, 1).await;
+}
+
+async fn sigterm_with_100_visits_in_flight(backend: Backend, workers: usize) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(700))).await;
-    let mut gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let mut gateway = GatewayConfig::new(backend, upstream.addr)
+        .workers(workers)
+        .start();
     let addr = gateway.addr("public");
 
     // Idle keep-alive connections, to be closed at once.
@@ -169,4 +179,5 @@ both_backends!(
     silent_and_slow_clients_are_closed_at_the_header_timeout,
     connections_over_the_cap_wait_in_the_backlog,
     sigterm_answers_requests_in_flight_and_exits_0,
+    sigterm_on_one_worker_answers_requests_in_flight,
 );

@@ -9,9 +9,19 @@ use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, start_coun
 use http::StatusCode;
 
 async fn counting_is_exact_under_concurrency(backend: Backend) {
+    count_200_clients_times_50_visits(backend, 2).await;
+}
+
+async fn counting_is_exact_on_one_worker(backend: Backend) {
+    count_200_clients_times_50_visits(backend, 1).await;
+}
+
+async fn count_200_clients_times_50_visits(backend: Backend, workers: usize) {
     let counter = start_counter(backend);
     let counter_addr = counter.addr("counter");
-    let gateway = GatewayConfig::new(backend, counter_addr).start();
+    let gateway = GatewayConfig::new(backend, counter_addr)
+        .workers(workers)
+        .start();
     let addr = gateway.addr("public");
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..200 {
@@ -268,6 +278,7 @@ both_backends!(
     idle_pooled_connections_are_closed,
     stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,
+    counting_is_exact_on_one_worker,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,
     upstream_down_gives_502_then_recovers_within_a_second,

@@ -171,6 +171,9 @@ pub struct GatewayConfig {
     pub counter: bool,
     /// Serve the admin listener.
     pub admin: bool,
+    /// `runtime.workers`: 2 unless a test asks for the one-worker setup,
+    /// which tokio runs on its single-threaded scheduler.
+    pub workers: usize,
 }
 
 impl GatewayConfig {
@@ -183,7 +186,13 @@ impl GatewayConfig {
             upstream_extra: String::new(),
             counter: false,
             admin: false,
+            workers: 2,
         }
+    }
+
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
     }
 
     pub fn server(mut self, lines: &str) -> Self {
@@ -217,8 +226,9 @@ impl GatewayConfig {
             counter.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
         }
         format!(
-            "[runtime]\nbackend = \"{}\"\nworkers = 2\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
+            "[runtime]\nbackend = \"{}\"\nworkers = {}\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
             self.backend.name(),
+            self.workers,
             self.listen,
             self.server,
             self.upstream,
