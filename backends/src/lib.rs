@@ -1,7 +1,8 @@
 //! The runtime seam of the gateway.
 //!
 //! Everything the gateway needs from an async runtime fits in one trait,
-//! [`Runtime`]: run a future on N worker threads, spawn tasks, adopt a bound
+//! [`Runtime`]: run a future on N worker threads (sharing one scheduler,
+//! or one scheduler each: [`Threading`]), spawn tasks, adopt a bound
 //! TCP listener and accept from it, connect, sleep until an instant, hand
 //! hyper a timer, and wait for SIGTERM/SIGINT. The gateway is generic over
 //! it (`run::<Tokio>` / `run::<Smol>`), so the hot path is monomorphic and
@@ -41,6 +42,22 @@ pub trait Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {
     fn is_reusable(&mut self) -> bool;
 }
 
+/// How a runtime spreads tasks over its worker threads
+/// (`runtime.threading` in the gateway's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threading {
+    /// One scheduler for every worker: any worker runs any task, and idle
+    /// workers take work from busy ones (tokio's work stealing, smol's
+    /// shared executor).
+    #[default]
+    Shared,
+    /// One single-threaded scheduler per worker: a task runs on the worker
+    /// that spawned it, or the one [`Runtime::spawn_on`] named, and never
+    /// moves. Nothing is shared on the way through a task; nothing
+    /// rebalances a worker that has more than its share.
+    PerCore,
+}
+
 /// The listen backlog the gateway asks for when it binds a socket itself;
 /// the kernel caps it at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: i32 = 65535;
@@ -64,15 +81,26 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     type Sleep: Future<Output = ()> + Send + 'static;
 
     /// Runs `main` to completion with `workers` threads executing spawned
-    /// tasks, and returns its output. Tasks still running when `main`
-    /// returns are abandoned.
-    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    /// tasks, spread as `threading` says, and returns its output. With
+    /// [`Threading::PerCore`], `main` runs on worker 0. Tasks still running
+    /// when `main` returns are abandoned. Call it once per process.
+    fn block_on<F>(workers: usize, threading: Threading, main: F) -> io::Result<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static;
 
-    /// Spawns a detached task onto the running runtime.
+    /// Spawns a detached task onto the running runtime: with
+    /// [`Threading::PerCore`], onto the calling worker's own scheduler.
     fn spawn<F>(task: F)
+    where
+        F: Future<Output = ()> + Send + 'static;
+
+    /// Spawns a detached task onto worker `worker` (modulo the number of
+    /// workers) with [`Threading::PerCore`]; like [`Runtime::spawn`] with
+    /// [`Threading::Shared`], where any worker may run it. The task is
+    /// first polled on that worker, so what it registers with the reactor
+    /// (an adopted listener, say) belongs to that worker.
+    fn spawn_on<F>(worker: usize, task: F)
     where
         F: Future<Output = ()> + Send + 'static;
 

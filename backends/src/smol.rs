@@ -1,10 +1,11 @@
 //! The smol backend: one shared `async-executor` driven by `workers`
-//! threads, async-io's reactor and timers, smol-hyper's timer, and a small
-//! adapter from futures-io streams to hyper's IO traits. No tokio runtime
-//! exists in this mode.
+//! threads (per core: one executor per worker thread), async-io's reactor
+//! and timers, smol-hyper's timer, and a small adapter from futures-io
+//! streams to hyper's IO traits. No tokio runtime exists in this mode.
 //!
-//! The executor is a process-wide static so that [`Runtime::spawn`] can
-//! reach it from anywhere, as `tokio::spawn` reaches tokio's. async-io runs
+//! The shared executor is a process-wide static so that
+//! [`Runtime::spawn`] can reach it from anywhere, as `tokio::spawn`
+//! reaches tokio's; a per-core worker finds its own in a thread-local. async-io runs
 //! its reactor on whichever thread is blocked waiting, or on its own
 //! "async-io" thread when none is.
 
@@ -13,16 +14,17 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Instant;
 
+use std::cell::Cell;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Wake, Waker, ready};
 
 use futures_lite::{AsyncWrite, StreamExt};
 use smol::{Async, Executor, Timer};
 use smol_hyper::rt::SmolTimer;
 
-use crate::Runtime;
+use crate::{Runtime, Threading};
 
 /// The executor shared by every worker thread.
 static EXECUTOR: Executor<'static> = Executor::new();
@@ -225,16 +227,31 @@ const TASKS_PER_REACTOR_POLL: usize = 16;
 /// fallback thread would collect I/O events, and its every wake-up
 /// preempts a worker (profiled: one context switch per event batch on a
 /// single core). Yielding keeps event collection on the workers.
-async fn work() {
+async fn work(executor: &'static Executor<'static>) {
     loop {
-        EXECUTOR.tick().await;
+        executor.tick().await;
         for _ in 1..TASKS_PER_REACTOR_POLL {
-            if !EXECUTOR.try_tick() {
+            if !executor.try_tick() {
                 break;
             }
         }
         futures_lite::future::yield_now().await;
     }
+}
+
+/// The per-core workers' executors, for [`Runtime::spawn_on`]; unset with
+/// shared threading.
+static PER_CORE: OnceLock<Vec<&'static Executor<'static>>> = OnceLock::new();
+
+thread_local! {
+    /// A per-core worker's own executor; `None` elsewhere, where tasks go
+    /// to the shared one.
+    static OWN_EXECUTOR: Cell<Option<&'static Executor<'static>>> = const { Cell::new(None) };
+}
+
+/// The executor a task spawned on this thread joins.
+fn current_executor() -> &'static Executor<'static> {
+    OWN_EXECUTOR.with(Cell::get).unwrap_or(&EXECUTOR)
 }
 
 impl Runtime for Smol {
@@ -245,15 +262,35 @@ impl Runtime for Smol {
     type Timer = SmolTimer;
     type Sleep = SmolSleep;
 
-    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    fn block_on<F>(workers: usize, threading: Threading, main: F) -> io::Result<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        for index in 0..workers.max(1) {
+        // Per core, each worker drives an executor of its own; async-io's
+        // reactor stays one for the process, polled by whichever worker
+        // gets to it.
+        let executors: Vec<&'static Executor<'static>> = match threading {
+            Threading::Shared => vec![&EXECUTOR; workers.max(1)],
+            Threading::PerCore => {
+                let own: Vec<_> = (0..workers.max(1))
+                    .map(|_| &*Box::leak(Box::new(Executor::new())))
+                    .collect();
+                PER_CORE
+                    .set(own.clone())
+                    .map_err(|_| io::Error::other("the per-core workers are already running"))?;
+                own
+            }
+        };
+        for (index, &executor) in executors.iter().enumerate() {
             std::thread::Builder::new()
                 .name(format!("gateway-worker-{index}"))
-                .spawn(|| smol::block_on(work()))?;
+                .spawn(move || {
+                    if threading == Threading::PerCore {
+                        OWN_EXECUTOR.with(|own| own.set(Some(executor)));
+                    }
+                    smol::block_on(work(executor))
+                })?;
         }
         // The main thread only waits for `main`, which runs on the workers,
         // like tokio's `block_on` with its worker pool. It parks without
@@ -261,14 +298,24 @@ impl Runtime for Smol {
         // smol's): otherwise it sits in epoll_wait and every readiness
         // event costs a wake-up and a context switch to hand the work to
         // a worker. Idle workers drive the reactor themselves.
-        Ok(futures_lite::future::block_on(EXECUTOR.spawn(main)))
+        Ok(futures_lite::future::block_on(executors[0].spawn(main)))
     }
 
     fn spawn<F>(task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        EXECUTOR.spawn(task).detach();
+        current_executor().spawn(task).detach();
+    }
+
+    fn spawn_on<F>(worker: usize, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match PER_CORE.get() {
+            Some(executors) => executors[worker % executors.len()].spawn(task).detach(),
+            None => Self::spawn(task),
+        }
     }
 
     fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener> {

@@ -5,12 +5,62 @@
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::Runtime;
+use crate::{Runtime, Threading};
+
+/// The per-core workers' runtimes, for [`Runtime::spawn_on`]; unset with
+/// shared threading.
+static PER_CORE: OnceLock<Vec<tokio::runtime::Handle>> = OnceLock::new();
+
+/// `workers` current-thread runtimes, each driven by a thread of its own;
+/// `main` runs on the first, and the rest stop when it returns.
+fn per_core<F>(workers: usize, main: F) -> io::Result<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let runtimes = (0..workers)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let handles: Vec<_> = runtimes.iter().map(|r| r.handle().clone()).collect();
+    PER_CORE
+        .set(handles.clone())
+        .map_err(|_| io::Error::other("the per-core workers are already running"))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let threads = runtimes
+        .into_iter()
+        .enumerate()
+        .map(|(index, runtime)| {
+            let mut stopped = stopped.clone();
+            std::thread::Builder::new()
+                .name(format!("gateway-worker-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    })
+                })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let output = futures_lite::future::block_on(handles[0].spawn(main));
+    let _ = stop.send(true);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    match output {
+        Ok(output) => Ok(output),
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => Err(io::Error::other(error)),
+    }
+}
 
 /// tokio's readiness is edge-triggered and tracked for every registered
 /// stream, so an idle stream's FIN or RST has already marked it readable:
@@ -25,7 +75,8 @@ impl crate::Stream for TokioIo<tokio::net::TcpStream> {
 }
 
 /// Runs the gateway on tokio's work-stealing multi-thread scheduler, or on
-/// its single-threaded one when there is one worker.
+/// its single-threaded one when there is one worker; per core, on one
+/// single-threaded runtime per worker thread.
 ///
 /// One worker has no one to steal from, and the multi-thread scheduler's
 /// split between a 256-task local queue and a shared overflow queue, which
@@ -45,12 +96,16 @@ impl Runtime for Tokio {
     type Timer = TokioTimer;
     type Sleep = tokio::time::Sleep;
 
-    fn block_on<F>(workers: usize, main: F) -> io::Result<F::Output>
+    fn block_on<F>(workers: usize, threading: Threading, main: F) -> io::Result<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let runtime = if workers <= 1 {
+        let workers = workers.max(1);
+        if threading == Threading::PerCore {
+            return per_core(workers, main);
+        }
+        let runtime = if workers == 1 {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
@@ -69,6 +124,16 @@ impl Runtime for Tokio {
         F: Future<Output = ()> + Send + 'static,
     {
         tokio::spawn(task);
+    }
+
+    fn spawn_on<F>(worker: usize, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match PER_CORE.get() {
+            Some(workers) => drop(workers[worker % workers.len()].spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener> {

@@ -27,7 +27,8 @@ use crate::report::{Report, Row};
 #[derive(Debug, Parser)]
 #[command(about = "Compare the gateway's throughput across backends (and nginx) on this host.")]
 struct Options {
-    /// Backends to measure, in order.
+    /// Backends to measure, in order; `backend/per-core` runs one with
+    /// `runtime.threading = "per-core"`, e.g. `tokio,tokio/per-core`.
     #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
     backends: Vec<String>,
     /// Concurrency levels: keep-alive connections held open by the load generator.
@@ -93,9 +94,12 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<bool, String> {
-    for backend in &options.backends {
-        if backend != "tokio" && backend != "smol" {
-            return Err(format!("--backends: `{backend}` is not tokio or smol"));
+    for target in &options.backends {
+        let (backend, threading) = target.split_once('/').unwrap_or((target, "shared"));
+        if !matches!(backend, "tokio" | "smol") || !matches!(threading, "shared" | "per-core") {
+            return Err(format!(
+                "--backends: `{target}` is not tokio or smol, optionally with /shared or /per-core"
+            ));
         }
     }
     if options.connections.is_empty() || options.connections.contains(&0) {

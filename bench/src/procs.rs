@@ -128,19 +128,21 @@ pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
     start_logged("counter".to_owned(), command)
 }
 
-/// The gateway daemon on `backend`, forwarding to `counter`.
+/// The gateway daemon for `target` (a backend, or `backend/threading`,
+/// e.g. `tokio/per-core`), forwarding to `counter`.
 pub fn start_gateway(
     binary: &Path,
     cpus: &CpuList,
-    backend: &str,
+    target: &str,
     workers: usize,
     counter: SocketAddr,
     out: &Path,
 ) -> Result<Running, String> {
-    let config = out.join(format!("gateway-{backend}.toml"));
+    let (backend, threading) = target.split_once('/').unwrap_or((target, "shared"));
+    let config = out.join(format!("gateway-{}.toml", target.replace('/', "-")));
     let text = format!(
-        "# Written by the bench; identical for every backend but `backend`.\n\
-         [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\n\n\
+        "# Written by the bench; identical for every target but `backend` and `threading`.\n\
+         [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\nthreading = \"{threading}\"\n\n\
          [server]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstream]\nurl = \"http://{counter}/counter\"\n\n\
          [log]\nlevel = \"info\"\n"
@@ -148,7 +150,7 @@ pub fn start_gateway(
     std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
     let mut command = pinned(cpus, binary);
     command.arg("--config").arg(&config);
-    start_logged(backend.to_owned(), command)
+    start_logged(target.to_owned(), command)
 }
 
 /// Whether an `nginx` binary is on the PATH (or at `$NGINX`).

@@ -109,8 +109,16 @@ pub fn table(report: &Report) -> String {
         .any(|r| r.wrk_requests_per_second.is_some());
     let with_nginx = report.rows.iter().any(|r| r.target == "nginx");
     let with_rounds = report.rounds > 1;
+    // Wide enough for `tokio/per-core`; `backend` otherwise.
+    let name_width = report
+        .rows
+        .iter()
+        .map(|r| r.target.len())
+        .chain([7])
+        .max()
+        .unwrap_or(7);
     out.push_str(&format!(
-        "{:<7} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+        "{:<name_width$} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
         "backend",
         "workers",
         "connections",
@@ -152,7 +160,7 @@ pub fn table(report: &Report) -> String {
             String::new()
         };
         out.push_str(&format!(
-            "{:<7} {:>7} {:>11} {:>12.0}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+            "{:<name_width$} {:>7} {:>11} {:>12.0}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
             row.target,
             row.workers,
             row.connections,

@@ -43,12 +43,43 @@ impl Backend {
     }
 }
 
+/// How the worker threads share the work (`runtime.threading`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threading {
+    /// One scheduler for all workers; connections move to idle workers.
+    #[default]
+    Shared,
+    /// One scheduler, accept loop and upstream pool per worker; a
+    /// connection stays on the worker that accepted it.
+    PerCore,
+}
+
+impl Threading {
+    pub fn name(self) -> &'static str {
+        match self {
+            Threading::Shared => "shared",
+            Threading::PerCore => "per-core",
+        }
+    }
+}
+
+impl From<Threading> for backends::Threading {
+    fn from(threading: Threading) -> Self {
+        match threading {
+            Threading::Shared => backends::Threading::Shared,
+            Threading::PerCore => backends::Threading::PerCore,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub backend: Backend,
     /// Worker threads; 0 means one per CPU this process may run on.
     pub workers: usize,
+    pub threading: Threading,
 }
 
 impl RuntimeConfig {
@@ -334,9 +365,10 @@ impl Config {
     /// A one-line summary, printed by `gateway --check`.
     pub fn summary(&self) -> String {
         let mut line = format!(
-            "backend={} workers={} listen={} upstream={}",
+            "backend={} workers={} threading={} listen={} upstream={}",
             self.runtime.backend.name(),
             self.runtime.worker_count(),
+            self.runtime.threading.name(),
             self.server.listen,
             self.upstream.url,
         );
@@ -428,6 +460,24 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:2:11: runtime.backend"), "{err}");
         assert!(err.contains("`tokio`") && err.contains("`smol`"), "{err}");
+    }
+
+    #[test]
+    fn threading_is_shared_or_per_core() {
+        assert_eq!(parse("").unwrap().runtime.threading, Threading::Shared);
+        let config = parse("[runtime]\nthreading = \"per-core\"\n").unwrap();
+        assert_eq!(config.runtime.threading, Threading::PerCore);
+        let err = parse("[runtime]\nthreading = \"numa\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:2:13: runtime.threading"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`shared`") && err.contains("`per-core`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,14 +8,16 @@
 //! stops after it.
 
 use std::future::Future;
+use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_lock::OnceCell;
 use backends::Runtime;
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config, ms};
+use crate::config::{Backend, Config, Threading, ms};
 use crate::counter::Counter;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
@@ -83,15 +85,19 @@ fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
     backends::bind_listener(addr).map_err(|source| Fatal::Listen { name, addr, source })
 }
 
+fn local_addr(name: &'static str, listener: &TcpListener) -> Result<SocketAddr, Fatal> {
+    listener.local_addr().map_err(|source| Fatal::Listen {
+        name,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
 fn adopt<R: Runtime>(
     name: &'static str,
     listener: TcpListener,
 ) -> Result<(R::Listener, SocketAddr), Fatal> {
-    let addr = listener.local_addr().map_err(|source| Fatal::Listen {
-        name,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
+    let addr = local_addr(name, &listener)?;
     let listener =
         R::adopt_listener(listener).map_err(|source| Fatal::Listen { name, addr, source })?;
     tracing::info!("listening on {addr} ({name})");
@@ -113,15 +119,21 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         (Some(admin), Mode::Gateway) => Some(bind("admin", admin.listen)?),
         _ => None,
     };
-    let upstream = match mode {
-        Mode::Gateway => Some(forever(
-            Upstream::<R>::new(&config.upstream).map_err(Fatal::Upstream)?,
-        )),
+    let threading = config.runtime.threading;
+    // Per core, every worker accepts on the public socket and keeps an
+    // upstream pool of its own; shared, one of each serves every worker.
+    let shards = match threading {
+        Threading::Shared => 1,
+        Threading::PerCore => workers,
+    };
+    let upstreams = match mode {
+        Mode::Gateway => Some(upstream_pools::<R>(&config, shards)?),
         Mode::CounterOnly => None,
     };
     tracing::info!(
         backend = R::NAME,
         workers,
+        threading = threading.name(),
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
@@ -157,49 +169,74 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let connections = forever(Connections::new(usize::MAX >> 4));
             let service = forever(Counter::default());
             status_source = Some((connections, Box::new(|| service.count())));
-            counter.start::<R>(serve::<R, _>(
-                listener,
-                service,
-                counter_settings,
-                connections,
-                counter.stop,
-            ));
+            let stop = counter.stop;
+            counter.start_on::<R>(
+                0,
+                serve::<R, _>(listener, service, counter_settings, connections, stop),
+            );
         }
 
         let mut public = Stage::new();
         let mut admin = Stage::new();
-        if let (Some(listener), Some(upstream)) = (public_listener, upstream) {
-            let (listener, _) = adopt::<R>("public", listener)?;
-            R::spawn(upstream.reap_idle());
+        if let (Some(listener), Some(upstreams)) = (public_listener, upstreams) {
+            let addr = local_addr("public", &listener)?;
             let connections = forever(Connections::new(server.max_connections));
             let metrics = forever(Metrics::new(
                 R::NAME,
                 workers,
                 connections,
-                Box::new(|| upstream.open_connections()),
+                Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
-            let forward = forever(Forward::new(upstream, metrics, &config.responses));
             let public_settings = settings("public", server.idle_timeout_ms, Some(metrics));
-            public.start::<R>(serve::<R, _>(
-                listener,
-                forward,
-                public_settings,
-                connections,
-                public.stop,
-            ));
+            // Each shard registers its copy of the socket with the reactor
+            // of the worker it runs on, and reports how that went.
+            let mut adoptions = Vec::new();
+            for (shard, &upstream) in upstreams.iter().enumerate() {
+                let listener = listener.try_clone().map_err(|source| Fatal::Listen {
+                    name: "public",
+                    addr,
+                    source,
+                })?;
+                let adopted: &'static OnceCell<Result<(), io::Error>> = forever(OnceCell::new());
+                adoptions.push(adopted);
+                let forward = forever(Forward::new(upstream, metrics, &config.responses));
+                let stop = public.stop;
+                public.start_on::<R>(shard, async move {
+                    let listener = match R::adopt_listener(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            let _ = adopted.set(Err(error)).await;
+                            return;
+                        }
+                    };
+                    let _ = adopted.set(Ok(())).await;
+                    R::spawn(upstream.reap_idle());
+                    serve::<R, _>(listener, forward, public_settings, connections, stop).await;
+                });
+            }
+            drop(listener);
+            for adopted in adoptions {
+                if let Err(error) = adopted.wait().await {
+                    let source = io::Error::new(error.kind(), error.to_string());
+                    return Err(Fatal::Listen {
+                        name: "public",
+                        addr,
+                        source,
+                    });
+                }
+            }
+            tracing::info!("listening on {addr} (public)");
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
                 let connections = forever(Connections::new(1024));
                 let service = forever(Admin::new(metrics));
-                admin.start::<R>(serve::<R, _>(
-                    listener,
-                    service,
-                    admin_settings,
-                    connections,
-                    admin.stop,
-                ));
+                let stop = admin.stop;
+                admin.start_on::<R>(
+                    0,
+                    serve::<R, _>(listener, service, admin_settings, connections, stop),
+                );
             }
         }
 
@@ -232,7 +269,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         tracing::info!("stopped");
         Ok::<(), Fatal>(())
     };
-    R::block_on(workers, main).map_err(|source| Fatal::Runtime {
+    R::block_on(workers, threading.into(), main).map_err(|source| Fatal::Runtime {
         backend: R::NAME,
         source,
     })?
@@ -241,35 +278,56 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
 /// Reads a listener's requests served, for the status line.
 type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// One listener's server task and the latches that stop it and report it
-/// stopped. A stage never started counts as finished.
+/// One listener's server tasks (one, or one per worker) and the latches
+/// that stop them and report them stopped. A stage never started counts
+/// as finished.
 struct Stage {
     stop: &'static Latch,
-    done: &'static Latch,
-    started: bool,
+    done: Vec<&'static Latch>,
 }
 
 impl Stage {
     fn new() -> Self {
         Self {
             stop: forever(Latch::new()),
-            done: forever(Latch::new()),
-            started: false,
+            done: Vec::new(),
         }
     }
 
-    fn start<R: Runtime>(&mut self, server: impl Future<Output = ()> + Send + 'static) {
-        self.started = true;
-        spawn_with_latch::<R>(server, self.done);
+    /// Starts one of the stage's servers, on `worker` when each worker has
+    /// a scheduler of its own.
+    fn start_on<R: Runtime>(
+        &mut self,
+        worker: usize,
+        server: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let done = forever(Latch::new());
+        self.done.push(done);
+        spawn_with_latch::<R>(worker, server, done);
     }
 
-    /// Stops the listener and waits until it has drained.
+    /// Stops the listener and waits until every server has drained.
     async fn finish(&self) {
         self.stop.set();
-        if self.started {
-            self.done.wait().await;
+        for done in &self.done {
+            done.wait().await;
         }
     }
+}
+
+/// The upstream pools: one, or one per worker, each with its share of
+/// `upstream.max_connections` (at least one connection).
+fn upstream_pools<R: Runtime>(
+    config: &Config,
+    shards: usize,
+) -> Result<&'static [&'static Upstream<R>], Fatal> {
+    let mut share = config.upstream.clone();
+    share.max_connections = (config.upstream.max_connections / shards).max(1);
+    let pools = (0..shards)
+        .map(|_| Upstream::<R>::new(&share).map(forever))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Fatal::Upstream)?;
+    Ok(Box::leak(pools.into_boxed_slice()))
 }
 
 /// The public listener: the socket systemd passed (socket activation), or

@@ -50,7 +50,11 @@ fn main() -> ExitCode {
             workers,
         }) => {
             let config = Config {
-                runtime: RuntimeConfig { backend, workers },
+                runtime: RuntimeConfig {
+                    backend,
+                    workers,
+                    ..RuntimeConfig::default()
+                },
                 counter: Some(CounterConfig { listen }),
                 ..Config::default()
             };

@@ -51,7 +51,8 @@ struct Idle<R: Runtime> {
     since: Instant,
 }
 
-/// The upstream client and its connection pool; one per process.
+/// The upstream client and its connection pool; one per process, or one
+/// per worker with `runtime.threading = "per-core"`.
 pub struct Upstream<R: Runtime> {
     target: UpstreamTarget,
     /// `POST … HTTP/1.1`, `host`, `content-length: 0` and the

@@ -9,18 +9,27 @@ use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, start_coun
 use http::StatusCode;
 
 async fn counting_is_exact_under_concurrency(backend: Backend) {
-    count_200_clients_times_50_visits(backend, 2).await;
+    count_200_clients_times_50_visits(backend, 2, "shared").await;
 }
 
 async fn counting_is_exact_on_one_worker(backend: Backend) {
-    count_200_clients_times_50_visits(backend, 1).await;
+    count_200_clients_times_50_visits(backend, 1, "shared").await;
 }
 
-async fn count_200_clients_times_50_visits(backend: Backend, workers: usize) {
+async fn counting_is_exact_per_core(backend: Backend) {
+    count_200_clients_times_50_visits(backend, 2, "per-core").await;
+}
+
+async fn count_200_clients_times_50_visits(
+    backend: Backend,
+    workers: usize,
+    threading: &'static str,
+) {
     let counter = start_counter(backend);
     let counter_addr = counter.addr("counter");
     let gateway = GatewayConfig::new(backend, counter_addr)
         .workers(workers)
+        .threading(threading)
         .start();
     let addr = gateway.addr("public");
     let mut clients = tokio::task::JoinSet::new();
@@ -279,6 +288,7 @@ both_backends!(
     stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,
     counting_is_exact_on_one_worker,
+    counting_is_exact_per_core,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,
     upstream_down_gives_502_then_recovers_within_a_second,

@@ -174,6 +174,8 @@ pub struct GatewayConfig {
     /// `runtime.workers`: 2 unless a test asks for the one-worker setup,
     /// which tokio runs on its single-threaded scheduler.
     pub workers: usize,
+    /// `runtime.threading`: "shared" or "per-core".
+    pub threading: &'static str,
 }
 
 impl GatewayConfig {
@@ -187,7 +189,13 @@ impl GatewayConfig {
             counter: false,
             admin: false,
             workers: 2,
+            threading: "shared",
         }
+    }
+
+    pub fn threading(mut self, threading: &'static str) -> Self {
+        self.threading = threading;
+        self
     }
 
     pub fn workers(mut self, workers: usize) -> Self {
@@ -226,9 +234,10 @@ impl GatewayConfig {
             counter.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
         }
         format!(
-            "[runtime]\nbackend = \"{}\"\nworkers = {}\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
+            "[runtime]\nbackend = \"{}\"\nworkers = {}\nthreading = \"{}\"\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
             self.backend.name(),
             self.workers,
+            self.threading,
             self.listen,
             self.server,
             self.upstream,
