@@ -3,16 +3,19 @@
 //!
 //! A visit takes the most recently used idle connection, else dials a new
 //! one if the cap (`upstream.max_connections`, counting those being
-//! dialled) allows, else waits for either until its deadline and is then
-//! answered 503 without touching the upstream. The exchange itself runs in
+//! dialled) allows, else queues for either until its deadline and is then
+//! answered 503 without touching the upstream. The queue is first come,
+//! first served: a connection coming back, or a slot freed, is handed to
+//! the visit that has waited longest. The exchange itself runs in
 //! the visitor's own task ([`crate::exchange`]); a connection is just a
 //! stream, its buffer, and its slot under the cap.
 //!
 //! The never-send-twice rule (SPEC §4): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
-//! before writing, or the very first write failed — and only once, on a
-//! fresh connection.
+//! before writing, or the very first write failed — on another
+//! connection.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
-use event_listener::{Event, EventListener};
+use event_listener::Event;
 
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
 use crate::exchange::{Connection, Exchange};
@@ -63,13 +66,11 @@ pub struct Upstream<R: Runtime> {
     request_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
-    /// Idle connections, most recently used last (reused first: the least
-    /// likely to have been closed by the upstream).
-    idle: Mutex<Vec<Idle<R>>>,
-    /// Connections open or being dialled; never above the cap.
+    /// Idle connections and the visits queued for one.
+    pool: Mutex<Pool<R>>,
+    /// Connections open or being dialled; never above the cap. Changed
+    /// under the `pool` lock, read without it.
     open: AtomicUsize,
-    /// Signalled when a connection goes idle or a slot frees up.
-    available: Event,
     /// The resolved upstream addresses; replaced by a re-resolution after
     /// a failed connect.
     addrs: RwLock<Arc<[SocketAddr]>>,
@@ -78,15 +79,83 @@ pub struct Upstream<R: Runtime> {
     resolving: AtomicBool,
 }
 
-/// One slot of the cap; given back, waking a waiter, on drop.
+/// What the pool's lock guards.
+struct Pool<R: Runtime> {
+    /// Idle connections, most recently used last (reused first: the least
+    /// likely to have been closed by the upstream).
+    idle: Vec<Idle<R>>,
+    /// Visits waiting for a connection, longest first. Never non-empty
+    /// while `idle` is, or while a slot is free.
+    queue: VecDeque<Arc<Waiter<R>>>,
+}
+
+/// A queued visit: what it was handed, and the event that says so.
+struct Waiter<R: Runtime> {
+    handoff: Mutex<Option<Handoff<R>>>,
+    handed: Event,
+}
+
+/// What [`Upstream::checkout`] found under the lock.
+enum Found<R: Runtime> {
+    Pooled(Conn<R>),
+    Slot(Slot<R>),
+    Queued(Arc<Waiter<R>>),
+}
+
+/// What a queued visit is handed.
+enum Handoff<R: Runtime> {
+    /// A connection that just finished an exchange.
+    Pooled(Conn<R>),
+    /// A slot under the cap, to dial a new connection with.
+    Slot(Slot<R>),
+}
+
+impl<R: Runtime> Waiter<R> {
+    fn give(&self, handoff: Handoff<R>) {
+        *lock(&self.handoff) = Some(handoff);
+        self.handed.notify(1);
+    }
+
+    fn take(&self) -> Option<Handoff<R>> {
+        lock(&self.handoff).take()
+    }
+
+    async fn handed(&self) {
+        loop {
+            let listener = self.handed.listen();
+            if lock(&self.handoff).is_some() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Every critical section in this module is a push, pop, take or filter:
+/// a panic elsewhere cannot leave what a lock guards inconsistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One slot of the cap; on drop, handed to the longest-waiting visit, or
+/// given back.
 struct Slot<R: Runtime> {
     upstream: &'static Upstream<R>,
 }
 
 impl<R: Runtime> Drop for Slot<R> {
     fn drop(&mut self) {
-        self.upstream.open.fetch_sub(1, Ordering::AcqRel);
-        self.upstream.available.notify(1);
+        let upstream = self.upstream;
+        let mut pool = upstream.pool();
+        match pool.queue.pop_front() {
+            Some(waiter) => {
+                drop(pool);
+                waiter.give(Handoff::Slot(Slot { upstream }));
+            }
+            None => {
+                upstream.open.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
@@ -115,9 +184,11 @@ impl<R: Runtime> Upstream<R> {
             request_timeout: ms(config.request_timeout_ms),
             idle_timeout: ms(config.pool_idle_timeout_ms),
             max_connections: config.max_connections,
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                queue: VecDeque::new(),
+            }),
             open: AtomicUsize::new(0),
-            available: Event::new(),
             addrs: RwLock::new(addrs.into()),
             next_addr: AtomicUsize::new(0),
             resolving: AtomicBool::new(false),
@@ -129,10 +200,8 @@ impl<R: Runtime> Upstream<R> {
         self.open.load(Ordering::Acquire)
     }
 
-    fn idle(&self) -> MutexGuard<'_, Vec<Idle<R>>> {
-        // Every critical section is a push, pop or filter: a panic
-        // elsewhere cannot leave the list inconsistent.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn pool(&self) -> MutexGuard<'_, Pool<R>> {
+        lock(&self.pool)
     }
 
     /// Registers one visit, which began at `started`: one POST whose
@@ -170,11 +239,10 @@ impl<R: Runtime> Upstream<R> {
                 }
                 Ok(Attempt::Unsent(returned)) if from_pool => {
                     // The pooled connection was dead before a byte of this
-                    // request left: replace it, once.
+                    // request left: try another (closing this one).
                     request = returned;
-                    from_pool = false;
-                    conn = match self.dial(deadline).await {
-                        Ok(conn) => conn,
+                    (conn, from_pool) = match self.checkout(deadline, Instant::now()).await {
+                        Ok(found) => found,
                         Err(outcome) => return outcome,
                     };
                 }
@@ -225,81 +293,96 @@ impl<R: Runtime> Upstream<R> {
     }
 
     /// An idle pooled connection, else a new one if the cap allows, else
-    /// waits for either until `deadline`. The flag is true for a pooled one.
+    /// queues for either until `deadline`. The flag is true for a pooled
+    /// one.
+    ///
+    /// The queue is what makes waiting fair. Before it, a woken waiter
+    /// raced for the freed connection with every visit arriving meanwhile,
+    /// among them the one whose answer had just freed it (its client's
+    /// next request, on the same task), and mostly lost: with 1,024
+    /// clients and a cap of 256, p50 9 ms and p99 1.5 s on smol.
     async fn checkout(
         &'static self,
         deadline: Instant,
         now: Instant,
     ) -> Result<(Conn<R>, bool), Outcome> {
-        loop {
-            if let Some(conn) = self.take_idle(now) {
-                return Ok((conn, true));
-            }
-            match self.take_slot() {
-                Ok(slot) => return self.connect(slot, deadline).await.map(|c| (c, false)),
-                Err(listener) => {
-                    // Woken when a connection goes idle or a slot frees up.
-                    if timeout_at::<R, _>(deadline, listener).await.is_err() {
-                        return Err(Outcome::Overloaded);
-                    }
-                }
-            }
-        }
-    }
-
-    /// A new connection, for a retry: waits for a free slot first.
-    async fn dial(&'static self, deadline: Instant) -> Result<Conn<R>, Outcome> {
-        loop {
-            match self.take_slot() {
-                Ok(slot) => return self.connect(slot, deadline).await,
-                Err(listener) => {
-                    if timeout_at::<R, _>(deadline, listener).await.is_err() {
-                        return Err(Outcome::Overloaded);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The most recently used idle connection that has not expired.
-    /// (Whether the upstream closed it is checked just before use.)
-    fn take_idle(&self, now: Instant) -> Option<Conn<R>> {
-        let mut idle = self.idle();
-        let fresh = idle.pop()?;
-        if now.saturating_duration_since(fresh.since) < self.idle_timeout {
-            return Some(fresh.conn);
-        }
-        // The freshest has expired, so all have: close them, outside the lock.
-        let expired = std::mem::take(&mut *idle);
-        drop(idle);
-        drop(fresh);
+        let (found, expired) = {
+            let mut pool = self.pool();
+            let expired = self.take_expired(&mut pool, now);
+            let found = if let Some(idle) = pool.idle.pop() {
+                Found::Pooled(idle.conn)
+            } else if let Some(slot) = self.take_slot() {
+                Found::Slot(slot)
+            } else {
+                let waiter = Arc::new(Waiter {
+                    handoff: Mutex::new(None),
+                    handed: Event::new(),
+                });
+                pool.queue.push_back(waiter.clone());
+                Found::Queued(waiter)
+            };
+            (found, expired)
+        };
+        // Closed outside the lock; their slots go to the queue.
         drop(expired);
+        match found {
+            Found::Pooled(conn) => Ok((conn, true)),
+            Found::Slot(slot) => self.connect(slot, deadline).await.map(|c| (c, false)),
+            Found::Queued(waiter) => match self.wait_in_queue(&waiter, deadline).await {
+                Some(Handoff::Pooled(conn)) => Ok((conn, true)),
+                Some(Handoff::Slot(slot)) => self.connect(slot, deadline).await.map(|c| (c, false)),
+                None => Err(Outcome::Overloaded),
+            },
+        }
+    }
+
+    /// Waits until `waiter` is handed something or `deadline` passes.
+    async fn wait_in_queue(
+        &'static self,
+        waiter: &Arc<Waiter<R>>,
+        deadline: Instant,
+    ) -> Option<Handoff<R>> {
+        if timeout_at::<R, _>(deadline, waiter.handed()).await.is_ok() {
+            return waiter.take();
+        }
+        let still_queued = {
+            let mut pool = self.pool();
+            let at = pool.queue.iter().position(|w| Arc::ptr_eq(w, waiter));
+            at.and_then(|at| pool.queue.remove(at)).is_some()
+        };
+        if !still_queued {
+            // Dequeued just now by a hand-off under way: pass it on.
+            waiter.handed().await;
+            match waiter.take() {
+                Some(Handoff::Pooled(conn)) => self.check_in(conn),
+                Some(Handoff::Slot(slot)) => drop(slot),
+                None => {}
+            }
+        }
         None
     }
 
-    /// A slot under the cap, or a listener that fires when one may be free.
-    fn take_slot(&'static self) -> Result<Slot<R>, EventListener> {
-        let taken = self
-            .open
+    /// Takes every idle connection out of the pool if the freshest has
+    /// outlived `pool_idle_timeout_ms` (then all have), for the caller to
+    /// close once the lock is released. (Whether the upstream closed one
+    /// is checked just before use.)
+    fn take_expired(&self, pool: &mut Pool<R>, now: Instant) -> Vec<Idle<R>> {
+        match pool.idle.last() {
+            Some(fresh) if now.saturating_duration_since(fresh.since) >= self.idle_timeout => {
+                std::mem::take(&mut pool.idle)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A slot under the cap, if there is one. Called with the pool locked.
+    fn take_slot(&'static self) -> Option<Slot<R>> {
+        self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
                 (open < self.max_connections).then_some(open + 1)
-            });
-        match taken {
-            Ok(_) => Ok(Slot { upstream: self }),
-            Err(_) => {
-                let listener = self.available.listen();
-                // A slot freed between the check and the listen would
-                // otherwise go unnoticed until the deadline.
-                match self
-                    .open
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                        (open < self.max_connections).then_some(open + 1)
-                    }) {
-                    Ok(_) => Ok(Slot { upstream: self }),
-                    Err(_) => Err(listener),
-                }
-            }
-        }
+            })
+            .ok()
+            .map(|_| Slot { upstream: self })
     }
 
     /// Dials the upstream within the connect timeout and the deadline.
@@ -324,14 +407,20 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 
-    /// Returns a connection that just finished an exchange cleanly.
+    /// Returns a connection that just finished an exchange cleanly: to the
+    /// longest-waiting visit, else to the pool.
     fn check_in(&self, mut conn: Conn<R>) {
+        let mut pool = self.pool();
+        if let Some(waiter) = pool.queue.pop_front() {
+            drop(pool);
+            waiter.give(Handoff::Pooled(conn));
+            return;
+        }
         conn.connection.watch_while_idle();
-        self.idle().push(Idle {
+        pool.idle.push(Idle {
             conn,
             since: Instant::now(),
         });
-        self.available.notify(1);
     }
 
     fn pick_addr(&self) -> SocketAddr {
@@ -373,12 +462,12 @@ impl<R: Runtime> Upstream<R> {
         loop {
             R::sleep_until(Instant::now() + period).await;
             let expired: Vec<Idle<R>> = {
-                let mut idle = self.idle();
+                let mut pool = self.pool();
                 let now = Instant::now();
-                let (kept, expired) = std::mem::take(&mut *idle)
+                let (kept, expired) = std::mem::take(&mut pool.idle)
                     .into_iter()
                     .partition(|i| now.saturating_duration_since(i.since) < self.idle_timeout);
-                *idle = kept;
+                pool.idle = kept;
                 expired
             };
             // Closed outside the lock; each frees its slot.

@@ -252,6 +252,40 @@ async fn saturated_pool_gives_503_with_retry_after(backend: Backend) {
     assert_eq!(upstream.connections(), 1);
 }
 
+async fn visits_queued_at_the_cap_are_served_in_turn(backend: Backend) {
+    // Four connections, 10 ms a visit: 400 visits/s for 256 clients in a
+    // closed loop, so each visit queues about 640 ms in turn. Served in
+    // turn, none nears its 2 s deadline; when arrivals could take a freed
+    // connection ahead of those queued, some waited past it (503).
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(10))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .upstream("max_connections = 4\nrequest_timeout_ms = 2000")
+        .start();
+    let addr = gateway.addr("public");
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        clients.spawn(async move {
+            let mut client = Client::connect(addr).await;
+            let mut statuses = Vec::new();
+            while Instant::now() < until {
+                statuses.push(client.get("/").await.status);
+            }
+            statuses
+        });
+    }
+    let mut visits = 0;
+    while let Some(statuses) = clients.join_next().await {
+        let statuses = statuses.expect("client task");
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        visits += statuses.len() as u64;
+    }
+    assert_eq!(upstream.posts(), visits);
+}
+
 async fn stale_pooled_connections_are_replaced_not_resent(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::CloseAfterAnswer).await;
     let gateway = GatewayConfig::new(backend, upstream.addr).start();
@@ -289,6 +323,7 @@ both_backends!(
     counting_is_exact_under_concurrency,
     counting_is_exact_on_one_worker,
     counting_is_exact_per_core,
+    visits_queued_at_the_cap_are_served_in_turn,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,
     upstream_down_gives_502_then_recovers_within_a_second,
