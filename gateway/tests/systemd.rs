@@ -214,7 +214,7 @@ async fn keep_alive_load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, tall
     }
 }
 
-async fn backend_switch_refuses_nothing_and_fails_nothing(first: Backend) {
+async fn switching_backend_or_threading_refuses_nothing_and_fails_nothing(first: Backend) {
     let counter = start_counter(Backend::Tokio);
     let counter_addr = counter.addr("counter");
     // The socket outlives every gateway, as systemd's gateway.socket does.
@@ -239,7 +239,9 @@ async fn backend_switch_refuses_nothing_and_fails_nothing(first: Backend) {
         load.spawn(keep_alive_load(addr, stop.clone(), tally.clone()));
     }
 
-    let mut served_by = vec![first];
+    // Each restart also switches `runtime.threading`, so the socket is
+    // served in turn by one accept loop and by one per worker.
+    let mut served_by = vec![(first, "shared")];
     for generation in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         // `systemctl restart`: stop the old one, then start the new one.
@@ -251,9 +253,15 @@ async fn backend_switch_refuses_nothing_and_fails_nothing(first: Backend) {
         .await
         .unwrap();
         assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", old.log_text());
-        let next = if generation % 2 == 0 { other } else { first };
-        served_by.push(next);
-        gateway = GatewayConfig::new(next, counter_addr).start_activated(&listener);
+        let (next, threading) = if generation % 2 == 0 {
+            (other, "per-core")
+        } else {
+            (first, "shared")
+        };
+        served_by.push((next, threading));
+        gateway = GatewayConfig::new(next, counter_addr)
+            .threading(threading)
+            .start_activated(&listener);
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
@@ -305,6 +313,6 @@ async fn sigterm_with_many_idle_connections_exits_at_once(backend: Backend) {
 both_backends!(
     notifies_ready_watchdog_status_and_stopping,
     serves_the_socket_systemd_passes,
-    backend_switch_refuses_nothing_and_fails_nothing,
+    switching_backend_or_threading_refuses_nothing_and_fails_nothing,
     sigterm_with_many_idle_connections_exits_at_once,
 );
