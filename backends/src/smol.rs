@@ -244,14 +244,17 @@ async fn work(executor: &'static Executor<'static>) {
 static PER_CORE: OnceLock<Vec<&'static Executor<'static>>> = OnceLock::new();
 
 thread_local! {
-    /// A per-core worker's own executor; `None` elsewhere, where tasks go
-    /// to the shared one.
+    /// A per-core worker's own executor; `None` on other threads.
     static OWN_EXECUTOR: Cell<Option<&'static Executor<'static>>> = const { Cell::new(None) };
 }
 
-/// The executor a task spawned on this thread joins.
+/// The executor a task spawned on this thread joins: a per-core worker's
+/// own; elsewhere the first worker's, or the shared one.
 fn current_executor() -> &'static Executor<'static> {
-    OWN_EXECUTOR.with(Cell::get).unwrap_or(&EXECUTOR)
+    OWN_EXECUTOR
+        .with(Cell::get)
+        .or_else(|| PER_CORE.get().map(|executors| executors[0]))
+        .unwrap_or(&EXECUTOR)
 }
 
 impl Runtime for Smol {
