@@ -131,6 +131,45 @@ impl<R: Runtime> Waiter<R> {
     }
 }
 
+/// A visit in the pool's queue. Dropped (its deadline passed, or its
+/// client left and took the visit with it), it leaves the queue, and
+/// passes on what it was handed and did not take.
+struct Queued<R: Runtime> {
+    upstream: &'static Upstream<R>,
+    waiter: Arc<Waiter<R>>,
+}
+
+impl<R: Runtime> Queued<R> {
+    /// What the visit was handed, or `None` at `deadline`.
+    async fn wait(&self, deadline: Instant) -> Option<Handoff<R>> {
+        timeout_at::<R, _>(deadline, self.waiter.handed())
+            .await
+            .ok()?;
+        self.waiter.take()
+    }
+}
+
+impl<R: Runtime> Drop for Queued<R> {
+    fn drop(&mut self) {
+        let still_queued = {
+            let mut pool = self.upstream.pool();
+            let at = pool.queue.iter().position(|w| Arc::ptr_eq(w, &self.waiter));
+            at.and_then(|at| pool.queue.remove(at)).is_some()
+        };
+        if still_queued {
+            return;
+        }
+        // Dequeued by a hand-off: pass on what it brought. (One still on
+        // its way lands in the dropped waiter: a connection is closed, a
+        // slot goes to the next in line.)
+        match self.waiter.take() {
+            Some(Handoff::Pooled(conn)) => self.upstream.check_in(conn),
+            Some(Handoff::Slot(slot)) => drop(slot),
+            None => {}
+        }
+    }
+}
+
 /// Every critical section in this module is a push, pop, take or filter:
 /// a panic elsewhere cannot leave what a lock guards inconsistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -328,38 +367,22 @@ impl<R: Runtime> Upstream<R> {
         match found {
             Found::Pooled(conn) => Ok((conn, true)),
             Found::Slot(slot) => self.connect(slot, deadline).await.map(|c| (c, false)),
-            Found::Queued(waiter) => match self.wait_in_queue(&waiter, deadline).await {
-                Some(Handoff::Pooled(conn)) => Ok((conn, true)),
-                Some(Handoff::Slot(slot)) => self.connect(slot, deadline).await.map(|c| (c, false)),
-                None => Err(Outcome::Overloaded),
-            },
-        }
-    }
-
-    /// Waits until `waiter` is handed something or `deadline` passes.
-    async fn wait_in_queue(
-        &'static self,
-        waiter: &Arc<Waiter<R>>,
-        deadline: Instant,
-    ) -> Option<Handoff<R>> {
-        if timeout_at::<R, _>(deadline, waiter.handed()).await.is_ok() {
-            return waiter.take();
-        }
-        let still_queued = {
-            let mut pool = self.pool();
-            let at = pool.queue.iter().position(|w| Arc::ptr_eq(w, waiter));
-            at.and_then(|at| pool.queue.remove(at)).is_some()
-        };
-        if !still_queued {
-            // Dequeued just now by a hand-off under way: pass it on.
-            waiter.handed().await;
-            match waiter.take() {
-                Some(Handoff::Pooled(conn)) => self.check_in(conn),
-                Some(Handoff::Slot(slot)) => drop(slot),
-                None => {}
+            Found::Queued(waiter) => {
+                let queued = Queued {
+                    upstream: self,
+                    waiter,
+                };
+                let handoff = queued.wait(deadline).await;
+                drop(queued);
+                match handoff {
+                    Some(Handoff::Pooled(conn)) => Ok((conn, true)),
+                    Some(Handoff::Slot(slot)) => {
+                        self.connect(slot, deadline).await.map(|c| (c, false))
+                    }
+                    None => Err(Outcome::Overloaded),
+                }
             }
         }
-        None
     }
 
     /// Takes every idle connection out of the pool if the freshest has

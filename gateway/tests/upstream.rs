@@ -286,6 +286,30 @@ async fn visits_queued_at_the_cap_are_served_in_turn(backend: Backend) {
     assert_eq!(upstream.posts(), visits);
 }
 
+async fn a_visit_abandoned_in_the_queue_gives_up_its_place(backend: Backend) {
+    // One connection, 400 ms a visit. A holds it; B queues, then its client
+    // leaves; C queues after. When A's answer frees the connection it
+    // goes to C, kept alive, not to B's abandoned place (where it would
+    // be closed, and C would dial another).
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(400))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .upstream("max_connections = 1\nrequest_timeout_ms = 3000")
+        .start();
+    let addr = gateway.addr("public");
+    let a = tokio::spawn(common::get(addr, "/"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = tokio::spawn(common::get(addr, "/"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.abort();
+    let _ = b.await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let c = common::get(addr, "/").await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(a.await.unwrap().status, StatusCode::OK);
+    assert_eq!(upstream.posts(), 2, "B never reached the upstream");
+    assert_eq!(upstream.connections(), 1, "C reused A's connection");
+}
+
 async fn stale_pooled_connections_are_replaced_not_resent(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::CloseAfterAnswer).await;
     let gateway = GatewayConfig::new(backend, upstream.addr).start();
@@ -324,6 +348,7 @@ both_backends!(
     counting_is_exact_on_one_worker,
     counting_is_exact_per_core,
     visits_queued_at_the_cap_are_served_in_turn,
+    a_visit_abandoned_in_the_queue_gives_up_its_place,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,
     upstream_down_gives_502_then_recovers_within_a_second,
