@@ -12,8 +12,8 @@
 //!
 //! The never-send-twice rule (SPEC §4): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
-//! before writing, or the very first write failed — on another
-//! connection.
+//! before writing, or the very first write failed — and only once, on a
+//! fresh connection.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -45,7 +45,14 @@ pub enum Outcome {
 /// An open upstream connection and its slot under the cap.
 struct Conn<R: Runtime> {
     connection: Connection<R::Stream>,
-    _slot: Slot<R>,
+    slot: Slot<R>,
+}
+
+impl<R: Runtime> Conn<R> {
+    /// Closes the connection, keeping its place under the cap.
+    fn into_slot(self) -> Slot<R> {
+        self.slot
+    }
 }
 
 /// An idle connection and when it went idle.
@@ -87,6 +94,18 @@ struct Pool<R: Runtime> {
     /// Visits waiting for a connection, longest first. Never non-empty
     /// while `idle` is, or while a slot is free.
     queue: VecDeque<Arc<Waiter<R>>>,
+}
+
+impl<R: Runtime> Pool<R> {
+    /// Puts a new waiter at the back of the queue.
+    fn enqueue(&mut self) -> Arc<Waiter<R>> {
+        let waiter = Arc::new(Waiter {
+            handoff: Mutex::new(None),
+            handed: Event::new(),
+        });
+        self.queue.push_back(waiter.clone());
+        waiter
+    }
 }
 
 /// A queued visit: what it was handed, and the event that says so.
@@ -137,16 +156,6 @@ impl<R: Runtime> Waiter<R> {
 struct Queued<R: Runtime> {
     upstream: &'static Upstream<R>,
     waiter: Arc<Waiter<R>>,
-}
-
-impl<R: Runtime> Queued<R> {
-    /// What the visit was handed, or `None` at `deadline`.
-    async fn wait(&self, deadline: Instant) -> Option<Handoff<R>> {
-        timeout_at::<R, _>(deadline, self.waiter.handed())
-            .await
-            .ok()?;
-        self.waiter.take()
-    }
 }
 
 impl<R: Runtime> Drop for Queued<R> {
@@ -278,10 +287,11 @@ impl<R: Runtime> Upstream<R> {
                 }
                 Ok(Attempt::Unsent(returned)) if from_pool => {
                     // The pooled connection was dead before a byte of this
-                    // request left: try another (closing this one).
+                    // request left: replace it, once.
                     request = returned;
-                    (conn, from_pool) = match self.checkout(deadline, Instant::now()).await {
-                        Ok(found) => found,
+                    from_pool = false;
+                    conn = match self.dial(deadline).await {
+                        Ok(conn) => conn,
                         Err(outcome) => return outcome,
                     };
                 }
@@ -353,12 +363,7 @@ impl<R: Runtime> Upstream<R> {
             } else if let Some(slot) = self.take_slot() {
                 Found::Slot(slot)
             } else {
-                let waiter = Arc::new(Waiter {
-                    handoff: Mutex::new(None),
-                    handed: Event::new(),
-                });
-                pool.queue.push_back(waiter.clone());
-                Found::Queued(waiter)
+                Found::Queued(pool.enqueue())
             };
             (found, expired)
         };
@@ -367,22 +372,56 @@ impl<R: Runtime> Upstream<R> {
         match found {
             Found::Pooled(conn) => Ok((conn, true)),
             Found::Slot(slot) => self.connect(slot, deadline).await.map(|c| (c, false)),
-            Found::Queued(waiter) => {
-                let queued = Queued {
-                    upstream: self,
-                    waiter,
-                };
-                let handoff = queued.wait(deadline).await;
-                drop(queued);
-                match handoff {
-                    Some(Handoff::Pooled(conn)) => Ok((conn, true)),
-                    Some(Handoff::Slot(slot)) => {
-                        self.connect(slot, deadline).await.map(|c| (c, false))
-                    }
-                    None => Err(Outcome::Overloaded),
-                }
-            }
+            Found::Queued(waiter) => match self.wait_in_queue(waiter, deadline).await {
+                Some(Handoff::Pooled(conn)) => Ok((conn, true)),
+                Some(Handoff::Slot(slot)) => self.connect(slot, deadline).await.map(|c| (c, false)),
+                None => Err(Outcome::Overloaded),
+            },
         }
+    }
+
+    /// What `waiter`, queued, is handed by `deadline`; out of the queue
+    /// either way, and out of it too if this is dropped while waiting.
+    async fn wait_in_queue(
+        &'static self,
+        waiter: Arc<Waiter<R>>,
+        deadline: Instant,
+    ) -> Option<Handoff<R>> {
+        let queued = Queued {
+            upstream: self,
+            waiter,
+        };
+        timeout_at::<R, _>(deadline, queued.waiter.handed())
+            .await
+            .ok()?;
+        queued.waiter.take()
+    }
+
+    /// A new connection, for a retry: on a free slot, else on the slot of
+    /// the least recently used idle connection (closed for it), else on
+    /// the first slot or connection handed over in the queue (the
+    /// connection closed for it).
+    async fn dial(&'static self, deadline: Instant) -> Result<Conn<R>, Outcome> {
+        let found = {
+            let mut pool = self.pool();
+            if let Some(slot) = self.take_slot() {
+                Found::Slot(slot)
+            } else if !pool.idle.is_empty() {
+                Found::Pooled(pool.idle.remove(0).conn)
+            } else {
+                Found::Queued(pool.enqueue())
+            }
+        };
+        let slot = match found {
+            Found::Slot(slot) => slot,
+            Found::Pooled(conn) => conn.into_slot(),
+            Found::Queued(waiter) => match self.wait_in_queue(waiter, deadline).await {
+                Some(Handoff::Slot(slot)) => slot,
+                Some(Handoff::Pooled(conn)) => conn.into_slot(),
+                None => return Err(Outcome::Overloaded),
+            },
+        };
+        self.connect(slot, deadline).await
     }
 
     /// Takes every idle connection out of the pool if the freshest has
@@ -415,7 +454,7 @@ impl<R: Runtime> Upstream<R> {
         match timeout_at::<R, _>(connect_deadline, R::connect(addr)).await {
             Ok(Ok(stream)) => Ok(Conn {
                 connection: Connection::new(stream),
-                _slot: slot,
+                slot,
             }),
             Ok(Err(error)) => {
                 tracing::debug!(%addr, %error, "upstream connect failed");
