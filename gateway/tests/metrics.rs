@@ -120,6 +120,34 @@ async fn futures_held(addr: std::net::SocketAddr, n: usize) -> Vec<Client> {
     held
 }
 
+async fn per_core_metrics_add_up_every_worker(backend: Backend) {
+    // 16 visits at once, each holding an upstream connection for 200 ms,
+    // on two per-core workers, each with a pool of its own.
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(200))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .workers(2)
+        .threading("per-core")
+        .with_admin()
+        .start();
+    let public = gateway.addr("public");
+    let mut visits = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        visits.spawn(common::get(public, "/"));
+    }
+    while let Some(answer) = visits.join_next().await {
+        assert_eq!(answer.unwrap().status, StatusCode::OK);
+    }
+    let m = common::scrape(gateway.addr("admin")).await;
+    assert_eq!(m[r#"gateway_requests_total{status="200"}"#], 16.0);
+    assert_eq!(m[r#"gateway_upstream_requests_total{outcome="ok"}"#], 16.0);
+    assert_eq!(upstream.posts(), 16);
+    assert_eq!(
+        m["gateway_upstream_connections_open"],
+        upstream.connections() as f64,
+        "the pools' connections, summed"
+    );
+}
+
 async fn admin_listener_is_off_unless_configured(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
     let gateway = GatewayConfig::new(backend, upstream.addr).start();
@@ -132,5 +160,6 @@ async fn admin_listener_is_off_unless_configured(backend: Backend) {
 
 both_backends!(
     metrics_equal_the_traffic_sent,
+    per_core_metrics_add_up_every_worker,
     admin_listener_is_off_unless_configured
 );
