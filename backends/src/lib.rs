@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Instant;
 
 mod smol;
@@ -112,6 +112,14 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     fn accept(
         listener: &Self::Listener,
     ) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+
+    /// Takes an accepted stream out of this worker's reactor, as a plain
+    /// socket for another worker's [`Runtime::adopt_stream`].
+    fn release_stream(stream: Self::Stream) -> io::Result<TcpStream>;
+
+    /// Registers a connected socket, released by
+    /// [`Runtime::release_stream`], with the calling worker's reactor.
+    fn adopt_stream(stream: TcpStream) -> io::Result<Self::Stream>;
 
     /// Opens a connection, with `TCP_NODELAY` set.
     fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;

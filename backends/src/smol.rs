@@ -331,6 +331,14 @@ impl Runtime for Smol {
         Ok((SmolStream::new(stream), peer))
     }
 
+    fn release_stream(stream: Self::Stream) -> io::Result<TcpStream> {
+        stream.io.into_inner()
+    }
+
+    fn adopt_stream(stream: TcpStream) -> io::Result<Self::Stream> {
+        Ok(SmolStream::new(Async::new(stream)?))
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<Self::Stream> {
         let stream = Async::<TcpStream>::connect(addr).await?;
         stream.get_ref().set_nodelay(true)?;

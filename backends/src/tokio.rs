@@ -147,6 +147,15 @@ impl Runtime for Tokio {
         Ok((TokioIo::new(stream), peer))
     }
 
+    fn release_stream(stream: Self::Stream) -> io::Result<std::net::TcpStream> {
+        stream.into_inner().into_std()
+    }
+
+    fn adopt_stream(stream: std::net::TcpStream) -> io::Result<Self::Stream> {
+        stream.set_nonblocking(true)?;
+        Ok(TokioIo::new(tokio::net::TcpStream::from_std(stream)?))
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<Self::Stream> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;

@@ -50,8 +50,8 @@ pub enum Threading {
     /// One scheduler for all workers; connections move to idle workers.
     #[default]
     Shared,
-    /// One scheduler, accept loop and upstream pool per worker; a
-    /// connection stays on the worker that accepted it.
+    /// One scheduler and upstream pool per worker; new connections are
+    /// handed to the workers in turn and stay on theirs.
     PerCore,
 }
 

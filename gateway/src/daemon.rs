@@ -8,12 +8,10 @@
 //! stops after it.
 
 use std::future::Future;
-use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_lock::OnceCell;
 use backends::Runtime;
 
 use crate::admin::Admin;
@@ -85,19 +83,15 @@ fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
     backends::bind_listener(addr).map_err(|source| Fatal::Listen { name, addr, source })
 }
 
-fn local_addr(name: &'static str, listener: &TcpListener) -> Result<SocketAddr, Fatal> {
-    listener.local_addr().map_err(|source| Fatal::Listen {
-        name,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })
-}
-
 fn adopt<R: Runtime>(
     name: &'static str,
     listener: TcpListener,
 ) -> Result<(R::Listener, SocketAddr), Fatal> {
-    let addr = local_addr(name, &listener)?;
+    let addr = listener.local_addr().map_err(|source| Fatal::Listen {
+        name,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     let listener =
         R::adopt_listener(listener).map_err(|source| Fatal::Listen { name, addr, source })?;
     tracing::info!("listening on {addr} ({name})");
@@ -120,8 +114,8 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         _ => None,
     };
     let threading = config.runtime.threading;
-    // Per core, every worker accepts on the public socket and keeps an
-    // upstream pool of its own; shared, one of each serves every worker.
+    // Per core, every worker keeps an upstream pool of its own and serves
+    // the public connections handed to it; shared, one pool serves all.
     let shards = match threading {
         Threading::Shared => 1,
         Threading::PerCore => workers,
@@ -172,14 +166,19 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let stop = counter.stop;
             counter.start_on::<R>(
                 0,
-                serve::<R, _>(listener, service, counter_settings, connections, stop),
+                serve::<R, _>(
+                    listener,
+                    forever([service]),
+                    counter_settings,
+                    connections,
+                    stop,
+                ),
             );
         }
 
         let mut public = Stage::new();
         let mut admin = Stage::new();
         if let (Some(listener), Some(upstreams)) = (public_listener, upstreams) {
-            let addr = local_addr("public", &listener)?;
             let connections = forever(Connections::new(server.max_connections));
             let metrics = forever(Metrics::new(
                 R::NAME,
@@ -189,44 +188,27 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
             let public_settings = settings("public", server.idle_timeout_ms, Some(metrics));
-            // Each shard registers its copy of the socket with the reactor
-            // of the worker it runs on, and reports how that went.
-            let mut adoptions = Vec::new();
-            for (shard, &upstream) in upstreams.iter().enumerate() {
-                let listener = listener.try_clone().map_err(|source| Fatal::Listen {
-                    name: "public",
-                    addr,
-                    source,
-                })?;
-                let adopted: &'static OnceCell<Result<(), io::Error>> = forever(OnceCell::new());
-                adoptions.push(adopted);
-                let forward = forever(Forward::new(upstream, metrics, &config.responses));
-                let stop = public.stop;
-                public.start_on::<R>(shard, async move {
-                    let listener = match R::adopt_listener(listener) {
-                        Ok(listener) => listener,
-                        Err(error) => {
-                            let _ = adopted.set(Err(error)).await;
-                            return;
-                        }
-                    };
-                    let _ = adopted.set(Ok(())).await;
-                    R::spawn(upstream.reap_idle());
-                    serve::<R, _>(listener, forward, public_settings, connections, stop).await;
-                });
+            let (listener, _) = adopt::<R>("public", listener)?;
+            // One service per upstream pool: per core, each worker's
+            // connections use its own.
+            let forwards: Vec<&'static Forward<R>> = upstreams
+                .iter()
+                .map(|&upstream| forever(Forward::new(upstream, metrics, &config.responses)))
+                .collect();
+            for (worker, &upstream) in upstreams.iter().enumerate() {
+                R::spawn_on(worker, upstream.reap_idle());
             }
-            drop(listener);
-            for adopted in adoptions {
-                if let Err(error) = adopted.wait().await {
-                    let source = io::Error::new(error.kind(), error.to_string());
-                    return Err(Fatal::Listen {
-                        name: "public",
-                        addr,
-                        source,
-                    });
-                }
-            }
-            tracing::info!("listening on {addr} (public)");
+            let stop = public.stop;
+            public.start_on::<R>(
+                0,
+                serve::<R, _>(
+                    listener,
+                    Box::leak(forwards.into_boxed_slice()),
+                    public_settings,
+                    connections,
+                    stop,
+                ),
+            );
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
@@ -235,7 +217,13 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
                 let stop = admin.stop;
                 admin.start_on::<R>(
                     0,
-                    serve::<R, _>(listener, service, admin_settings, connections, stop),
+                    serve::<R, _>(
+                        listener,
+                        forever([service]),
+                        admin_settings,
+                        connections,
+                        stop,
+                    ),
                 );
             }
         }

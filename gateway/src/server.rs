@@ -104,9 +104,16 @@ impl Drop for Open {
 /// Serves `listener` until `stop` is set, then drains: lets every
 /// connection finish the request it has, closes idle ones, and returns
 /// when none is left or `shutdown_timeout` has passed.
+///
+/// `services` holds one service, or one per worker when each worker has a
+/// scheduler of its own: then connections are handed to the workers in
+/// turn, each served there with that worker's service. (Workers each
+/// accepting on a copy of the socket were tried first: the kernel wakes
+/// the last one to wait first, and an idle gateway gave it every new
+/// connection.)
 pub async fn serve<R: Runtime, S: Service>(
     listener: R::Listener,
-    service: &'static S,
+    services: &'static [&'static S],
     settings: &'static ServerSettings,
     connections: &'static Connections,
     stop: &'static Latch,
@@ -121,6 +128,7 @@ pub async fn serve<R: Runtime, S: Service>(
     let builder: &'static http1::Builder = Box::leak(Box::new(builder));
 
     let mut stopped = pin!(stop.wait());
+    let mut next_worker = 0;
     loop {
         let permit = future::or(
             async { Some(connections.limit.acquire_arc().await) },
@@ -142,9 +150,38 @@ pub async fn serve<R: Runtime, S: Service>(
                     connections,
                     _permit: permit,
                 };
-                R::spawn(serve_connection::<R, S>(
-                    stream, peer, service, settings, builder, stop, open,
-                ));
+                if let [service] = services {
+                    R::spawn(serve_connection::<R, S>(
+                        stream, peer, service, settings, builder, stop, open,
+                    ));
+                    continue;
+                }
+                let worker = next_worker;
+                next_worker = (next_worker + 1) % services.len();
+                let stream = match R::release_stream(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "cannot hand the connection over");
+                        continue;
+                    }
+                };
+                R::spawn_on(worker, async move {
+                    match R::adopt_stream(stream) {
+                        Ok(stream) => {
+                            serve_connection::<R, S>(
+                                stream,
+                                peer,
+                                services[worker],
+                                settings,
+                                builder,
+                                stop,
+                                open,
+                            )
+                            .await
+                        }
+                        Err(error) => tracing::debug!(%peer, %error, "cannot adopt the connection"),
+                    }
+                });
             }
             Some(Err(error)) => {
                 drop(permit);
