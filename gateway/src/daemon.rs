@@ -7,7 +7,6 @@
 //! accepting and drains first; the built-in counter it may be forwarding to
 //! stops after it.
 
-use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use crate::counter::Counter;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
+use crate::service::Service;
 use crate::shutdown::Latch;
 use crate::systemd;
 use crate::upstream::Upstream;
@@ -163,17 +163,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let connections = forever(Connections::new(usize::MAX >> 4));
             let service = forever(Counter::default());
             status_source = Some((connections, Box::new(|| service.count())));
-            let stop = counter.stop;
-            counter.start_on::<R>(
-                0,
-                serve::<R, _>(
-                    listener,
-                    forever([service]),
-                    counter_settings,
-                    connections,
-                    stop,
-                ),
-            );
+            counter.serve::<R, _>(listener, forever([service]), counter_settings, connections);
         }
 
         let mut public = Stage::new();
@@ -198,33 +188,18 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             for (worker, &upstream) in upstreams.iter().enumerate() {
                 R::spawn_on(worker, upstream.reap_idle());
             }
-            let stop = public.stop;
-            public.start_on::<R>(
-                0,
-                serve::<R, _>(
-                    listener,
-                    Box::leak(forwards.into_boxed_slice()),
-                    public_settings,
-                    connections,
-                    stop,
-                ),
+            public.serve::<R, _>(
+                listener,
+                Box::leak(forwards.into_boxed_slice()),
+                public_settings,
+                connections,
             );
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
                 let connections = forever(Connections::new(1024));
                 let service = forever(Admin::new(metrics));
-                let stop = admin.stop;
-                admin.start_on::<R>(
-                    0,
-                    serve::<R, _>(
-                        listener,
-                        forever([service]),
-                        admin_settings,
-                        connections,
-                        stop,
-                    ),
-                );
+                admin.serve::<R, _>(listener, forever([service]), admin_settings, connections);
             }
         }
 
@@ -266,39 +241,42 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
 /// Reads a listener's requests served, for the status line.
 type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// One listener's server tasks (one, or one per worker) and the latches
-/// that stop them and report them stopped. A stage never started counts
-/// as finished.
+/// One listener's server task and the latches that stop it and report it
+/// stopped. A stage never started counts as finished.
 struct Stage {
     stop: &'static Latch,
-    done: Vec<&'static Latch>,
+    done: &'static Latch,
+    started: bool,
 }
 
 impl Stage {
     fn new() -> Self {
         Self {
             stop: forever(Latch::new()),
-            done: Vec::new(),
+            done: forever(Latch::new()),
+            started: false,
         }
     }
 
-    /// Starts one of the stage's servers, on `worker` when each worker has
-    /// a scheduler of its own.
-    fn start_on<R: Runtime>(
+    /// Serves `listener` on a task of its own (per core, on the worker
+    /// running `main`) until [`Stage::finish`].
+    fn serve<R: Runtime, S: Service>(
         &mut self,
-        worker: usize,
-        server: impl Future<Output = ()> + Send + 'static,
+        listener: R::Listener,
+        services: &'static [&'static S],
+        settings: &'static ServerSettings,
+        connections: &'static Connections,
     ) {
-        let done = forever(Latch::new());
-        self.done.push(done);
-        spawn_with_latch::<R>(worker, server, done);
+        self.started = true;
+        let server = serve::<R, S>(listener, services, settings, connections, self.stop);
+        spawn_with_latch::<R>(server, self.done);
     }
 
-    /// Stops the listener and waits until every server has drained.
+    /// Stops the listener and waits until it has drained.
     async fn finish(&self) {
         self.stop.set();
-        for done in &self.done {
-            done.wait().await;
+        if self.started {
+            self.done.wait().await;
         }
     }
 }

@@ -492,14 +492,12 @@ async fn serve_connection<R: Runtime, S: Service>(
     drop(open);
 }
 
-/// Runs `future` on its own task, on `worker` when each worker has a
-/// scheduler of its own, and reports when it has finished.
+/// Runs `future` on its own task and reports when it has finished.
 pub fn spawn_with_latch<R: Runtime>(
-    worker: usize,
     future: impl Future<Output = ()> + Send + 'static,
     done: &'static Latch,
 ) {
-    R::spawn_on(worker, async move {
+    R::spawn(async move {
         future.await;
         done.set();
     });
