@@ -99,7 +99,8 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     /// workers) with [`Threading::PerCore`]; like [`Runtime::spawn`] with
     /// [`Threading::Shared`], where any worker may run it. The task is
     /// first polled on that worker, so what it registers with the reactor
-    /// (an adopted listener, say) belongs to that worker.
+    /// (a stream from [`Runtime::adopt_stream`], say) belongs to that
+    /// worker.
     fn spawn_on<F>(worker: usize, task: F)
     where
         F: Future<Output = ()> + Send + 'static;

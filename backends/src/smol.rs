@@ -5,9 +5,9 @@
 //!
 //! The shared executor is a process-wide static so that
 //! [`Runtime::spawn`] can reach it from anywhere, as `tokio::spawn`
-//! reaches tokio's; a per-core worker finds its own in a thread-local. async-io runs
-//! its reactor on whichever thread is blocked waiting, or on its own
-//! "async-io" thread when none is.
+//! reaches tokio's; a per-core worker finds its own in a thread-local.
+//! async-io runs its reactor on whichever thread is blocked waiting, or
+//! on its own "async-io" thread when none is.
 
 use std::future::Future;
 use std::io::{self, Read};

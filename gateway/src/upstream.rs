@@ -156,10 +156,16 @@ impl<R: Runtime> Waiter<R> {
 struct Queued<R: Runtime> {
     upstream: &'static Upstream<R>,
     waiter: Arc<Waiter<R>>,
+    /// Handed something and took it: already out of the queue, so
+    /// dropping has nothing to search for.
+    served: bool,
 }
 
 impl<R: Runtime> Drop for Queued<R> {
     fn drop(&mut self) {
+        if self.served {
+            return;
+        }
         let still_queued = {
             let mut pool = self.upstream.pool();
             let at = pool.queue.iter().position(|w| Arc::ptr_eq(w, &self.waiter));
@@ -387,13 +393,15 @@ impl<R: Runtime> Upstream<R> {
         waiter: Arc<Waiter<R>>,
         deadline: Instant,
     ) -> Option<Handoff<R>> {
-        let queued = Queued {
+        let mut queued = Queued {
             upstream: self,
             waiter,
+            served: false,
         };
         timeout_at::<R, _>(deadline, queued.waiter.handed())
             .await
             .ok()?;
+        queued.served = true;
         queued.waiter.take()
     }
 
