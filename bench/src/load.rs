@@ -71,8 +71,13 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("constant bounds are valid")
 }
 
-/// Runs the load described by `spec` and returns what it measured.
-pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
+/// Runs the load described by `spec` and returns what it measured, with
+/// what `sample` returned at the start and at the end of the measured
+/// window (taken on this thread while the load threads run).
+pub fn run<S>(
+    spec: &LoadSpec,
+    mut sample: impl FnMut() -> S,
+) -> std::io::Result<(LoadResult, S, S)> {
     let threads = spec.cpus.len().min(spec.connections).max(1);
     let start = Instant::now() + Duration::from_millis(50);
     let window_start = start + spec.warmup;
@@ -118,6 +123,10 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
             },
         ));
     }
+    std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+    let at_start = sample();
+    std::thread::sleep(stop.saturating_duration_since(Instant::now()));
+    let at_end = sample();
     let mut total = empty_result(spec.duration);
     for handle in handles {
         match handle.join() {
@@ -125,7 +134,7 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadResult> {
             Err(_) => return Err(std::io::Error::other("a load thread panicked")),
         }
     }
-    Ok(total)
+    Ok((total, at_start, at_end))
 }
 
 fn empty_result(window: Duration) -> LoadResult {

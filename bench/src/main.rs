@@ -8,6 +8,7 @@
 //! pinned to disjoint CPU sets (see [`layout`]). Outputs: a table on
 //! stdout, `results.json` and `throughput.svg` in `--out`.
 
+mod cpu;
 mod layout;
 mod load;
 mod procs;
@@ -148,6 +149,7 @@ fn run(options: &Options) -> Result<bool, String> {
                 workers,
                 target,
                 None,
+                None,
                 connections,
                 &progress,
             )?);
@@ -245,7 +247,8 @@ fn measure_local(
                     target,
                     workers,
                     server.addr,
-                    Some(counter.addr),
+                    Some(&server),
+                    Some(&counter),
                     connections,
                     &progress,
                 )?;
@@ -260,7 +263,8 @@ fn measure_local(
 }
 
 /// One row: load at one concurrency level, checked against the counter's
-/// tally when there is one, and cross-checked with wrk when asked.
+/// tally when there is one, with each side's CPU time over the window, and
+/// cross-checked with wrk when asked.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     options: &Options,
@@ -268,10 +272,12 @@ fn measure(
     target: &str,
     workers: usize,
     addr: SocketAddr,
-    counter: Option<SocketAddr>,
+    server: Option<&procs::Running>,
+    counter: Option<&procs::Running>,
     connections: usize,
     progress: &str,
 ) -> Result<Row, String> {
+    let counter_addr = counter.map(|c| c.addr);
     eprintln!(
         "{progress}, {connections} connections: {} warm-up, {} measured{}",
         humantime::format_duration(options.warmup),
@@ -281,7 +287,7 @@ fn measure(
             .map(|r| format!(", open loop at {r:.0}/s"))
             .unwrap_or_default()
     );
-    let before = counter.map(procs::settled_tally).transpose()?;
+    let before = counter_addr.map(procs::settled_tally).transpose()?;
     let spec = LoadSpec {
         target: addr,
         connections,
@@ -290,8 +296,12 @@ fn measure(
         duration: options.duration,
         rate: options.rate,
     };
-    let result = load::run(&spec).map_err(|e| format!("load generator: {e}"))?;
-    let after = counter.map(procs::settled_tally).transpose()?;
+    let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
+    let (result, window_start, window_end) =
+        load::run(&spec, || cpu::Sample::take(server_pid, counter_pid))
+            .map_err(|e| format!("load generator: {e}"))?;
+    let cpu = cpu::Usage::between(&window_start, &window_end);
+    let after = counter_addr.map(procs::settled_tally).transpose()?;
     let tally_delta = before.zip(after).map(|(before, after)| after - before);
     let wrk = if options.wrk {
         procs::wrk(&layout.load, addr, connections, options.duration)
@@ -313,6 +323,7 @@ fn measure(
         tally_delta,
         wrk_requests_per_second: wrk,
         round: 1,
+        cpu,
     };
     eprintln!(
         "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",

@@ -18,6 +18,10 @@ pub struct Running {
 }
 
 impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the process with SIGTERM, then SIGKILL if it lingers.
     pub fn stop(mut self) {
         let _ = Command::new("kill")

@@ -7,7 +7,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::layout::Layout;
+use crate::cpu::Usage;
+use crate::layout::{CpuList, Layout};
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
@@ -31,7 +32,71 @@ pub struct Row {
     pub wrk_requests_per_second: Option<f64>,
     /// Which of the `--rounds` this row was measured in, from 1.
     pub round: usize,
+    /// CPU seconds each side used over the measured window.
+    pub cpu: Usage,
 }
+
+impl Row {
+    /// The server's CPU time per answered request, in microseconds.
+    pub fn server_us_per_request(&self) -> Option<f64> {
+        let seconds = self.cpu.server_s?;
+        (self.requests > 0).then(|| seconds * 1e6 / self.requests as f64)
+    }
+
+    /// How busy each side kept its CPUs (0 to 1): server, counter, load.
+    /// Where the counter and the load generator share CPUs, both get
+    /// their joint figure, the only one that says whether those CPUs ran
+    /// out.
+    pub fn busy(&self, layout: &Layout) -> [Option<f64>; 3] {
+        let server = self.cpu.busy(self.cpu.server_s, &layout.gateway);
+        if layout
+            .counter
+            .0
+            .iter()
+            .any(|cpu| layout.load.0.contains(cpu))
+        {
+            let mut union = layout.counter.0.clone();
+            union.extend(
+                layout
+                    .load
+                    .0
+                    .iter()
+                    .filter(|cpu| !layout.counter.0.contains(cpu)),
+            );
+            let joint = self.cpu.counter_s.zip(self.cpu.load_s).map(|(c, l)| c + l);
+            let joint = self.cpu.busy(joint, &CpuList(union));
+            return [server, joint, joint];
+        }
+        [
+            server,
+            self.cpu.busy(self.cpu.counter_s, &layout.counter),
+            self.cpu.busy(self.cpu.load_s, &layout.load),
+        ]
+    }
+
+    /// In a closed loop, the server had CPU to spare while the counter or
+    /// the load generator ran out: the row is a floor set by the load side.
+    pub fn load_bound(&self, report: &Report) -> bool {
+        if report.rate.is_some() || report.layout.gateway_shares() {
+            return false;
+        }
+        match self.busy(&report.layout) {
+            [Some(server), counter, load] => {
+                server < SATURATED_SERVER
+                    && [counter, load]
+                        .into_iter()
+                        .flatten()
+                        .any(|side| side >= SATURATED_LOAD_SIDE)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Below this, a server's CPUs were not what limited it.
+const SATURATED_SERVER: f64 = 0.85;
+/// At or above this, the counter's or the load generator's CPUs were.
+const SATURATED_LOAD_SIDE: f64 = 0.90;
 
 /// Everything `results.json` holds.
 #[derive(Debug, Serialize)]
@@ -109,6 +174,7 @@ pub fn table(report: &Report) -> String {
         .any(|r| r.wrk_requests_per_second.is_some());
     let with_nginx = report.rows.iter().any(|r| r.target == "nginx");
     let with_rounds = report.rounds > 1;
+    let mut any_load_bound = false;
     // Wide enough for `tokio/per-core`; `backend` otherwise.
     let name_width = report
         .rows
@@ -118,7 +184,7 @@ pub fn table(report: &Report) -> String {
         .max()
         .unwrap_or(7);
     out.push_str(&format!(
-        "{:<name_width$} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+        "{:<name_width$} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>13}{}\n",
         "backend",
         "workers",
         "connections",
@@ -130,6 +196,8 @@ pub fn table(report: &Report) -> String {
         "p99.9",
         "errors",
         "count ok",
+        "CPU/req",
+        "busy% s/c/l",
         if with_wrk { "     wrk req/s" } else { "" }
     ));
     let summaries = report.summaries();
@@ -159,12 +227,22 @@ pub fn table(report: &Report) -> String {
         } else {
             String::new()
         };
+        let percent = |fraction: Option<f64>| {
+            fraction.map_or("-".to_owned(), |f| format!("{:.0}", f * 100.0))
+        };
+        let [server, counter, load] = row.busy(&report.layout);
+        let load_bound = row.load_bound(report);
+        any_load_bound |= load_bound;
         out.push_str(&format!(
-            "{:<name_width$} {:>7} {:>11} {:>12.0}{}{} {:>9} {:>9} {:>9} {:>7} {:>8}{}\n",
+            "{:<name_width$} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>13}{}\n",
             row.target,
             row.workers,
             row.connections,
-            row.requests_per_second,
+            format!(
+                "{}{:.0}",
+                if load_bound { "*" } else { "" },
+                row.requests_per_second
+            ),
             vs_nginx,
             range,
             ms(row.p50_us),
@@ -176,9 +254,26 @@ pub fn table(report: &Report) -> String {
                 Some(false) => "NO",
                 None => "n/a",
             },
+            row.server_us_per_request()
+                .map_or("-".to_owned(), |us| format!("{us:.1}µs")),
+            format!("{}/{}/{}", percent(server), percent(counter), percent(load)),
             wrk,
         ));
     }
+    if any_load_bound {
+        out.push_str(&format!(
+            "* the server's CPUs were under {:.0}% busy while the counter's or the load \
+             generator's were at {:.0}% or more: that row is a floor set by the load side, \
+             and ranks nothing\n",
+            SATURATED_SERVER * 100.0,
+            SATURATED_LOAD_SIDE * 100.0
+        ));
+    }
+    out.push_str(
+        "CPU/req: the server's CPU time (user + system, nginx's workers included) per answered \
+         request; busy%: how busy the server (s), counter (c) and load generator (l) kept \
+         their CPUs over the window\n",
+    );
     if report.rows.iter().all(|r| r.target == "target") {
         out.push_str(&format!(
             "host: {} ({} CPUs); load on CPUs {}\n",
@@ -312,4 +407,84 @@ fn panel(
         .position(legend)
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(layout: &str, server_s: f64, counter_s: f64, load_s: f64) -> Report {
+        let layout = Layout::for_cpus(&(0..16).collect::<Vec<_>>())
+            .override_with(layout)
+            .expect("a valid layout");
+        let row = Row {
+            target: "tokio".to_owned(),
+            workers: 8,
+            connections: 1024,
+            requests: 1_000_000,
+            requests_per_second: 250_000.0,
+            p50_us: 1,
+            p99_us: 1,
+            p999_us: 1,
+            errors: 0,
+            count_ok: Some(true),
+            ok_total: 1_000_000,
+            tally_delta: Some(1_000_000),
+            wrk_requests_per_second: None,
+            round: 1,
+            cpu: Usage {
+                window_s: 4.0,
+                server_s: Some(server_s),
+                counter_s: Some(counter_s),
+                load_s: Some(load_s),
+            },
+        };
+        Report {
+            cpu_model: "test".to_owned(),
+            cpus: 16,
+            layout,
+            duration_s: 4.0,
+            warmup_s: 1.0,
+            rate: None,
+            rounds: 1,
+            rows: vec![row],
+        }
+    }
+
+    const EIGHT: &str = "gateway=0-7 counter=8-9 load=10-15";
+
+    #[test]
+    fn a_server_with_cpu_to_spare_behind_a_saturated_load_side_is_flagged() {
+        // Gateway 8 CPUs at 60%, counter 2 CPUs at 50%, load 6 CPUs at 97%.
+        let report = report(EIGHT, 19.2, 4.0, 23.28);
+        let row = &report.rows[0];
+        let [server, counter, load] = row.busy(&report.layout);
+        assert_eq!(server.map(|b| (b * 100.0).round()), Some(60.0));
+        assert_eq!(counter.map(|b| (b * 100.0).round()), Some(50.0));
+        assert_eq!(load.map(|b| (b * 100.0).round()), Some(97.0));
+        assert!(row.load_bound(&report));
+        assert!(table(&report).contains("*250000"), "{}", table(&report));
+        assert_eq!(row.server_us_per_request(), Some(19.2));
+    }
+
+    #[test]
+    fn a_saturated_server_or_an_idle_load_side_is_not_flagged() {
+        // Gateway at 97%: the row measures it, whatever the load side did.
+        let saturated = report(EIGHT, 31.0, 4.0, 23.28);
+        assert!(!saturated.rows[0].load_bound(&saturated));
+        // Gateway at 60%, load side at 50%: nothing ran out (a rate cap).
+        let spare = report(EIGHT, 19.2, 4.0, 12.0);
+        assert!(!spare.rows[0].load_bound(&spare));
+        assert!(!table(&spare).contains('*'));
+    }
+
+    #[test]
+    fn a_counter_and_load_generator_sharing_cpus_are_judged_together() {
+        // Counter 45% + load 50% of the one CPU they share: 95% busy.
+        let report = report("gateway=0 counter=1 load=1", 2.8, 1.8, 2.0);
+        let [_, counter, load] = report.rows[0].busy(&report.layout);
+        assert_eq!(counter, load);
+        assert_eq!(counter.map(|b| (b * 100.0).round()), Some(95.0));
+        assert!(report.rows[0].load_bound(&report));
+    }
 }
