@@ -163,7 +163,10 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let connections = forever(Connections::new(usize::MAX >> 4));
             let service = forever(Counter::default());
             status_source = Some((connections, Box::new(|| service.count())));
-            counter.serve::<R, _>(listener, forever([service]), counter_settings, connections);
+            // Per core, the same counter on every worker: the connections
+            // are spread over them like the public ones.
+            let services = Box::leak(vec![service; shards].into_boxed_slice());
+            counter.serve::<R, _>(listener, services, counter_settings, connections);
         }
 
         let mut public = Stage::new();
@@ -179,8 +182,9 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
             let public_settings = settings("public", server.idle_timeout_ms, Some(metrics));
             let (listener, _) = adopt::<R>("public", listener)?;
-            // One service per upstream pool: per core, each worker's
-            // connections use its own.
+            // Per core, one service per worker, each on its worker's own
+            // upstream pool (or, under a cap smaller than the worker
+            // count, on one of the pools they share).
             let forwards: Vec<&'static Forward<R>> = upstreams
                 .iter()
                 .map(|&upstream| forever(Forward::new(upstream, metrics, &config.responses)))
@@ -188,9 +192,12 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             for (worker, &upstream) in upstreams.iter().enumerate() {
                 R::spawn_on(worker, upstream.reap_idle());
             }
+            let services: Vec<&'static Forward<R>> = (0..shards)
+                .map(|worker| forwards[worker % forwards.len()])
+                .collect();
             public.serve::<R, _>(
                 listener,
-                Box::leak(forwards.into_boxed_slice()),
+                Box::leak(services.into_boxed_slice()),
                 public_settings,
                 connections,
             );
@@ -287,13 +294,26 @@ fn upstream_pools<R: Runtime>(
     config: &Config,
     shards: usize,
 ) -> Result<&'static [&'static Upstream<R>], Fatal> {
-    let mut share = config.upstream.clone();
-    share.max_connections = (config.upstream.max_connections / shards).max(1);
-    let pools = (0..shards)
-        .map(|_| Upstream::<R>::new(&share).map(forever))
+    let pools = pool_shares(config.upstream.max_connections, shards)
+        .into_iter()
+        .map(|max_connections| {
+            let mut share = config.upstream.clone();
+            share.max_connections = max_connections;
+            Upstream::<R>::new(&share).map(forever)
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Upstream)?;
     Ok(Box::leak(pools.into_boxed_slice()))
+}
+
+/// Splits `max_connections` over up to `shards` pools, so that together
+/// they never exceed it: a cap below the worker count gives fewer pools
+/// than workers (workers share them), never a pool of zero or one over.
+fn pool_shares(max_connections: usize, shards: usize) -> Vec<usize> {
+    let pools = shards.min(max_connections).max(1);
+    (0..pools)
+        .map(|pool| max_connections / pools + usize::from(pool < max_connections % pools))
+        .collect()
 }
 
 /// The public listener: the socket systemd passed (socket activation), or
@@ -341,5 +361,27 @@ fn raise_open_file_limit(config: &Config) {
         ),
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_shares;
+
+    #[test]
+    fn pool_shares_add_up_to_the_cap_and_none_is_empty() {
+        assert_eq!(pool_shares(256, 1), [256]);
+        assert_eq!(pool_shares(256, 16), [16; 16]);
+        assert_eq!(pool_shares(10, 4), [3, 3, 2, 2]);
+        assert_eq!(pool_shares(2, 16), [1, 1]);
+        assert_eq!(pool_shares(1, 2), [1]);
+        for cap in 1..40 {
+            for workers in 1..20 {
+                let shares = pool_shares(cap, workers);
+                assert_eq!(shares.iter().sum::<usize>(), cap);
+                assert!(shares.iter().all(|&share| share > 0));
+                assert!(shares.len() <= workers);
+            }
+        }
     }
 }

@@ -114,15 +114,15 @@ async fn connections_over_the_cap_wait_in_the_backlog(backend: Backend) {
 }
 
 async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
-    sigterm_with_100_visits_in_flight(backend, 2, "shared").await;
+    sigterm_with_100_visits_in_flight(backend, 2, "per-core").await;
 }
 
 async fn sigterm_on_one_worker_answers_requests_in_flight(backend: Backend) {
     sigterm_with_100_visits_in_flight(backend, 1, "shared").await;
 }
 
-async fn sigterm_per_core_answers_requests_in_flight(backend: Backend) {
-    sigterm_with_100_visits_in_flight(backend, 2, "per-core").await;
+async fn sigterm_shared_answers_requests_in_flight(backend: Backend) {
+    sigterm_with_100_visits_in_flight(backend, 2, "shared").await;
 }
 
 async fn sigterm_with_100_visits_in_flight(
@@ -189,5 +189,5 @@ both_backends!(
     connections_over_the_cap_wait_in_the_backlog,
     sigterm_answers_requests_in_flight_and_exits_0,
     sigterm_on_one_worker_answers_requests_in_flight,
-    sigterm_per_core_answers_requests_in_flight,
+    sigterm_shared_answers_requests_in_flight,
 );

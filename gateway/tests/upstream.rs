@@ -9,15 +9,15 @@ use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, start_coun
 use http::StatusCode;
 
 async fn counting_is_exact_under_concurrency(backend: Backend) {
-    count_200_clients_times_50_visits(backend, 2, "shared").await;
+    count_200_clients_times_50_visits(backend, 2, "per-core").await;
 }
 
 async fn counting_is_exact_on_one_worker(backend: Backend) {
     count_200_clients_times_50_visits(backend, 1, "shared").await;
 }
 
-async fn counting_is_exact_per_core(backend: Backend) {
-    count_200_clients_times_50_visits(backend, 2, "per-core").await;
+async fn counting_is_exact_shared(backend: Backend) {
+    count_200_clients_times_50_visits(backend, 2, "shared").await;
 }
 
 async fn count_200_clients_times_50_visits(
@@ -286,6 +286,37 @@ async fn visits_queued_at_the_cap_are_served_in_turn(backend: Backend) {
     assert_eq!(upstream.posts(), visits);
 }
 
+async fn a_cap_below_the_worker_count_holds_per_core(backend: Backend) {
+    // Four workers, each wanting a pool of its own, and a cap of two
+    // upstream connections: the workers share two pools of one rather
+    // than open one each.
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(20))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .workers(4)
+        .threading("per-core")
+        .upstream("max_connections = 2\nrequest_timeout_ms = 5000")
+        .start();
+    let addr = gateway.addr("public");
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        clients.spawn(async move {
+            let mut client = Client::connect(addr).await;
+            for _ in 0..5 {
+                assert_eq!(client.get("/").await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(result) = clients.join_next().await {
+        result.expect("client task");
+    }
+    assert_eq!(upstream.posts(), 80);
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "the cap is for the whole process"
+    );
+}
+
 async fn a_visit_abandoned_in_the_queue_gives_up_its_place(backend: Backend) {
     // One connection, 400 ms a visit. A holds it; B queues, then its client
     // leaves; C queues after. When A's answer frees the connection it
@@ -346,7 +377,8 @@ both_backends!(
     stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,
     counting_is_exact_on_one_worker,
-    counting_is_exact_per_core,
+    counting_is_exact_shared,
+    a_cap_below_the_worker_count_holds_per_core,
     visits_queued_at_the_cap_are_served_in_turn,
     a_visit_abandoned_in_the_queue_gives_up_its_place,
     builtin_counter_counts_and_reports,
