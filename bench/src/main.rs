@@ -44,7 +44,7 @@ struct Options {
     /// Gateway worker threads (and nginx workers) [default: the gateway's CPUs].
     #[arg(long)]
     workers: Option<usize>,
-    /// CPU layout override, e.g. "gateway=0-3 counter=4-5 load=6-15".
+    /// CPU layout override, e.g. "gateway=0-3 counter=4-7 load=8-15".
     #[arg(long)]
     cpus: Option<String>,
     /// Open loop at this many requests/s (latency corrected for coordinated
