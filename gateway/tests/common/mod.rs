@@ -174,7 +174,7 @@ pub struct GatewayConfig {
     /// `runtime.workers`: 2 unless a test asks for the one-worker setup,
     /// which tokio runs on its single-threaded scheduler.
     pub workers: usize,
-    /// `runtime.threading`: "shared" or "per-core".
+    /// `runtime.threading`: "per-core" (the default) or "shared".
     pub threading: &'static str,
 }
 
@@ -189,7 +189,7 @@ impl GatewayConfig {
             counter: false,
             admin: false,
             workers: 2,
-            threading: "shared",
+            threading: "per-core",
         }
     }
 
