@@ -109,17 +109,15 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     /// [`bind_listener`] or passed in by systemd) with this runtime.
     fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener>;
 
-    /// Accepts one connection, with `TCP_NODELAY` set.
+    /// Accepts one connection: a non-blocking socket with `TCP_NODELAY`
+    /// set (see [`accept_nonblocking`]), registered with no reactor yet,
+    /// so that the worker that will serve it registers it, once.
     fn accept(
         listener: &Self::Listener,
-    ) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+    ) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send;
 
-    /// Takes an accepted stream out of this worker's reactor, as a plain
-    /// socket for another worker's [`Runtime::adopt_stream`].
-    fn release_stream(stream: Self::Stream) -> io::Result<TcpStream>;
-
-    /// Registers a connected socket, released by
-    /// [`Runtime::release_stream`], with the calling worker's reactor.
+    /// Registers a socket from [`Runtime::accept`] with the calling
+    /// worker's reactor.
     fn adopt_stream(stream: TcpStream) -> io::Result<Self::Stream>;
 
     /// Opens a connection, with `TCP_NODELAY` set.
@@ -134,6 +132,22 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     /// Starts listening for SIGTERM and SIGINT; the returned future
     /// completes when either arrives. Call it inside [`Runtime::block_on`].
     fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static>;
+}
+
+/// One `accept4` on a non-blocking listener: the connection comes back
+/// non-blocking already (no `ioctl` to make it so) and gets `TCP_NODELAY`.
+/// `WouldBlock` when none is waiting; the backends wait for readiness.
+pub fn accept_nonblocking(listener: impl std::os::fd::AsFd) -> io::Result<(TcpStream, SocketAddr)> {
+    use rustix::net::{SocketFlags, acceptfrom_with};
+    let (socket, peer) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let stream = TcpStream::from(socket);
+    stream.set_nodelay(true)?;
+    let peer = match peer.map(SocketAddr::try_from) {
+        Some(Ok(peer)) => peer,
+        // Not an IP peer on a TCP listener: ask the socket.
+        _ => stream.peer_addr()?,
+    };
+    Ok((stream, peer))
 }
 
 /// Binds a listening TCP socket the way a server wants it: `SO_REUSEADDR`

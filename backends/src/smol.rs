@@ -325,18 +325,15 @@ impl Runtime for Smol {
         Async::new(listener)
     }
 
-    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        stream.get_ref().set_nodelay(true)?;
-        Ok((SmolStream::new(stream), peer))
-    }
-
-    fn release_stream(stream: Self::Stream) -> io::Result<TcpStream> {
-        stream.io.into_inner()
+    async fn accept(listener: &Self::Listener) -> io::Result<(TcpStream, SocketAddr)> {
+        listener
+            .read_with(|listener| crate::accept_nonblocking(listener))
+            .await
     }
 
     fn adopt_stream(stream: TcpStream) -> io::Result<Self::Stream> {
-        Ok(SmolStream::new(Async::new(stream)?))
+        // `accept` made it non-blocking already.
+        Ok(SmolStream::new(Async::new_nonblocking(stream)?))
     }
 
     async fn connect(addr: SocketAddr) -> io::Result<Self::Stream> {

@@ -9,9 +9,20 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::Interest;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{Runtime, Threading};
+
+/// A listening socket in tokio's reactor, accepted from without
+/// registering the connections (see [`Runtime::accept`]).
+///
+/// tokio's `TcpListener` only accepts into a registered `TcpStream`, and
+/// waiting for readiness without an `unsafe` `AsyncFd` is only public on
+/// `TcpStream`: so the listening socket is held as one. Its registration
+/// is what any socket's is (the descriptor in tokio's epoll set, readable
+/// when a connection waits); only `async_io` is ever called on it.
+pub struct Listener(tokio::net::TcpStream);
 
 /// The per-core workers' runtimes, for [`Runtime::spawn_on`]; unset with
 /// shared threading.
@@ -91,7 +102,7 @@ pub struct Tokio;
 impl Runtime for Tokio {
     const NAME: &'static str = "tokio";
 
-    type Listener = tokio::net::TcpListener;
+    type Listener = Listener;
     type Stream = TokioIo<tokio::net::TcpStream>;
     type Timer = TokioTimer;
     type Sleep = tokio::time::Sleep;
@@ -138,21 +149,18 @@ impl Runtime for Tokio {
 
     fn adopt_listener(listener: TcpListener) -> io::Result<Self::Listener> {
         listener.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(listener)
+        let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(listener));
+        Ok(Listener(tokio::net::TcpStream::from_std(socket)?))
     }
 
-    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        Ok((TokioIo::new(stream), peer))
-    }
-
-    fn release_stream(stream: Self::Stream) -> io::Result<std::net::TcpStream> {
-        stream.into_inner().into_std()
+    async fn accept(listener: &Self::Listener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        let socket = &listener.0;
+        socket
+            .async_io(Interest::READABLE, || crate::accept_nonblocking(socket))
+            .await
     }
 
     fn adopt_stream(stream: std::net::TcpStream) -> io::Result<Self::Stream> {
-        stream.set_nonblocking(true)?;
         Ok(TokioIo::new(tokio::net::TcpStream::from_std(stream)?))
     }
 

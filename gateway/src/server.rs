@@ -150,22 +150,11 @@ pub async fn serve<R: Runtime, S: Service>(
                     connections,
                     _permit: permit,
                 };
-                if let [service] = services {
-                    R::spawn(serve_connection::<R, S>(
-                        stream, peer, service, settings, builder, stop, open,
-                    ));
-                    continue;
-                }
                 let worker = next_worker;
                 next_worker = (next_worker + 1) % services.len();
-                let stream = match R::release_stream(stream) {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "cannot hand the connection over");
-                        continue;
-                    }
-                };
-                R::spawn_on(worker, async move {
+                // The accepted socket is in no reactor yet: the task that
+                // serves it registers it with its own worker's, once.
+                let connection = async move {
                     match R::adopt_stream(stream) {
                         Ok(stream) => {
                             serve_connection::<R, S>(
@@ -179,9 +168,15 @@ pub async fn serve<R: Runtime, S: Service>(
                             )
                             .await
                         }
-                        Err(error) => tracing::debug!(%peer, %error, "cannot adopt the connection"),
+                        Err(error) => {
+                            tracing::debug!(%peer, %error, "cannot register the connection")
+                        }
                     }
-                });
+                };
+                match services {
+                    [_] => R::spawn(connection),
+                    _ => R::spawn_on(worker, connection),
+                }
             }
             Some(Err(error)) => {
                 drop(permit);
