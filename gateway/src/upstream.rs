@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -258,20 +259,20 @@ impl<R: Runtime> Upstream<R> {
         lock(&self.pool)
     }
 
-    /// Registers one visit, which began at `started`: one POST whose
-    /// `x-forwarded-for` value `forwarded_for` writes, unless the pool is
-    /// saturated.
-    pub async fn register_visit(
-        &'static self,
-        forwarded_for: impl FnOnce(&mut Vec<u8>),
-        started: Instant,
-    ) -> Outcome {
-        let deadline = started + self.request_timeout;
+    /// The POST that registers a visit, whose `x-forwarded-for` value
+    /// `forwarded_for` writes; for [`Upstream::register_visit`].
+    pub fn visit_request(&self, forwarded_for: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut request = Vec::with_capacity(self.request_head.len() + 64);
         request.extend_from_slice(&self.request_head);
         forwarded_for(&mut request);
         request.extend_from_slice(b"\r\n\r\n");
+        request
+    }
 
+    /// Registers one visit, which began at `started`, by sending `request`
+    /// (from [`Upstream::visit_request`]), unless the pool is saturated.
+    pub async fn register_visit(&'static self, mut request: Vec<u8>, started: Instant) -> Outcome {
+        let deadline = started + self.request_timeout;
         let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {
             Ok(found) => found,
             Err(outcome) => return outcome,
@@ -388,7 +389,18 @@ impl<R: Runtime> Upstream<R> {
 
     /// What `waiter`, queued, is handed by `deadline`; out of the queue
     /// either way, and out of it too if this is dropped while waiting.
-    async fn wait_in_queue(
+    ///
+    /// Boxed, like [`Upstream::connect`]: only visits that find the pool
+    /// at its cap wait, and the others should not carry the room.
+    fn wait_in_queue(
+        &'static self,
+        waiter: Arc<Waiter<R>>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Option<Handoff<R>>> + Send>> {
+        Box::pin(self.wait_in_queue_unboxed(waiter, deadline))
+    }
+
+    async fn wait_in_queue_unboxed(
         &'static self,
         waiter: Arc<Waiter<R>>,
         deadline: Instant,
@@ -456,7 +468,27 @@ impl<R: Runtime> Upstream<R> {
     }
 
     /// Dials the upstream within the connect timeout and the deadline.
-    async fn connect(&'static self, slot: Slot<R>, deadline: Instant) -> Result<Conn<R>, Outcome> {
+    ///
+    /// Boxed: a connect future (the runtime's, with its timeout) is about
+    /// as large as the rest of a visit's, and a visit's future reserves
+    /// room for it even on the common path, which takes a pooled
+    /// connection. hyper moves each request's future into the client
+    /// connection's own memory, so every visit would copy that room: with
+    /// 1,024 connections taking turns, some 30 cache lines written cold
+    /// (callgrind's cache model). A connect is rare; its allocation is not.
+    fn connect(
+        &'static self,
+        slot: Slot<R>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Conn<R>, Outcome>> + Send>> {
+        Box::pin(self.connect_unboxed(slot, deadline))
+    }
+
+    async fn connect_unboxed(
+        &'static self,
+        slot: Slot<R>,
+        deadline: Instant,
+    ) -> Result<Conn<R>, Outcome> {
         let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
         let addr = self.pick_addr();
         match timeout_at::<R, _>(connect_deadline, R::connect(addr)).await {
