@@ -124,7 +124,13 @@ pub async fn serve<R: Runtime, S: Service>(
         // The phases below do the header-read timeout; see the module doc.
         .header_read_timeout(None)
         .keep_alive(true)
-        .max_buf_size(settings.max_header_bytes);
+        .max_buf_size(settings.max_header_bytes)
+        // Every answer is a small head and a small body: copying the body
+        // behind the head and writing one buffer costs less than hyper's
+        // queue of buffers for `writev` (420 fewer instructions a visit,
+        // 13,190 -> 12,770 on tokio, `bench/instructions.py`), and it is
+        // still one syscall.
+        .writev(false);
     let builder: &'static http1::Builder = Box::leak(Box::new(builder));
 
     let mut stopped = pin!(stop.wait());
