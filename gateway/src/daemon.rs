@@ -288,8 +288,8 @@ impl Stage {
     }
 }
 
-/// The upstream pools: one, or one per worker, each with its share of
-/// `upstream.max_connections` (at least one connection).
+/// The upstream pools: one, or one per worker (fewer under a cap below
+/// the worker count), each with its share of `upstream.max_connections`.
 fn upstream_pools<R: Runtime>(
     config: &Config,
     shards: usize,

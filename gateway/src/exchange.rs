@@ -207,7 +207,6 @@ enum Body {
     UntilClose,
 }
 
-/// The body framing and keep-alive of an answer head.
 /// What the exchange needs from an answer's head.
 struct Head {
     status: u16,
@@ -238,6 +237,7 @@ fn parse_head(bytes: &[u8]) -> io::Result<Option<Head>> {
     }
 }
 
+/// The body framing and keep-alive of an answer head.
 fn framing(response: &httparse::Response<'_, '_>) -> io::Result<(Body, bool)> {
     let status = response.code.unwrap_or(0);
     let mut keep_alive = response.version == Some(1);

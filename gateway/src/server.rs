@@ -156,6 +156,8 @@ pub async fn serve<R: Runtime, S: Service>(
                     connections,
                     _permit: permit,
                 };
+                // With one service every connection goes to worker 0, which
+                // per core is the acceptor's own, and shared is any worker.
                 let worker = next_worker;
                 next_worker = (next_worker + 1) % services.len();
                 // The accepted socket is in no reactor yet: the task that
@@ -179,10 +181,7 @@ pub async fn serve<R: Runtime, S: Service>(
                         }
                     }
                 };
-                match services {
-                    [_] => R::spawn(connection),
-                    _ => R::spawn_on(worker, connection),
-                }
+                R::spawn_on(worker, connection);
             }
             Some(Err(error)) => {
                 drop(permit);

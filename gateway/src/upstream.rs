@@ -512,13 +512,15 @@ impl<R: Runtime> Upstream<R> {
     /// Returns a connection that just finished an exchange cleanly: to the
     /// longest-waiting visit, else to the pool.
     fn check_in(&self, mut conn: Conn<R>) {
+        // Armed before taking the lock (on smol it is a syscall). A visit
+        // handed the connection replaces the watch with its own read.
+        conn.connection.watch_while_idle();
         let mut pool = self.pool();
         if let Some(waiter) = pool.queue.pop_front() {
             drop(pool);
             waiter.give(Handoff::Pooled(conn));
             return;
         }
-        conn.connection.watch_while_idle();
         pool.idle.push(Idle {
             conn,
             since: Instant::now(),

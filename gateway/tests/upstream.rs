@@ -205,19 +205,7 @@ async fn upstream_garbage_gives_502(backend: Backend) {
 async fn upstream_connections_are_reused(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
     let gateway = GatewayConfig::new(backend, upstream.addr).start();
-    let addr = gateway.addr("public");
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        clients.spawn(async move {
-            let mut client = Client::connect(addr).await;
-            for _ in 0..50 {
-                assert_eq!(client.get("/").await.status, StatusCode::OK);
-            }
-        });
-    }
-    while let Some(result) = clients.join_next().await {
-        result.unwrap();
-    }
+    common::visit_concurrently(gateway.addr("public"), 4, 50).await;
     assert_eq!(upstream.posts(), 200);
     assert!(
         upstream.connections() <= 8,
@@ -296,19 +284,7 @@ async fn a_cap_below_the_worker_count_holds_per_core(backend: Backend) {
         .threading("per-core")
         .upstream("max_connections = 2\nrequest_timeout_ms = 5000")
         .start();
-    let addr = gateway.addr("public");
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..16 {
-        clients.spawn(async move {
-            let mut client = Client::connect(addr).await;
-            for _ in 0..5 {
-                assert_eq!(client.get("/").await.status, StatusCode::OK);
-            }
-        });
-    }
-    while let Some(result) = clients.join_next().await {
-        result.expect("client task");
-    }
+    common::visit_concurrently(gateway.addr("public"), 16, 5).await;
     assert_eq!(upstream.posts(), 80);
     assert_eq!(
         upstream.connections(),

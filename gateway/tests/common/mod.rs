@@ -365,6 +365,23 @@ async fn read_answer(response: Response<Incoming>) -> Result<Answer, hyper::Erro
     })
 }
 
+/// `clients` keep-alive clients at once, each sending `visits` `GET /`
+/// in turn; every answer must be 200.
+pub async fn visit_concurrently(addr: SocketAddr, clients: usize, visits: usize) {
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients {
+        tasks.spawn(async move {
+            let mut client = Client::connect(addr).await;
+            for _ in 0..visits {
+                assert_eq!(client.get("/").await.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.expect("client task");
+    }
+}
+
 /// One GET on a new connection.
 pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     Client::connect(addr).await.get(path).await
