@@ -28,8 +28,9 @@ use crate::report::{Report, Row};
 #[derive(Debug, Parser)]
 #[command(about = "Compare the gateway's throughput across backends (and nginx) on this host.")]
 struct Options {
-    /// Backends to measure, in order; `backend/per-core` runs one with
-    /// `runtime.threading = "per-core"`, e.g. `tokio,tokio/per-core`.
+    /// Backends to measure, in order; a bare name runs the gateway's
+    /// default threading (per-core), `backend/shared` or
+    /// `backend/per-core` names it, e.g. `tokio,tokio/shared`.
     #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
     backends: Vec<String>,
     /// Concurrency levels: keep-alive connections held open by the load generator.
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
 
 fn run(options: &Options) -> Result<bool, String> {
     for target in &options.backends {
-        let (backend, threading) = target.split_once('/').unwrap_or((target, "shared"));
+        let (backend, threading) = target.split_once('/').unwrap_or((target, "per-core"));
         if !matches!(backend, "tokio" | "smol") || !matches!(threading, "shared" | "per-core") {
             return Err(format!(
                 "--backends: `{target}` is not tokio or smol, optionally with /shared or /per-core"

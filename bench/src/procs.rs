@@ -132,8 +132,8 @@ pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
     start_logged("counter".to_owned(), command)
 }
 
-/// The gateway daemon for `target` (a backend, or `backend/threading`,
-/// e.g. `tokio/per-core`), forwarding to `counter`.
+/// The gateway daemon for `target` (see [`gateway_config`]), forwarding
+/// to `counter`.
 pub fn start_gateway(
     binary: &Path,
     cpus: &CpuList,
@@ -142,19 +142,29 @@ pub fn start_gateway(
     counter: SocketAddr,
     out: &Path,
 ) -> Result<Running, String> {
-    let (backend, threading) = target.split_once('/').unwrap_or((target, "shared"));
     let config = out.join(format!("gateway-{}.toml", target.replace('/', "-")));
-    let text = format!(
-        "# Written by the bench; identical for every target but `backend` and `threading`.\n\
-         [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\nthreading = \"{threading}\"\n\n\
-         [server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [upstream]\nurl = \"http://{counter}/counter\"\n\n\
-         [log]\nlevel = \"info\"\n"
-    );
+    let text = gateway_config(target, workers, counter);
     std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
     let mut command = pinned(cpus, binary);
     command.arg("--config").arg(&config);
     start_logged(target.to_owned(), command)
+}
+
+/// The config.toml for `target`: a backend, or `backend/threading` (e.g.
+/// `tokio/shared`). A bare backend leaves `threading` to the gateway's
+/// default, so that the bench's default measures what ships.
+fn gateway_config(target: &str, workers: usize, counter: SocketAddr) -> String {
+    let (backend, threading) = match target.split_once('/') {
+        Some((backend, threading)) => (backend, format!("threading = \"{threading}\"\n")),
+        None => (target, String::new()),
+    };
+    format!(
+        "# Written by the bench; identical for every target but `backend` and `threading`.\n\
+         [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\n{threading}\n\
+         [server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [upstream]\nurl = \"http://{counter}/counter\"\n\n\
+         [log]\nlevel = \"info\"\n"
+    )
 }
 
 /// Whether an `nginx` binary is on the PATH (or at `$NGINX`).
@@ -286,4 +296,37 @@ pub fn wrk(
         .find(|l| l.starts_with("Requests/sec:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gateway_config;
+    use gateway::config::{Backend, Config, Threading};
+    use std::path::Path;
+
+    fn parsed(target: &str) -> Config {
+        let counter = "127.0.0.1:3001".parse().unwrap();
+        let text = gateway_config(target, 4, counter);
+        Config::parse(Path::new("bench.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn a_bare_backend_runs_the_gateways_default_threading() {
+        let config = parsed("smol");
+        assert_eq!(config.runtime.backend, Backend::Smol);
+        assert_eq!(config.runtime.workers, 4);
+        assert_eq!(
+            config.runtime.threading,
+            Config::default().runtime.threading
+        );
+    }
+
+    #[test]
+    fn a_named_threading_is_written_into_the_config() {
+        assert_eq!(parsed("tokio/shared").runtime.threading, Threading::Shared);
+        assert_eq!(
+            parsed("tokio/per-core").runtime.threading,
+            Threading::PerCore
+        );
+    }
 }
