@@ -115,9 +115,12 @@ pub struct Report {
 
 /// One target at one concurrency level, over all its rounds.
 pub struct Summary<'a> {
-    /// The round with the median requests/s (the higher of the middle two
-    /// for an even count of rounds).
+    /// The median round (the higher of the middle two for an even count):
+    /// by requests/s in the closed loop; by p99 in the open loop, where
+    /// requests/s is the rate asked for and latency is what is compared.
     pub median: &'a Row,
+    /// The lowest and highest of that measure over the rounds
+    /// (requests/s, or p99 in µs).
     pub lowest: f64,
     pub highest: f64,
     /// Over every round.
@@ -143,7 +146,11 @@ impl Report {
                     .iter()
                     .filter(|r| r.target == target && r.connections == connections)
                     .collect();
-                rounds.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+                let measure = |row: &Row| match self.rate {
+                    Some(_) => row.p99_us as f64,
+                    None => row.requests_per_second,
+                };
+                rounds.sort_by(|a, b| measure(a).total_cmp(&measure(b)));
                 let count_ok = rounds
                     .iter()
                     .map(|r| r.count_ok)
@@ -151,8 +158,8 @@ impl Report {
                     .flatten();
                 Some(Summary {
                     median: rounds[rounds.len() / 2],
-                    lowest: rounds.first()?.requests_per_second,
-                    highest: rounds.last()?.requests_per_second,
+                    lowest: measure(rounds.first()?),
+                    highest: measure(rounds.last()?),
                     errors: rounds.iter().map(|r| r.errors).sum(),
                     count_ok,
                 })
@@ -190,7 +197,11 @@ pub fn table(report: &Report) -> String {
         "connections",
         "requests/s",
         if with_nginx { " vs nginx" } else { "" },
-        if with_rounds { "   rounds' range" } else { "" },
+        match (with_rounds, report.rate) {
+            (false, _) => "",
+            (true, None) => "   rounds' range",
+            (true, Some(_)) => "  p99 over rounds",
+        },
         "p50",
         "p99",
         "p99.9",
@@ -219,13 +230,20 @@ pub fn table(report: &Report) -> String {
             (true, None) => format!(" {:>9}", "-"),
             (false, _) => String::new(),
         };
-        let range = if with_rounds {
-            format!(
+        let range = match (with_rounds, report.rate) {
+            (false, _) => String::new(),
+            (true, None) => format!(
                 " {:>15}",
                 format!("{:.0}-{:.0}", summary.lowest, summary.highest)
-            )
-        } else {
-            String::new()
+            ),
+            (true, Some(_)) => format!(
+                " {:>16}",
+                format!(
+                    "{:.2}-{:.2}ms",
+                    summary.lowest / 1000.0,
+                    summary.highest / 1000.0
+                )
+            ),
         };
         let percent = |fraction: Option<f64>| {
             fraction.map_or("-".to_owned(), |f| format!("{:.0}", f * 100.0))
@@ -449,6 +467,38 @@ mod tests {
             rounds: 1,
             rows: vec![row],
         }
+    }
+
+    #[test]
+    fn an_open_loop_summary_is_the_median_p99_with_its_range() {
+        let mut report = report(EIGHT, 19.2, 4.0, 12.0);
+        report.rate = Some(250_000.0);
+        report.rounds = 3;
+        let first = report.rows[0].clone();
+        report.rows = [(2_100, 250_000.0), (9_000, 249_990.0), (2_500, 250_010.0)]
+            .into_iter()
+            .enumerate()
+            .map(|(round, (p99_us, requests_per_second))| Row {
+                p99_us,
+                requests_per_second,
+                round: round + 1,
+                ..first.clone()
+            })
+            .collect();
+        let summaries = report.summaries();
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].median.p99_us, 2_500);
+        assert_eq!(
+            (summaries[0].lowest, summaries[0].highest),
+            (2_100.0, 9_000.0)
+        );
+        let printed = table(&report);
+        assert!(printed.contains("p99 over rounds"), "{printed}");
+        assert!(printed.contains("2.10-9.00ms"), "{printed}");
+        // Closed loop: the median by requests/s, its range in requests/s.
+        report.rate = None;
+        assert_eq!(report.summaries()[0].median.p99_us, 2_100);
+        assert!(table(&report).contains("249990-250010"));
     }
 
     const EIGHT: &str = "gateway=0-7 counter=8-9 load=10-15";
