@@ -20,7 +20,7 @@ use crate::forward::Forward;
 use crate::metrics::Metrics;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
-use crate::shutdown::Latch;
+use crate::shutdown::{Latch, Stop};
 use crate::systemd;
 use crate::upstream::Upstream;
 
@@ -144,7 +144,6 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
                 header_read_timeout: ms(server.header_read_timeout_ms),
                 idle_timeout: ms(idle_timeout_ms),
                 max_header_bytes: server.max_header_bytes,
-                shutdown_timeout: ms(server.shutdown_timeout_ms),
                 access_log: config.log.access,
                 metrics,
             })
@@ -233,9 +232,12 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         systemd::stopping(&format!("stopping; {}", status()));
         // The public listener drains first; health and metrics stay up
         // while it does, and the counter it may forward to stops last.
-        public.finish().await;
-        admin.finish().await;
-        counter.finish().await;
+        // One deadline for all three: the whole stop takes at most
+        // `shutdown_timeout_ms`, which the unit's TimeoutStopSec allows.
+        let deadline = Instant::now() + ms(config.server.shutdown_timeout_ms);
+        public.finish(deadline).await;
+        admin.finish(deadline).await;
+        counter.finish(deadline).await;
         tracing::info!("stopped");
         Ok::<(), Fatal>(())
     };
@@ -251,7 +253,7 @@ type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
 /// One listener's server task and the latches that stop it and report it
 /// stopped. A stage never started counts as finished.
 struct Stage {
-    stop: &'static Latch,
+    stop: &'static Stop,
     done: &'static Latch,
     started: bool,
 }
@@ -259,7 +261,7 @@ struct Stage {
 impl Stage {
     fn new() -> Self {
         Self {
-            stop: forever(Latch::new()),
+            stop: forever(Stop::new()),
             done: forever(Latch::new()),
             started: false,
         }
@@ -279,9 +281,10 @@ impl Stage {
         spawn_with_latch::<R>(server, self.done);
     }
 
-    /// Stops the listener and waits until it has drained.
-    async fn finish(&self) {
-        self.stop.set();
+    /// Stops the listener and waits until it has drained, or until
+    /// `deadline`, when it closes the connections left.
+    async fn finish(&self, deadline: Instant) {
+        self.stop.set(deadline);
         if self.started {
             self.done.wait().await;
         }

@@ -31,7 +31,7 @@ use hyper::server::conn::http1;
 
 use crate::metrics::Metrics;
 use crate::service::{Service, status_only};
-use crate::shutdown::Latch;
+use crate::shutdown::{Latch, Stop};
 use http::header::{CONNECTION, HOST, HeaderValue};
 use http::{StatusCode, Version};
 
@@ -43,7 +43,6 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
-    pub shutdown_timeout: Duration,
     pub access_log: bool,
     /// Where to record requests and parser rejections (the public
     /// listener's; other listeners record nothing).
@@ -103,7 +102,7 @@ impl Drop for Open {
 
 /// Serves `listener` until `stop` is set, then drains: lets every
 /// connection finish the request it has, closes idle ones, and returns
-/// when none is left or `shutdown_timeout` has passed.
+/// when none is left or the stop's deadline has passed.
 ///
 /// `services` holds one service, or one per worker when each worker has a
 /// scheduler of its own: then connections are handed to the workers in
@@ -116,7 +115,7 @@ pub async fn serve<R: Runtime, S: Service>(
     services: &'static [&'static S],
     settings: &'static ServerSettings,
     connections: &'static Connections,
-    stop: &'static Latch,
+    stop: &'static Stop,
 ) {
     let mut builder = http1::Builder::new();
     builder
@@ -133,7 +132,7 @@ pub async fn serve<R: Runtime, S: Service>(
         .writev(false);
     let builder: &'static http1::Builder = Box::leak(Box::new(builder));
 
-    let mut stopped = pin!(stop.wait());
+    let mut stopped = pin!(stop.latch().wait());
     let mut next_worker = 0;
     loop {
         let permit = future::or(
@@ -171,7 +170,7 @@ pub async fn serve<R: Runtime, S: Service>(
                                 services[worker],
                                 settings,
                                 builder,
-                                stop,
+                                stop.latch(),
                                 open,
                             )
                             .await
@@ -204,7 +203,8 @@ pub async fn serve<R: Runtime, S: Service>(
         open,
         "stopped accepting; draining"
     );
-    let deadline = Instant::now() + settings.shutdown_timeout;
+    // Set with the stop; "now" would only be reached if it were not.
+    let deadline = stop.deadline().unwrap_or_else(Instant::now);
     let drained =
         crate::time::timeout_at::<R, _>(deadline, connections.wait_until_none_open()).await;
     if drained.is_err() {

@@ -182,6 +182,66 @@ async fn sigterm_with_100_visits_in_flight(
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
+/// Every listener holds a connection that will not finish by itself: a
+/// visit the upstream never answers, and half a request head on each of
+/// the public, admin and counter listeners. They drain one after another,
+/// yet the stop must take one `shutdown_timeout_ms` in all.
+async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let mut config = GatewayConfig::new(backend, upstream.addr)
+        .server("shutdown_timeout_ms = 1500\nheader_read_timeout_ms = 60000")
+        .upstream("request_timeout_ms = 60000")
+        .with_admin();
+    config.counter = true;
+    let mut gateway = config.start();
+
+    let mut visit = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    visit
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    while upstream.posts() < 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "no visit arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut half_heads = Vec::new();
+    for listener in ["public", "admin", "counter"] {
+        let mut stream = TcpStream::connect(gateway.addr(listener)).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nhos").await.unwrap();
+        half_heads.push(stream);
+    }
+    // Let the gateway read the half heads before the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let signalled = Instant::now();
+    gateway.terminate();
+    let (status, gateway) = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(10));
+        (status, gateway)
+    })
+    .await
+    .unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(
+        status.expect("exited").code(),
+        Some(0),
+        "{}",
+        gateway.log_text()
+    );
+    // It waited for the unanswered visit, then closed everything at once:
+    // three listeners draining in turn with a deadline each took 4.5 s.
+    assert!(took >= Duration::from_millis(1400), "exited after {took:?}");
+    assert!(took < Duration::from_millis(3000), "exited after {took:?}");
+    assert_eq!(
+        read_until_close(&mut visit, Duration::from_secs(1)).await,
+        ""
+    );
+}
+
 both_backends!(
     idle_keep_alive_outlives_the_header_timeout,
     idle_connection_is_closed_after_idle_timeout,
@@ -190,4 +250,5 @@ both_backends!(
     sigterm_answers_requests_in_flight_and_exits_0,
     sigterm_on_one_worker_answers_requests_in_flight,
     sigterm_shared_answers_requests_in_flight,
+    sigterm_closes_what_is_left_within_one_shutdown_timeout,
 );
