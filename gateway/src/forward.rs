@@ -97,18 +97,16 @@ impl<R: Runtime> Service for Forward<R> {
     }
 }
 
-/// `x-forwarded-for`: what the client sent (all such headers, in order)
-/// with the client's address appended; IPv4-mapped IPv6 written as IPv4.
-/// Received values are visible ASCII (hyper refused CR, LF and NUL; other
-/// values are skipped), so the result is safe to write into a request head.
+/// `x-forwarded-for`: what the client sent (all such headers, in order,
+/// byte for byte, as nginx passes them) with the client's address
+/// appended; IPv4-mapped IPv6 written as IPv4. hyper has refused any value
+/// with CR, LF or NUL, so the result is safe to write into a request head.
 fn write_forwarded_for(out: &mut Vec<u8>, headers: &HeaderMap, peer: SocketAddr) {
     for received in headers.get_all("x-forwarded-for") {
-        if let Ok(received) = received.to_str() {
-            let received = received.trim();
-            if !received.is_empty() {
-                out.extend_from_slice(received.as_bytes());
-                out.extend_from_slice(b", ");
-            }
+        let received = received.as_bytes().trim_ascii();
+        if !received.is_empty() {
+            out.extend_from_slice(received);
+            out.extend_from_slice(b", ");
         }
     }
     write_ip(out, peer.ip().to_canonical());
