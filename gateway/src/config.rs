@@ -346,6 +346,7 @@ impl Config {
             ));
         }
         UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        self.check_listeners_apart()?;
         if self
             .log
             .level
@@ -359,6 +360,30 @@ impl Config {
                     self.log.level
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Two listeners on one port (the same address, or one the other's
+    /// wildcard covers) would fail at bind with "address in use": a
+    /// configuration error, told as one before anything starts.
+    fn check_listeners_apart(&self) -> Result<(), (&'static str, String)> {
+        let listeners = [
+            ("server.listen", Some(self.server.listen)),
+            ("counter.listen", self.counter.as_ref().map(|c| c.listen)),
+            ("admin.listen", self.admin.as_ref().map(|a| a.listen)),
+        ];
+        let set: Vec<_> = listeners
+            .iter()
+            .filter_map(|&(key, addr)| Some((key, addr?)))
+            .collect();
+        for (i, &(key, addr)) in set.iter().enumerate() {
+            if let Some((other, _)) = set[..i].iter().find(|(_, a)| overlap(*a, addr)) {
+                return Err((
+                    key,
+                    format!("{addr} overlaps {other}; each listener needs a port of its own"),
+                ));
+            }
         }
         Ok(())
     }
@@ -394,6 +419,16 @@ fn line_column(source: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
+}
+
+/// Whether sockets bound to `a` and `b` would take the same port: port 0
+/// (any free one) never does; a wildcard covers its family, and the IPv6
+/// one (dual-stack by default on Linux) IPv4's too.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// The span of the value at a dotted key path (`server.listen`), or of the
@@ -509,6 +544,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.request_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:9000\"\n[admin]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.listen") && err.contains("overlaps server.listen"),
+            "{err}"
+        );
+        // A wildcard takes the port on every address of its family.
+        let err = parse("[counter]\nlisten = \"127.0.0.1:3000\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:10: counter.listen"), "{err}");
+        let err = parse("[server]\nlisten = \"[::]:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.listen"), "{err}");
+        // Ports apart, port 0, or two families' own addresses are fine.
+        assert!(parse("[admin]\nlisten = \"0.0.0.0:9000\"\n[counter]\n").is_ok());
+        assert!(
+            parse("[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+                .is_ok()
+        );
+        assert!(
+            parse("[server]\nlisten = \"0.0.0.0:80\"\n[admin]\nlisten = \"[::1]:80\"\n").is_ok()
+        );
     }
 
     #[test]
