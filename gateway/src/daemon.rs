@@ -203,7 +203,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
-                let connections = forever(Connections::new(1024));
+                let connections = forever(Connections::new(ADMIN_MAX_CONNECTIONS));
                 let service = forever(Admin::new(metrics));
                 admin.serve::<R, _>(listener, forever([service]), admin_settings, connections);
             }
@@ -246,6 +246,10 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         source,
     })?
 }
+
+/// Connections the admin listener holds at most: scrapes and health
+/// checks are few, and they must not take descriptors from visitors.
+const ADMIN_MAX_CONNECTIONS: usize = 1024;
 
 /// Reads a listener's requests served, for the status line.
 type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -355,7 +359,7 @@ async fn report_to_systemd<R: Runtime>(status: impl Fn() -> String + Send + 'sta
 /// Raises the open-file soft limit to the hard limit, and warns when even
 /// that is short of what the configured connection caps need.
 fn raise_open_file_limit(config: &Config) {
-    let needed = config.server.max_connections as u64 + config.upstream.max_connections as u64 + 64;
+    let needed = open_files_needed(config);
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,
@@ -367,9 +371,39 @@ fn raise_open_file_limit(config: &Config) {
     }
 }
 
+/// Descriptors the configured caps can hold open at once: every client
+/// connection, every upstream connection (twice with the built-in counter
+/// in this process: it holds the other end), the admin listener's cap, and
+/// a few for listeners, the journal and the like.
+fn open_files_needed(config: &Config) -> u64 {
+    let upstream = config.upstream.max_connections as u64;
+    let counter_ends = if config.counter.is_some() {
+        upstream
+    } else {
+        0
+    };
+    let admin = if config.admin.is_some() {
+        ADMIN_MAX_CONNECTIONS as u64
+    } else {
+        0
+    };
+    config.server.max_connections as u64 + upstream + counter_ends + admin + 64
+}
+
 #[cfg(test)]
 mod tests {
-    use super::pool_shares;
+    use super::{Config, open_files_needed, pool_shares};
+
+    #[test]
+    fn open_files_needed_counts_every_listener_and_both_ends_of_the_counter() {
+        let config = |text: &str| Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let caps = "[server]\nmax_connections = 1000\n[upstream]\nmax_connections = 100\n";
+        assert_eq!(open_files_needed(&config(caps)), 1000 + 100 + 64);
+        assert_eq!(
+            open_files_needed(&config(&format!("{caps}[counter]\n[admin]\n"))),
+            1000 + 100 + 100 + 1024 + 64
+        );
+    }
 
     #[test]
     fn pool_shares_add_up_to_the_cap_and_none_is_empty() {
