@@ -11,6 +11,21 @@ use sd_notify::NotifyState;
 /// The public listener systemd passed (socket activation), if it did.
 /// It must be a TCP listening socket; anything else is an error.
 pub fn passed_listener() -> std::io::Result<Option<TcpListener>> {
+    // sd_listen_fds(3): the sockets are this process's only when LISTEN_PID
+    // names it. listenfd takes LISTEN_FDS alone when LISTEN_PID is unset,
+    // as a variable inherited from a socket-activated parent would be.
+    let for_this_process = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        == Some(std::process::id());
+    if !for_this_process {
+        if std::env::var_os("LISTEN_FDS").is_some() {
+            tracing::warn!(
+                "LISTEN_FDS is set but LISTEN_PID does not name this process: not taking the sockets"
+            );
+        }
+        return Ok(None);
+    }
     let mut passed = listenfd::ListenFd::from_env();
     if passed.len() == 0 {
         return Ok(None);

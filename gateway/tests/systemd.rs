@@ -120,6 +120,22 @@ async fn serves_the_socket_systemd_passes(backend: Backend) {
     );
 }
 
+/// sd_listen_fds(3): `LISTEN_FDS` counts only for the process
+/// `LISTEN_PID` names. Inherited without it, or naming another process,
+/// the socket at fd 3 is not this gateway's to serve.
+async fn sockets_passed_to_another_process_are_left_alone(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let passed = listener.local_addr().unwrap();
+    for environment in ["LISTEN_FDS=1", "LISTEN_PID=1 LISTEN_FDS=1"] {
+        let gateway =
+            GatewayConfig::new(backend, upstream.addr).start_passing(&listener, environment);
+        let own = gateway.addr("public");
+        assert_ne!(own, passed, "{environment}: served the passed socket");
+        assert_eq!(common::get(own, "/").await.status, StatusCode::OK);
+    }
+}
+
 /// What the load saw.
 #[derive(Default)]
 struct Tally {
@@ -311,6 +327,7 @@ async fn sigterm_with_many_idle_connections_exits_at_once(backend: Backend) {
 }
 
 both_backends!(
+    sockets_passed_to_another_process_are_left_alone,
     notifies_ready_watchdog_status_and_stopping,
     serves_the_socket_systemd_passes,
     switching_backend_or_threading_refuses_nothing_and_fails_nothing,

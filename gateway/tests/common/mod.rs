@@ -272,13 +272,19 @@ impl GatewayConfig {
     /// Starts the gateway the way systemd's socket activation does: the
     /// listening socket as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = its pid.
     pub fn start_activated(&self, listener: &std::net::TcpListener) -> Process {
+        self.start_passing(listener, "LISTEN_PID=$$ LISTEN_FDS=1")
+    }
+
+    /// Starts the gateway with `listener` as fd 3 and `environment` (shell
+    /// assignments; `$$` is the gateway's pid) set for it.
+    pub fn start_passing(&self, listener: &std::net::TcpListener, environment: &str) -> Process {
         use command_fds::{CommandFdExt, FdMapping};
         let file = self.write_config();
         let socket = std::os::fd::OwnedFd::from(listener.try_clone().expect("dup listener"));
         let mut command = Command::new("sh");
         command
             .arg("-c")
-            .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+            .arg(format!("{environment} exec \"$0\" \"$@\""))
             .arg(gateway_binary())
             .arg("--config")
             .arg(file.path())
