@@ -242,6 +242,60 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
     );
 }
 
+/// SIGINT (Ctrl-C in a terminal) stops the daemon as SIGTERM does.
+async fn sigint_answers_the_request_in_flight_and_exits_0(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(500))).await;
+    let mut gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let visit = tokio::spawn(common::get(gateway.addr("public"), "/"));
+    let waited = Instant::now();
+    while upstream.posts() < 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "no visit arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.signal("INT");
+    assert_eq!(visit.await.unwrap().status, StatusCode::OK);
+    let (status, gateway) = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(5));
+        (status, gateway)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.expect("exited").code(),
+        Some(0),
+        "{}",
+        gateway.log_text()
+    );
+    assert!(gateway.log_text().contains("shutdown signal received"));
+}
+
+/// Log lines carry a timestamp, except under journald (`JOURNAL_STREAM`
+/// set), which stamps them itself.
+async fn log_lines_are_timestamped_except_under_journald(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let config = GatewayConfig::new(backend, upstream.addr);
+    let year = |line: &str| line.get(..4).is_some_and(|y| y.parse::<u16>().is_ok());
+
+    let plain = config.start();
+    let text = plain.log_text();
+    let first = text.lines().next().unwrap_or_default();
+    assert!(year(first), "no timestamp: {first}");
+
+    let journald = config.start_with(|command| {
+        command.env("JOURNAL_STREAM", "8:12345");
+    });
+    let text = journald.log_text();
+    let first = text.lines().next().unwrap_or_default();
+    let level = first.split_whitespace().next().unwrap_or_default();
+    assert!(
+        ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level),
+        "expected the level first, no timestamp: {first}"
+    );
+}
+
 both_backends!(
     idle_keep_alive_outlives_the_header_timeout,
     idle_connection_is_closed_after_idle_timeout,
@@ -251,4 +305,6 @@ both_backends!(
     sigterm_on_one_worker_answers_requests_in_flight,
     sigterm_shared_answers_requests_in_flight,
     sigterm_closes_what_is_left_within_one_shutdown_timeout,
+    sigint_answers_the_request_in_flight_and_exits_0,
+    log_lines_are_timestamped_except_under_journald,
 );
