@@ -67,9 +67,29 @@ impl Fatal {
 
 /// Runs the daemon until SIGTERM/SIGINT, on the backend the config names.
 pub fn run(config: Config, mode: Mode) -> Result<(), Fatal> {
-    match config.runtime.backend {
-        Backend::Tokio => run_on::<backends::Tokio>(config, mode),
-        Backend::Smol => run_on::<backends::Smol>(config, mode),
+    struct Daemon(Config, Mode);
+    impl OnRuntime for Daemon {
+        type Output = Result<(), Fatal>;
+        fn run<R: Runtime>(self) -> Self::Output {
+            run_on::<R>(self.0, self.1)
+        }
+    }
+    on_backend(config.runtime.backend, Daemon(config, mode))
+}
+
+/// Work written over the runtime trait, for [`on_backend`] to run.
+pub trait OnRuntime {
+    type Output;
+    fn run<R: Runtime>(self) -> Self::Output;
+}
+
+/// Runs `work` with the runtime `backend` names: the one place the
+/// gateway names a backend type (the daemon, and tests that run a part of
+/// it on each backend, come through here).
+pub fn on_backend<W: OnRuntime>(backend: Backend, work: W) -> W::Output {
+    match backend {
+        Backend::Tokio => work.run::<backends::Tokio>(),
+        Backend::Smol => work.run::<backends::Smol>(),
     }
 }
 

@@ -490,21 +490,16 @@ impl<R: Runtime> Upstream<R> {
         deadline: Instant,
     ) -> Result<Conn<R>, Outcome> {
         let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
-        let addr = self.pick_addr();
-        match timeout_at::<R, _>(connect_deadline, R::connect(addr)).await {
-            Ok(Ok(stream)) => Ok(Conn {
+        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let first = self.next_addr.fetch_add(1, Ordering::Relaxed);
+        match connect_any::<R>(&addrs, first, connect_deadline).await {
+            Ok(stream) => Ok(Conn {
                 connection: Connection::new(stream),
                 slot,
             }),
-            Ok(Err(error)) => {
-                tracing::debug!(%addr, %error, "upstream connect failed");
+            Err(outcome) => {
                 self.re_resolve();
-                Err(Outcome::Failed)
-            }
-            Err(Elapsed) => {
-                tracing::debug!(%addr, "upstream connect timed out");
-                self.re_resolve();
-                Err(Outcome::TimedOut)
+                Err(outcome)
             }
         }
     }
@@ -525,11 +520,6 @@ impl<R: Runtime> Upstream<R> {
             conn,
             since: Instant::now(),
         });
-    }
-
-    fn pick_addr(&self) -> SocketAddr {
-        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner());
-        addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % addrs.len()]
     }
 
     /// Looks the upstream's name up again after a failed connect, on a
@@ -580,6 +570,35 @@ impl<R: Runtime> Upstream<R> {
     }
 }
 
+/// Connects to the first of `addrs`, taken in turn from `first`, that
+/// accepts before `deadline`. A name can resolve to addresses the upstream
+/// does not listen on (`localhost` to `::1` and `127.0.0.1`, with a counter
+/// on one of them); a visit must not fail while another address would
+/// do. A refusal moves on at once; an address that does not answer takes
+/// what is left of the deadline.
+async fn connect_any<R: Runtime>(
+    addrs: &[SocketAddr],
+    first: usize,
+    deadline: Instant,
+) -> Result<R::Stream, Outcome> {
+    let mut outcome = Outcome::Failed;
+    for i in 0..addrs.len() {
+        let addr = addrs[(first + i) % addrs.len()];
+        match timeout_at::<R, _>(deadline, R::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(error)) => {
+                tracing::debug!(%addr, %error, "upstream connect failed");
+                outcome = Outcome::Failed;
+            }
+            Err(Elapsed) => {
+                tracing::debug!(%addr, "upstream connect timed out");
+                return Err(Outcome::TimedOut);
+            }
+        }
+    }
+    Err(outcome)
+}
+
 fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
         .to_socket_addrs()?
@@ -588,4 +607,53 @@ fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
         return Err(std::io::Error::other("the name resolved to no address"));
     }
     Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::time::{Duration, Instant};
+
+    use backends::{Runtime, Threading};
+
+    use super::{Outcome, connect_any};
+    use crate::config::Backend;
+    use crate::daemon::{OnRuntime, on_backend};
+
+    /// An address nothing listens on (bound, then let go).
+    fn refusing() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+    }
+
+    struct ConnectPastARefusal;
+
+    impl OnRuntime for ConnectPastARefusal {
+        type Output = ();
+        fn run<R: Runtime>(self) {
+            let listening = TcpListener::bind("127.0.0.1:0").unwrap();
+            let open = listening.local_addr().unwrap();
+            let closed = refusing();
+            let (past, none) = R::block_on(1, Threading::Shared, async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let past = connect_any::<R>(&[closed, open], 0, deadline).await;
+                let none = connect_any::<R>(&[closed, closed], 1, deadline).await;
+                (past.map(drop), none.map(drop))
+            })
+            .unwrap();
+            assert_eq!(past, Ok(()), "{}", R::NAME);
+            assert_eq!(none, Err(Outcome::Failed), "{}", R::NAME);
+            // The connection made is the listener's.
+            listening.set_nonblocking(true).unwrap();
+            assert!(listening.accept().is_ok(), "{}", R::NAME);
+        }
+    }
+
+    #[test]
+    fn a_connect_moves_past_an_address_that_refuses() {
+        for backend in [Backend::Tokio, Backend::Smol] {
+            on_backend(backend, ConnectPastARefusal);
+        }
+    }
 }
