@@ -131,7 +131,7 @@ async fn sigterm_with_100_visits_in_flight(
     threading: &'static str,
 ) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(700))).await;
-    let mut gateway = GatewayConfig::new(backend, upstream.addr)
+    let gateway = GatewayConfig::new(backend, upstream.addr)
         .workers(workers)
         .threading(threading)
         .start();
@@ -151,14 +151,7 @@ async fn sigterm_with_100_visits_in_flight(
         in_flight.spawn(common::get(addr, "/"));
     }
     // Every visit has reached the upstream before the signal.
-    let waited = Instant::now();
-    while upstream.posts() < 120 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(5),
-            "visits did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_posts(120).await;
     gateway.terminate();
     let mut answered = 0;
     while let Some(answer) = in_flight.join_next().await {
@@ -166,18 +159,7 @@ async fn sigterm_with_100_visits_in_flight(
         answered += 1;
     }
     assert_eq!(answered, 100);
-    let status = tokio::task::spawn_blocking(move || {
-        let status = gateway.wait_exit(Duration::from_secs(5));
-        (status, gateway)
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        status.0.expect("exited in time").code(),
-        Some(0),
-        "{}",
-        status.1.log_text()
-    );
+    gateway.assert_exits_0_within(Duration::from_secs(5)).await;
     // New connections are refused once it has gone.
     assert!(TcpStream::connect(addr).await.is_err());
 }
@@ -193,21 +175,14 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
         .upstream("request_timeout_ms = 60000")
         .with_admin();
     config.counter = true;
-    let mut gateway = config.start();
+    let gateway = config.start();
 
     let mut visit = TcpStream::connect(gateway.addr("public")).await.unwrap();
     visit
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let waited = Instant::now();
-    while upstream.posts() < 1 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(5),
-            "no visit arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_posts(1).await;
     let mut half_heads = Vec::new();
     for listener in ["public", "admin", "counter"] {
         let mut stream = TcpStream::connect(gateway.addr(listener)).await.unwrap();
@@ -219,19 +194,8 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
 
     let signalled = Instant::now();
     gateway.terminate();
-    let (status, gateway) = tokio::task::spawn_blocking(move || {
-        let status = gateway.wait_exit(Duration::from_secs(10));
-        (status, gateway)
-    })
-    .await
-    .unwrap();
+    gateway.assert_exits_0_within(Duration::from_secs(10)).await;
     let took = signalled.elapsed();
-    assert_eq!(
-        status.expect("exited").code(),
-        Some(0),
-        "{}",
-        gateway.log_text()
-    );
     // It waited for the unanswered visit, then closed everything at once:
     // three listeners draining in turn with a deadline each took 4.5 s.
     assert!(took >= Duration::from_millis(1400), "exited after {took:?}");
@@ -245,30 +209,12 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
 /// SIGINT (Ctrl-C in a terminal) stops the daemon as SIGTERM does.
 async fn sigint_answers_the_request_in_flight_and_exits_0(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(500))).await;
-    let mut gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
     let visit = tokio::spawn(common::get(gateway.addr("public"), "/"));
-    let waited = Instant::now();
-    while upstream.posts() < 1 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(5),
-            "no visit arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_posts(1).await;
     gateway.signal("INT");
     assert_eq!(visit.await.unwrap().status, StatusCode::OK);
-    let (status, gateway) = tokio::task::spawn_blocking(move || {
-        let status = gateway.wait_exit(Duration::from_secs(5));
-        (status, gateway)
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        status.expect("exited").code(),
-        Some(0),
-        "{}",
-        gateway.log_text()
-    );
+    let gateway = gateway.assert_exits_0_within(Duration::from_secs(5)).await;
     assert!(gateway.log_text().contains("shutdown signal received"));
 }
 

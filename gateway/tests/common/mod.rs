@@ -148,6 +148,26 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Waits (off the async runtime) for the process to exit within
+    /// `limit`, asserts it exited 0, and hands it back for its log.
+    pub async fn assert_exits_0_within(mut self, limit: Duration) -> Process {
+        let (status, process) = tokio::task::spawn_blocking(move || {
+            let status = self.wait_exit(limit);
+            (status, self)
+        })
+        .await
+        .expect("the waiting thread");
+        assert_eq!(
+            status.map(|s| s.code()),
+            Some(Some(0)),
+            "{}",
+            process.log_text()
+        );
+        process
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -594,6 +614,19 @@ impl TestUpstream {
     /// POSTs received (counted when the request head arrives).
     pub fn posts(&self) -> u64 {
         self.state.posts.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `count` requests have arrived (at most 5 s).
+    pub async fn wait_for_posts(&self, count: u64) {
+        let waited = Instant::now();
+        while self.posts() < count {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "{} of {count} visits arrived",
+                self.posts()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// TCP connections accepted.
