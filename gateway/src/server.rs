@@ -135,6 +135,12 @@ pub async fn serve<R: Runtime, S: Service>(
     let mut stopped = pin!(stop.latch().wait());
     let mut next_worker = 0;
     loop {
+        // `or` polls its first future first: an accept that always finds a
+        // connection waiting would never let `stopped` be polled, and a
+        // flood would keep coming in past the signal and the deadline.
+        if stop.latch().is_set() {
+            break;
+        }
         let permit = future::or(
             async { Some(connections.limit.acquire_arc().await) },
             async {
