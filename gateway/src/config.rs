@@ -425,6 +425,9 @@ fn line_column(source: &str, offset: usize) -> (usize, usize) {
 /// (any free one) never does; a wildcard covers its family, and the IPv6
 /// one (dual-stack by default on Linux) IPv4's too.
 fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    // `[::ffff:127.0.0.1]` is 127.0.0.1.
+    let canonical = |addr: SocketAddr| SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    let (a, b) = (canonical(a), canonical(b));
     let covers = |wild: SocketAddr, other: SocketAddr| {
         wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
     };
@@ -561,6 +564,10 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:2:10: counter.listen"), "{err}");
         let err = parse("[server]\nlisten = \"[::]:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.listen"), "{err}");
+        let err = parse("[admin]\nlisten = \"[::ffff:0.0.0.0]:3000\"\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("admin.listen"), "{err}");

@@ -583,7 +583,7 @@ async fn connect_any<R: Runtime>(
 ) -> Result<R::Stream, Outcome> {
     let mut outcome = Outcome::Failed;
     for i in 0..addrs.len() {
-        let addr = addrs[(first + i) % addrs.len()];
+        let addr = addrs[first.wrapping_add(i) % addrs.len()];
         match timeout_at::<R, _>(deadline, R::connect(addr)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(error)) => {
