@@ -113,6 +113,9 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// The share of `--rate` a round must answer to count as keeping up.
+const KEPT_RATE: f64 = 0.97;
+
 /// One target at one concurrency level, over all its rounds.
 pub struct Summary<'a> {
     /// The median round (the higher of the middle two for an even count):
@@ -125,6 +128,9 @@ pub struct Summary<'a> {
     pub highest: f64,
     /// Over every round.
     pub errors: u64,
+    /// Open loop: some round answered under [`KEPT_RATE`] of the rate
+    /// asked for, so its latency is not latency at that rate.
+    pub short_of_rate: bool,
     pub count_ok: Option<bool>,
 }
 
@@ -161,6 +167,11 @@ impl Report {
                     lowest: measure(rounds.first()?),
                     highest: measure(rounds.last()?),
                     errors: rounds.iter().map(|r| r.errors).sum(),
+                    short_of_rate: self.rate.is_some_and(|rate| {
+                        rounds
+                            .iter()
+                            .any(|r| r.requests_per_second < rate * KEPT_RATE)
+                    }),
                     count_ok,
                 })
             })
@@ -182,6 +193,7 @@ pub fn table(report: &Report) -> String {
     let with_nginx = report.rows.iter().any(|r| r.target == "nginx");
     let with_rounds = report.rounds > 1;
     let mut any_load_bound = false;
+    let mut any_short_of_rate = false;
     // Wide enough for `tokio/per-core`; `backend` otherwise.
     let name_width = report
         .rows
@@ -251,14 +263,16 @@ pub fn table(report: &Report) -> String {
         let [server, counter, load] = row.busy(&report.layout);
         let load_bound = row.load_bound(report);
         any_load_bound |= load_bound;
+        any_short_of_rate |= summary.short_of_rate;
         out.push_str(&format!(
             "{:<name_width$} {:>7} {:>11} {:>12}{}{} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>13}{}\n",
             row.target,
             row.workers,
             row.connections,
             format!(
-                "{}{:.0}",
+                "{}{}{:.0}",
                 if load_bound { "*" } else { "" },
+                if summary.short_of_rate { "!" } else { "" },
                 row.requests_per_second
             ),
             vs_nginx,
@@ -285,6 +299,13 @@ pub fn table(report: &Report) -> String {
              and ranks nothing\n",
             SATURATED_SERVER * 100.0,
             SATURATED_LOAD_SIDE * 100.0
+        ));
+    }
+    if any_short_of_rate {
+        out.push_str(&format!(
+            "! a round answered under {:.0}% of --rate: the server (or the load side) did not \
+             keep up, so that row's latency is not latency at that rate\n",
+            KEPT_RATE * 100.0
         ));
     }
     out.push_str(
@@ -495,6 +516,12 @@ mod tests {
         let printed = table(&report);
         assert!(printed.contains("p99 over rounds"), "{printed}");
         assert!(printed.contains("2.10-9.00ms"), "{printed}");
+        assert!(!summaries[0].short_of_rate && !printed.contains('!'));
+        // A round well under the rate is called out.
+        report.rows[1].requests_per_second = 200_000.0;
+        assert!(report.summaries()[0].short_of_rate);
+        assert!(table(&report).contains("!250"), "{}", table(&report));
+        report.rows[1].requests_per_second = 249_990.0;
         // Closed loop: the median by requests/s, its range in requests/s.
         report.rate = None;
         assert_eq!(report.summaries()[0].median.p99_us, 2_100);
