@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, read_until_close};
 use http::StatusCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long until the server closes `stream`, waiting at most `limit`.
@@ -184,8 +184,26 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
         .unwrap();
     upstream.wait_for_posts(1).await;
     let mut half_heads = Vec::new();
-    for listener in ["public", "admin", "counter"] {
+    for (listener, path) in [
+        ("public", "/nowhere"),
+        ("admin", "/healthz"),
+        ("counter", "/counter"),
+    ] {
+        // One whole exchange first, so the connection is surely accepted
+        // and served, then half of the next request's head.
         let mut stream = TcpStream::connect(gateway.addr(listener)).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "{listener} closed the connection");
+            answer.extend_from_slice(&buf[..n]);
+        }
         stream.write_all(b"GET / HTTP/1.1\r\nhos").await.unwrap();
         half_heads.push(stream);
     }
