@@ -99,8 +99,10 @@ impl<R: Runtime> Service for Forward<R> {
 
 /// `x-forwarded-for`: what the client sent (all such headers, in order,
 /// byte for byte, as nginx passes them) with the client's address
-/// appended; IPv4-mapped IPv6 written as IPv4. hyper has refused any value
-/// with CR, LF or NUL, so the result is safe to write into a request head.
+/// appended; IPv4-mapped IPv6 written as IPv4. hyper's parser accepts
+/// only tab, space, visible ASCII and bytes above 0x7f in a value (no CR,
+/// LF, NUL or other control byte), so the result is safe to write into a
+/// request head.
 fn write_forwarded_for(out: &mut Vec<u8>, headers: &HeaderMap, peer: SocketAddr) {
     for received in headers.get_all("x-forwarded-for") {
         let received = received.as_bytes().trim_ascii();
