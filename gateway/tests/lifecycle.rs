@@ -224,6 +224,31 @@ async fn sigterm_closes_what_is_left_within_one_shutdown_timeout(backend: Backen
     );
 }
 
+/// SPEC §6: the built-in counter keeps idle keep-alive connections for at
+/// least 60 s, whatever the public listener's idle timeout: the gateway's
+/// own pool must not find them closed under it.
+async fn the_counter_outlasts_the_public_idle_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let mut config = GatewayConfig::new(backend, upstream.addr)
+        .server("idle_timeout_ms = 300\nheader_read_timeout_ms = 300");
+    config.counter = true;
+    let gateway = config.start();
+    let mut counter = Client::connect(gateway.addr("counter")).await;
+    let mut public = Client::connect(gateway.addr("public")).await;
+    assert_eq!(counter.get("/counter").await.status, StatusCode::OK);
+    assert_eq!(public.get("/").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let again = counter.send(common::request("GET", "/counter")).await;
+    assert_eq!(
+        again.expect("the counter kept the connection").status,
+        StatusCode::OK
+    );
+    assert!(
+        public.send(common::request("GET", "/")).await.is_err(),
+        "the public listener closed its idle connection"
+    );
+}
+
 /// SIGINT (Ctrl-C in a terminal) stops the daemon as SIGTERM does.
 async fn sigint_answers_the_request_in_flight_and_exits_0(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(500))).await;
@@ -270,5 +295,6 @@ both_backends!(
     sigterm_shared_answers_requests_in_flight,
     sigterm_closes_what_is_left_within_one_shutdown_timeout,
     sigint_answers_the_request_in_flight_and_exits_0,
+    the_counter_outlasts_the_public_idle_timeout,
     log_lines_are_timestamped_except_under_journald,
 );
