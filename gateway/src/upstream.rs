@@ -581,22 +581,18 @@ async fn connect_any<R: Runtime>(
     first: usize,
     deadline: Instant,
 ) -> Result<R::Stream, Outcome> {
-    let mut outcome = Outcome::Failed;
     for i in 0..addrs.len() {
         let addr = addrs[first.wrapping_add(i) % addrs.len()];
         match timeout_at::<R, _>(deadline, R::connect(addr)).await {
             Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(error)) => {
-                tracing::debug!(%addr, %error, "upstream connect failed");
-                outcome = Outcome::Failed;
-            }
+            Ok(Err(error)) => tracing::debug!(%addr, %error, "upstream connect failed"),
             Err(Elapsed) => {
                 tracing::debug!(%addr, "upstream connect timed out");
                 return Err(Outcome::TimedOut);
             }
         }
     }
-    Err(outcome)
+    Err(Outcome::Failed)
 }
 
 fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {

@@ -146,9 +146,7 @@ impl Process {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
 
-impl Process {
     /// Waits (off the async runtime) for the process to exit within
     /// `limit`, asserts it exited 0, and hands it back for its log.
     pub async fn assert_exits_0_within(mut self, limit: Duration) -> Process {
