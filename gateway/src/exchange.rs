@@ -17,8 +17,20 @@ use std::pin::Pin;
 use futures_lite::future::poll_fn;
 use hyper::rt::ReadBuf;
 
-/// Most bytes an answer's head may take; the counter's is ~40.
-const MAX_HEAD: usize = 16 * 1024;
+/// Most bytes an answer's head may take (the counter's is ~40), and
+/// likewise one chunk-size line or one trailer line: the read buffer never
+/// grows past this.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Most bytes an answer's body may take, chunk framing and trailers
+/// included; the counter's body is empty or a few digits. A longer one is
+/// not skipped (it would hold the connection for nothing): the exchange
+/// fails and the connection is closed.
+pub const MAX_BODY: u64 = 1024 * 1024;
+
+/// Headers an answer head is parsed with on the common path; a head with
+/// more is parsed again with room for as many as [`MAX_HEAD`] can hold.
+const USUAL_HEADERS: usize = 32;
 
 /// An upstream connection and its read buffer.
 pub struct Connection<S> {
@@ -90,6 +102,11 @@ impl<S: backends::Stream> Connection<S> {
 
     /// Reads one final answer (skipping 1xx) and its body; returns the
     /// status and whether the connection may be reused.
+    ///
+    /// Reusable only after a complete, well-framed final answer with nothing
+    /// after it: a connection whose framing is in any doubt would have the
+    /// next visit's answer read out of this one's leftovers, or this one's
+    /// out of the next (a 200 for a visit that was never counted).
     async fn read_answer(&mut self) -> io::Result<(u16, bool)> {
         loop {
             let Head {
@@ -100,9 +117,6 @@ impl<S: backends::Stream> Connection<S> {
             } = loop {
                 if let Some(head) = parse_head(&self.buffer[self.start..self.end])? {
                     break head;
-                }
-                if self.end - self.start >= MAX_HEAD {
-                    return Err(invalid("the upstream's answer head is too large"));
                 }
                 self.fill().await?;
             };
@@ -122,13 +136,17 @@ impl<S: backends::Stream> Connection<S> {
                 // Delimited by the end of the connection: the status is
                 // all we need, and the connection cannot be reused.
                 Body::UntilClose => false,
+                // 101: what follows is another protocol.
+                Body::Switched => false,
             };
             // Bytes after the answer were never asked for.
             return Ok((status, reusable && self.start == self.end));
         }
     }
 
-    /// Reads more bytes into the buffer; end of stream is an error here.
+    /// Reads more bytes into the buffer; end of stream is an error here, and
+    /// so is a buffer full of unconsumed bytes at [`MAX_HEAD`] (a head, a
+    /// chunk-size line or a trailer line that long).
     async fn fill(&mut self) -> io::Result<()> {
         if self.start == self.end {
             self.start = 0;
@@ -138,8 +156,12 @@ impl<S: backends::Stream> Connection<S> {
                 self.buffer.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+            } else if self.buffer.len() >= MAX_HEAD {
+                return Err(invalid(
+                    "the upstream's answer head, a chunk-size line or a trailer line is too large",
+                ));
             } else {
-                let mut bigger = vec![0; self.buffer.len() * 2];
+                let mut bigger = vec![0; (self.buffer.len() * 2).min(MAX_HEAD)];
                 bigger[..self.end].copy_from_slice(&self.buffer[..self.end]);
                 self.buffer = bigger.into_boxed_slice();
             }
@@ -154,8 +176,12 @@ impl<S: backends::Stream> Connection<S> {
         Ok(())
     }
 
-    /// Consumes `length` body bytes without keeping them.
+    /// Consumes `length` body bytes without keeping them; more than
+    /// [`MAX_BODY`] is refused before any is read.
     async fn skip(&mut self, mut length: u64) -> io::Result<()> {
+        if length > MAX_BODY {
+            return Err(invalid("the upstream's answer body is too large"));
+        }
         loop {
             let available = (self.end - self.start) as u64;
             if available >= length {
@@ -168,35 +194,81 @@ impl<S: backends::Stream> Connection<S> {
         }
     }
 
-    /// Consumes a chunked body (and any trailers) without keeping it.
-    async fn skip_chunked(&mut self) -> io::Result<()> {
+    /// Reads one line ending in CRLF and consumes it; returns its length
+    /// without the CRLF. A bare CR or LF, or any other control byte but
+    /// tab, is an error: framing that two parsers could split differently.
+    async fn line(&mut self) -> io::Result<usize> {
         loop {
-            let size = loop {
-                match httparse::parse_chunk_size(&self.buffer[self.start..self.end]) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        self.start += used;
-                        break size;
-                    }
-                    Ok(httparse::Status::Partial) => self.fill().await?,
-                    Err(_) => return Err(invalid("bad chunk size in the upstream's answer")),
+            let pending = &self.buffer[self.start..self.end];
+            if let Some(at) = pending.iter().position(|&b| b == b'\n') {
+                let line = &pending[..at];
+                let Some((&b'\r', text)) = line.split_last() else {
+                    return Err(invalid("a bare LF in the upstream's chunked body"));
+                };
+                if text.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
+                    return Err(invalid("a control byte in the upstream's chunked body"));
                 }
-            };
+                self.start += at + 1;
+                return Ok(at - 1);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Consumes a chunked body (and any trailers) without keeping it: the
+    /// whole of it, framing included, at most [`MAX_BODY`] bytes.
+    async fn skip_chunked(&mut self) -> io::Result<()> {
+        let mut budget = MAX_BODY;
+        let mut spend = |bytes: u64| {
+            budget = budget
+                .checked_sub(bytes)
+                .ok_or_else(|| invalid("the upstream's chunked answer body is too large"))?;
+            Ok::<_, io::Error>(())
+        };
+        loop {
+            let line_start = self.start;
+            let line_len = self.line().await?;
+            spend(line_len as u64 + 2)?;
+            let size = chunk_size(&self.buffer[line_start..line_start + line_len])?;
             if size == 0 {
                 // Trailer lines until an empty one.
                 loop {
-                    let pending = &self.buffer[self.start..self.end];
-                    match pending.windows(2).position(|w| w == b"\r\n") {
-                        Some(0) => {
-                            self.start += 2;
-                            return Ok(());
-                        }
-                        Some(line) => self.start += line + 2,
-                        None => self.fill().await?,
+                    let trailer = self.line().await?;
+                    spend(trailer as u64 + 2)?;
+                    if trailer == 0 {
+                        return Ok(());
                     }
                 }
             }
-            self.skip(size + 2).await?; // the chunk and its CRLF
+            // `size` is below MAX_BODY here, so `size + 2` cannot wrap.
+            spend(size)?;
+            spend(2)?;
+            self.skip(size).await?;
+            if self.line().await? != 0 {
+                return Err(invalid(
+                    "a chunk longer than its size in the upstream's answer",
+                ));
+            }
         }
+    }
+}
+
+/// The size of a chunk from its size line (CRLF removed): hex digits, then
+/// optionally whitespace and `;` extensions, which are ignored. httparse
+/// parses the number; what it is lenient about (no digits at all, bare
+/// line ends inside an extension) is refused before it gets there.
+fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    if !line.first().is_some_and(u8::is_ascii_hexdigit) {
+        return Err(invalid(
+            "a chunk-size line without a size in the upstream's answer",
+        ));
+    }
+    let mut framed = Vec::with_capacity(line.len() + 2);
+    framed.extend_from_slice(line);
+    framed.extend_from_slice(b"\r\n");
+    match httparse::parse_chunk_size(&framed) {
+        Ok(httparse::Status::Complete((used, size))) if used == framed.len() => Ok(size),
+        _ => Err(invalid("bad chunk size in the upstream's answer")),
     }
 }
 
@@ -205,6 +277,8 @@ enum Body {
     Length(u64),
     Chunked,
     UntilClose,
+    /// A 101: the connection now speaks something else.
+    Switched,
 }
 
 /// What the exchange needs from an answer's head.
@@ -215,41 +289,82 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Parses a complete head, or `None` while it is partial. A function of
-/// its own rather than inline in `read_answer`'s loop: measured at 330
-/// fewer instructions a visit (13,521 -> 13,195, `bench/instructions.py`,
-/// tokio), the parse compiled outside the async state machine.
+/// Parses a complete head, or `None` while it is partial (and shorter than
+/// [`MAX_HEAD`]). A function of its own rather than inline in
+/// `read_answer`'s loop: measured at 330 fewer instructions a visit
+/// (13,521 -> 13,195, `bench/instructions.py`, tokio), the parse compiled
+/// outside the async state machine.
 fn parse_head(bytes: &[u8]) -> io::Result<Option<Head>> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut response = httparse::Response::new(&mut headers);
+    let mut headers = [httparse::EMPTY_HEADER; USUAL_HEADERS];
+    match parse_head_with(bytes, &mut headers)? {
+        Parsed::Head(head) => Ok(Some(head)),
+        Parsed::Partial => Ok(None),
+        Parsed::TooManyHeaders => {
+            // More headers than usual. The count is not what a counter
+            // behind a framework or CDN respects, the head's size is: a
+            // header line takes at least three bytes ("a:" and LF), so a
+            // head within MAX_HEAD has room for this many.
+            let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEAD / 3 + 1];
+            match parse_head_with(bytes, &mut headers)? {
+                Parsed::Head(head) => Ok(Some(head)),
+                Parsed::Partial => Ok(None),
+                Parsed::TooManyHeaders => Err(invalid("the upstream's answer head is too large")),
+            }
+        }
+    }
+}
+
+/// What one parse of a head found.
+enum Parsed {
+    Head(Head),
+    Partial,
+    /// More headers than the room given.
+    TooManyHeaders,
+}
+
+/// [`parse_head`] with room for `headers.len()` headers.
+fn parse_head_with<'b>(
+    bytes: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> io::Result<Parsed> {
+    let mut response = httparse::Response::new(headers);
     match response.parse(bytes) {
         Ok(httparse::Status::Complete(head_len)) => {
+            let status = response.code.unwrap_or(0);
+            if !(100..600).contains(&status) {
+                return Err(invalid("a status outside 100-599 in the upstream's answer"));
+            }
             let (body, keep_alive) = framing(&response)?;
-            Ok(Some(Head {
-                status: response.code.unwrap_or(0),
+            Ok(Parsed::Head(Head {
+                status,
                 head_len,
                 body,
                 keep_alive,
             }))
         }
-        Ok(httparse::Status::Partial) => Ok(None),
+        Ok(httparse::Status::Partial) if bytes.len() >= MAX_HEAD => {
+            Err(invalid("the upstream's answer head is too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => Ok(Parsed::TooManyHeaders),
         Err(error) => Err(invalid(&format!("bad upstream answer: {error}"))),
     }
 }
 
-/// The body framing and keep-alive of an answer head.
+/// The body framing and keep-alive of an answer head (RFC 9112 §6.3).
+/// Anything two readers could frame differently is an error: the exchange
+/// fails (502) and the connection is closed.
 fn framing(response: &httparse::Response<'_, '_>) -> io::Result<(Body, bool)> {
     let status = response.code.unwrap_or(0);
-    let mut keep_alive = response.version == Some(1);
+    let http11 = response.version == Some(1);
+    let mut keep_alive = http11;
     let mut length = None;
-    let mut transfer_encoding = false;
-    let mut chunked = false;
+    // Transfer codings over every transfer-encoding header, in order.
+    let mut codings = 0;
+    let mut chunked_at = None;
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| invalid("bad content-length in the upstream's answer"))?;
+            let value = content_length(header.value)?;
             if length.is_some_and(|l| l != value) {
                 return Err(invalid(
                     "differing content-lengths in the upstream's answer",
@@ -257,12 +372,20 @@ fn framing(response: &httparse::Response<'_, '_>) -> io::Result<(Body, bool)> {
             }
             length = Some(value);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = true;
-            chunked = header
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            for coding in header.value.split(|&b| b == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
+                }
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    if chunked_at.is_some() {
+                        // RFC 9112 §6.1: chunked is never applied twice.
+                        return Err(invalid("chunked twice in the upstream's answer"));
+                    }
+                    chunked_at = Some(codings);
+                }
+                codings += 1;
+            }
         } else if header.name.eq_ignore_ascii_case("connection") {
             let close = header
                 .value
@@ -271,21 +394,319 @@ fn framing(response: &httparse::Response<'_, '_>) -> io::Result<(Body, bool)> {
             keep_alive &= !close;
         }
     }
-    let body = if status == 204 || status == 304 || (100..200).contains(&status) {
-        Body::Length(0)
-    } else if chunked {
-        Body::Chunked
-    } else if transfer_encoding {
-        // Encoded but not chunked last: delimited by the close.
-        Body::UntilClose
-    } else if let Some(length) = length {
-        Body::Length(length)
-    } else {
-        Body::UntilClose
+    if status == 101 {
+        return Ok((Body::Switched, false));
+    }
+    if (100..200).contains(&status) {
+        return Ok((Body::Length(0), keep_alive));
+    }
+    if codings > 0 && length.is_some() {
+        // RFC 9112 §6.3: "ought to be handled as an error" (smuggling).
+        return Err(invalid(
+            "both transfer-encoding and content-length in the upstream's answer",
+        ));
+    }
+    if status == 204 || status == 304 {
+        // No body by definition; one announced anyway (204 with a length,
+        // any transfer coding) means the upstream frames differently.
+        let announced = codings > 0 || (status == 204 && length.is_some_and(|l| l > 0));
+        return Ok((Body::Length(0), keep_alive && !announced));
+    }
+    let body = match (chunked_at, length) {
+        // Chunked last (RFC 9112 §6.1); an HTTP/1.0 answer cannot be
+        // chunked, so one that says so is read to the close instead.
+        (Some(at), _) if at + 1 == codings && http11 => Body::Chunked,
+        (Some(at), _) if at + 1 != codings => {
+            return Err(invalid(
+                "chunked is not the last coding in the upstream's answer",
+            ));
+        }
+        // Encoded but not chunked (or chunked in HTTP/1.0): to the close.
+        _ if codings > 0 => Body::UntilClose,
+        (_, Some(length)) => Body::Length(length),
+        (_, None) => Body::UntilClose,
     };
     Ok((body, keep_alive))
 }
 
+/// A `content-length` value: decimal digits only (RFC 9110 §8.6; `u64`'s
+/// parser would take a leading `+`), within `u64`.
+fn content_length(value: &[u8]) -> io::Result<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(invalid("bad content-length in the upstream's answer"));
+    }
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<u64>().ok())
+        .ok_or_else(|| invalid("content-length out of range in the upstream's answer"))
+}
+
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use backends::{Runtime, Threading};
+
+    use super::{Connection, Exchange, MAX_BODY, MAX_HEAD};
+    use crate::config::Backend;
+    use crate::daemon::{OnRuntime, on_backend};
+    use crate::time::timeout_at;
+
+    /// What an exchange should end in: `Some((status, reusable))` for an
+    /// answer, `None` for a failure.
+    type Expected = Option<(u16, bool)>;
+
+    /// Answers the upstream may send, and what each must give.
+    fn cases() -> Vec<(&'static str, Vec<u8>, Expected)> {
+        let ok = |extra: &str| format!("HTTP/1.1 200 OK\r\n{extra}\r\n").into_bytes();
+        let forty_headers: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let many_headers: String = (0..2000).map(|i| format!("x{i}:\r\n")).collect();
+        let huge_head = format!("x-big: {}\r\n", "a".repeat(MAX_HEAD));
+        vec![
+            ("plain", ok("content-length: 0\r\n"), Some((200, true))),
+            (
+                "with a body",
+                [ok("content-length: 3\r\n"), b"abc".to_vec()].concat(),
+                Some((200, true)),
+            ),
+            (
+                "chunked with trailers",
+                [
+                    ok("transfer-encoding: chunked\r\n"),
+                    b"3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                Some((200, true)),
+            ),
+            (
+                "chunk size that wraps",
+                [
+                    ok("transfer-encoding: chunked\r\n"),
+                    b"fffffffffffffffe\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "chunk larger than the body limit",
+                [
+                    ok("transfer-encoding: chunked\r\n"),
+                    format!("{:x}\r\n", MAX_BODY).into_bytes(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "chunk longer than its size",
+                [
+                    ok("transfer-encoding: chunked\r\n"),
+                    b"1\r\nabc\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "chunk-size line without digits",
+                [ok("transfer-encoding: chunked\r\n"), b"\r\n\r\n".to_vec()].concat(),
+                None,
+            ),
+            (
+                "bare LF in a chunk extension",
+                [
+                    ok("transfer-encoding: chunked\r\n"),
+                    b"0;a\nb\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "101 to a POST",
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n"
+                    .to_vec(),
+                Some((101, false)),
+            ),
+            (
+                "100 then 200",
+                [
+                    b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+                    ok("content-length: 0\r\n"),
+                ]
+                .concat(),
+                Some((200, true)),
+            ),
+            (
+                "40 headers",
+                ok(&format!("{forty_headers}content-length: 0\r\n")),
+                Some((200, true)),
+            ),
+            (
+                "2,000 headers",
+                ok(&format!("{many_headers}content-length: 0\r\n")),
+                Some((200, true)),
+            ),
+            ("head over the limit", ok(&huge_head), None),
+            (
+                "content-length with a sign",
+                ok("content-length: +0\r\n"),
+                None,
+            ),
+            (
+                "content-length past u64",
+                ok("content-length: 18446744073709551616\r\n"),
+                None,
+            ),
+            (
+                "content-length over the body limit",
+                ok(&format!("content-length: {}\r\n", MAX_BODY + 1)),
+                None,
+            ),
+            (
+                "differing content-lengths",
+                ok("content-length: 0\r\ncontent-length: 1\r\n"),
+                None,
+            ),
+            (
+                "transfer-encoding and content-length",
+                [
+                    ok("transfer-encoding: chunked\r\ncontent-length: 5\r\n"),
+                    b"0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "chunked twice",
+                [
+                    ok("transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n"),
+                    b"0\r\n\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                None,
+            ),
+            (
+                "chunked, then another coding",
+                ok("transfer-encoding: chunked, gzip\r\n"),
+                None,
+            ),
+            (
+                "another coding, then chunked",
+                [
+                    ok("transfer-encoding: gzip, chunked\r\n"),
+                    b"0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                Some((200, true)),
+            ),
+            (
+                "a coding but not chunked",
+                ok("transfer-encoding: gzip\r\n"),
+                Some((200, false)),
+            ),
+            ("no length: to the close", ok(""), Some((200, false))),
+            (
+                "connection: close",
+                ok("content-length: 0\r\nconnection: close\r\n"),
+                Some((200, false)),
+            ),
+            (
+                "HTTP/1.0",
+                b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                Some((200, false)),
+            ),
+            (
+                "204 announcing a body",
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n".to_vec(),
+                Some((204, false)),
+            ),
+            (
+                "204",
+                b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                Some((204, true)),
+            ),
+            (
+                "bytes after the answer",
+                [ok("content-length: 0\r\n"), b"HTTP/1.1 200 OK\r\n".to_vec()].concat(),
+                Some((200, false)),
+            ),
+            (
+                "status 099",
+                b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                None,
+            ),
+            (
+                "status 600",
+                b"HTTP/1.1 600 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                None,
+            ),
+            ("not HTTP", b"\x00\x01garbage\r\n\r\n".to_vec(), None),
+        ]
+    }
+
+    /// Sends one request over a real TCP connection to a thread that
+    /// answers `answer` and holds the connection open; returns the outcome.
+    async fn exchange_with<R: Runtime>(answer: Vec<u8>) -> Expected {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).unwrap();
+                assert!(n > 0, "the request was cut short");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let _ = socket.write_all(&answer);
+            // Held open until the exchange is over (or has given up).
+            let _ = socket.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = socket.read(&mut buf);
+        });
+        let mut connection = Connection::new(R::connect(addr).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let request = b"POST /counter HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n";
+        let outcome = timeout_at::<R, _>(deadline, connection.exchange(request))
+            .await
+            .expect("the exchange ended within 5 s");
+        drop(connection);
+        upstream.join().unwrap();
+        match outcome {
+            Exchange::Answered { status, reusable } => Some((status, reusable)),
+            Exchange::Failed(_) => None,
+            Exchange::Unsent(error) => panic!("the request was not sent: {error}"),
+        }
+    }
+
+    struct HostileAnswers;
+
+    impl OnRuntime for HostileAnswers {
+        type Output = ();
+        fn run<R: Runtime>(self) {
+            let failures = R::block_on(1, Threading::Shared, async {
+                let mut failures = Vec::new();
+                for (name, answer, expected) in cases() {
+                    let got = exchange_with::<R>(answer).await;
+                    if got != expected {
+                        failures.push(format!("{name}: expected {expected:?}, got {got:?}"));
+                    }
+                }
+                failures
+            })
+            .unwrap();
+            assert!(failures.is_empty(), "{}: {failures:#?}", R::NAME);
+        }
+    }
+
+    #[test]
+    fn every_answer_is_framed_exactly_or_the_connection_is_not_reused() {
+        for backend in [Backend::Tokio, Backend::Smol] {
+            on_backend(backend, HostileAnswers);
+        }
+    }
 }

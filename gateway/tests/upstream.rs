@@ -348,7 +348,87 @@ async fn idle_pooled_connections_are_closed(backend: Backend) {
     );
 }
 
+/// Answers a fooled client would reuse the connection after: the body's
+/// framing cannot be skipped honestly, or the connection switched
+/// protocols. Each must give 502 and close the connection, so that the
+/// next visit's POST is never written where the upstream is not reading
+/// requests (the trap answers it 200 without counting it).
+const UNREUSABLE_ANSWERS: [&[u8]; 6] = [
+    // `size + 2` wrapped to 0 and the rest was read as the end.
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nfffffffffffffffe\r\n0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: +0\r\n\r\n",
+];
+
+async fn answers_that_cannot_be_framed_give_502_and_the_connection_is_dropped(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .workers(1)
+        .start();
+    let mut client = Client::connect(gateway.addr("public")).await;
+    for reply in UNREUSABLE_ANSWERS {
+        upstream.set(Behaviour::Trap(reply));
+        for _ in 0..3 {
+            let answer = client.get("/").await;
+            assert_eq!(
+                answer.status,
+                StatusCode::BAD_GATEWAY,
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        assert_eq!(
+            upstream.trapped(),
+            0,
+            "a visit was sent on the connection after {:?}",
+            String::from_utf8_lossy(reply)
+        );
+    }
+}
+
+async fn a_head_with_many_headers_is_counted(backend: Backend) {
+    // A head past the size limit is 502, and its connection is not reused.
+    let huge: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(20_000)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let upstream = TestUpstream::start(Behaviour::Trap(huge)).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let mut client = Client::connect(gateway.addr("public")).await;
+    for _ in 0..2 {
+        assert_eq!(client.get("/").await.status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(upstream.trapped(), 0);
+    // 40 short headers: more than a fixed array of 32 held, well within
+    // the size limit. Counted, and the connection reused.
+    let reply: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+            (0..40)
+                .map(|i| format!("x-h{i}: v\r\n"))
+                .collect::<String>()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    upstream.set(Behaviour::Raw(reply));
+    for _ in 0..5 {
+        assert_eq!(client.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.posts(), 2 + 5);
+    assert_eq!(upstream.connections(), 2 + 1, "the connection was reused");
+}
+
 both_backends!(
+    answers_that_cannot_be_framed_give_502_and_the_connection_is_dropped,
+    a_head_with_many_headers_is_counted,
     idle_pooled_connections_are_closed,
     stale_pooled_connections_are_replaced_not_resent,
     counting_is_exact_under_concurrency,

@@ -483,6 +483,15 @@ pub enum Behaviour {
     Flaky,
     /// Sends half a response head, then closes.
     CloseMidResponse,
+    /// Answers every request with exactly these bytes, keeping the
+    /// connection: an unusual but well-framed answer.
+    Raw(&'static [u8]),
+    /// Answers the first request on a connection with these bytes. A later
+    /// request on the same connection is answered 200 but not counted, as
+    /// if it had landed where the first answer said its body or another
+    /// protocol goes: what a client fooled by the first answer would send
+    /// (see [`TestUpstream::trapped`]).
+    Trap(&'static [u8]),
 }
 
 /// What the test upstream saw of one request.
@@ -501,6 +510,8 @@ struct UpstreamState {
     requests: Mutex<Vec<Seen>>,
     posts: AtomicU64,
     connections: AtomicUsize,
+    /// Requests that reached a connection after a `Trap` answer.
+    trapped: AtomicU64,
 }
 
 /// An upstream counter in the test process whose behaviour the test sets,
@@ -522,6 +533,7 @@ impl TestUpstream {
             requests: Mutex::new(Vec::new()),
             posts: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
+            trapped: AtomicU64::new(0),
         });
         let mut upstream = Self {
             addr,
@@ -567,6 +579,11 @@ impl TestUpstream {
                     }
                     if behaviour == Behaviour::Flaky {
                         serve_flaky(stream, &state).await;
+                        return;
+                    }
+                    if let Behaviour::Raw(reply) | Behaviour::Trap(reply) = behaviour {
+                        let trap = matches!(behaviour, Behaviour::Trap(_));
+                        serve_scripted(stream, &state, reply, trap).await;
                         return;
                     }
                     if behaviour == Behaviour::CloseMidResponse {
@@ -627,6 +644,12 @@ impl TestUpstream {
         }
     }
 
+    /// Requests sent on a connection after a [`Behaviour::Trap`] answer:
+    /// each was answered 200 and never counted.
+    pub fn trapped(&self) -> u64 {
+        self.state.trapped.load(Ordering::SeqCst)
+    }
+
     /// TCP connections accepted.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -676,7 +699,9 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
         Behaviour::Garbage
         | Behaviour::CloseAfterAnswer
         | Behaviour::Flaky
-        | Behaviour::CloseMidResponse => 200,
+        | Behaviour::CloseMidResponse
+        | Behaviour::Raw(_)
+        | Behaviour::Trap(_) => 200,
     };
     let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
@@ -696,15 +721,8 @@ async fn answer_raw_and_close(mut stream: TcpStream, state: &UpstreamState, repl
 async fn serve_flaky(mut stream: TcpStream, state: &UpstreamState) {
     let mut buffer = Vec::new();
     loop {
-        let head_end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head_end) = read_head(&mut stream, &mut buffer).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
         buffer.drain(..head_end + 4);
@@ -739,6 +757,43 @@ async fn serve_flaky(mut stream: TcpStream, state: &UpstreamState) {
             return;
         }
         if sequence % 5 == 1 {
+            return;
+        }
+    }
+}
+
+/// Reads until `buffer` holds a whole request head; its length without
+/// the blank line, or `None` when the peer closed first.
+async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// [`Behaviour::Raw`] and [`Behaviour::Trap`]: every request (or, with
+/// `trap`, the first) is counted and answered `reply`; with `trap`, later
+/// ones are answered 200 uncounted.
+async fn serve_scripted(mut stream: TcpStream, state: &UpstreamState, reply: &[u8], trap: bool) {
+    let mut buffer = Vec::new();
+    let mut answered = 0;
+    while let Some(head_end) = read_head(&mut stream, &mut buffer).await {
+        buffer.drain(..head_end + 4);
+        let reply: &[u8] = if trap && answered > 0 {
+            state.trapped.fetch_add(1, Ordering::SeqCst);
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            state.posts.fetch_add(1, Ordering::SeqCst);
+            reply
+        };
+        answered += 1;
+        if stream.write_all(reply).await.is_err() {
             return;
         }
     }
