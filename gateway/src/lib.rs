@@ -6,7 +6,8 @@
 //! - [`config`]: `config.toml`, its defaults, and errors that point at a line.
 //! - [`daemon`]: start-up and shutdown; the one place a backend is picked.
 //! - [`server`]: the HTTP/1.1 accept loop and per-connection task (hyper),
-//!   timeouts, connection cap, drain.
+//!   timeouts, connection cap, drain; [`request_rules`], what it refuses
+//!   that hyper lets through.
 //! - [`service`]: the `Request` → `Response` seam the server drives.
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
@@ -28,6 +29,7 @@ pub mod daemon;
 pub mod exchange;
 pub mod forward;
 pub mod metrics;
+pub mod request_rules;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -26,14 +26,16 @@ use async_lock::{Semaphore, SemaphoreGuardArc};
 use backends::Runtime;
 use event_listener::Event;
 use futures_lite::future::{self, poll_fn};
+use hyper::body::Body as _;
 use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::http1;
 
 use crate::metrics::Metrics;
+use crate::request_rules;
 use crate::service::{Service, status_only};
 use crate::shutdown::{Latch, Stop};
-use http::header::{CONNECTION, HOST, HeaderValue};
-use http::{StatusCode, Version};
+use http::StatusCode;
+use http::header::{CONNECTION, HeaderValue};
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -123,6 +125,10 @@ pub async fn serve<R: Runtime, S: Service>(
         // The phases below do the header-read timeout; see the module doc.
         .header_read_timeout(None)
         .keep_alive(true)
+        // A client may shut down its sending side once its request is out
+        // (`nc -N`, some HTTP/1.0 clients): the request is still answered,
+        // and the connection closes after the answer.
+        .half_close(true)
         .max_buf_size(settings.max_header_bytes)
         // Every answer is a small head and a small body: copying the body
         // behind the head and writing one buffer costs less than hyper's
@@ -372,52 +378,64 @@ async fn serve_connection<R: Runtime, S: Service>(
         activity: activity.clone(),
     };
     let service_activity = activity.clone();
-    let hyper_service = hyper::service::service_fn(move |request| {
-        let head_complete = Instant::now();
-        service_activity.enter(Phase::Busy, head_complete);
-        let activity = service_activity.clone();
-        let logged = settings
-            .access_log
-            .then(|| (request.method().clone(), request.uri().path().to_owned()));
-        // RFC 9112 §3.2: an HTTP/1.1 request without `host` gets 400. hyper
-        // leaves that to the application; no service should see one.
-        let missing_host =
-            request.version() == Version::HTTP_11 && !request.headers().contains_key(HOST);
-        let response = (!missing_host).then(|| service.call(request, peer));
-        async move {
-            let response = match response {
-                Some(response) => response.await,
-                None => {
-                    let mut response = status_only(StatusCode::BAD_REQUEST);
+    let hyper_service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let head_complete = Instant::now();
+            service_activity.enter(Phase::Busy, head_complete);
+            let activity = service_activity.clone();
+            let logged = settings
+                .access_log
+                .then(|| (request.method().clone(), request.uri().path().to_owned()));
+            // What hyper lets through and RFC 9112 does not (no service should
+            // see it): 400, and the connection closes.
+            let violation = request_rules::violation(&request);
+            // No service reads a request body. One is never waited for or
+            // read: the answer goes out at once, and the connection closes
+            // after it, so nothing behind a body is ever taken for a request
+            // (whether a body that already arrived would be skipped depends on
+            // hyper's buffering, and bodies on GET are a desync vector).
+            let carries_body = !request.body().is_end_stream();
+            let response = violation.is_none().then(|| service.call(request, peer));
+            async move {
+                let mut response = match response {
+                    Some(response) => response.await,
+                    None => {
+                        tracing::debug!(%peer, violation, "request refused");
+                        let mut response = status_only(StatusCode::BAD_REQUEST);
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                        response
+                    }
+                };
+                if carries_body {
                     response
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
-                    response
                 }
-            };
-            let answered = Instant::now();
-            activity.enter(Phase::Idle, answered);
-            if let Some(metrics) = settings.metrics {
-                if missing_host {
-                    metrics.record_bad_request();
-                } else {
-                    metrics.record_request(response.status(), answered - head_complete);
+                let answered = Instant::now();
+                activity.enter(Phase::Idle, answered);
+                if let Some(metrics) = settings.metrics {
+                    if violation.is_some() {
+                        metrics.record_bad_request();
+                    } else {
+                        metrics.record_request(response.status(), answered - head_complete);
+                    }
                 }
+                if let Some((method, path)) = logged {
+                    tracing::info!(
+                        target: "access",
+                        listener = settings.name,
+                        %peer,
+                        %method,
+                        path = ?path,
+                        status = response.status().as_u16(),
+                        micros = (answered - head_complete).as_micros() as u64,
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }
-            if let Some((method, path)) = logged {
-                tracing::info!(
-                    target: "access",
-                    listener = settings.name,
-                    %peer,
-                    %method,
-                    path = ?path,
-                    status = response.status().as_u16(),
-                    micros = (answered - head_complete).as_micros() as u64,
-                );
-            }
-            Ok::<_, Infallible>(response)
-        }
-    });
+        });
     let mut connection = pin!(builder.serve_connection(io, hyper_service));
 
     let timer = R::timer();

@@ -142,6 +142,31 @@ async fn bad_inputs_get_their_status_and_the_gateway_serves_on(backend: Backend)
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             Some("HTTP/1.1 400 "),
         ),
+        (
+            "two host lines",
+            b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n".to_vec(),
+            Some("HTTP/1.1 400 "),
+        ),
+        (
+            "an invalid host",
+            b"GET / HTTP/1.1\r\nhost: a b\r\n\r\n".to_vec(),
+            Some("HTTP/1.1 400 "),
+        ),
+        (
+            "userinfo in host",
+            b"GET / HTTP/1.1\r\nhost: user@a\r\n\r\n".to_vec(),
+            Some("HTTP/1.1 400 "),
+        ),
+        (
+            "chunked twice, two lines",
+            b"GET / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n".to_vec(),
+            Some("HTTP/1.1 400 "),
+        ),
+        (
+            "chunked twice, one line",
+            b"GET / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            Some("HTTP/1.1 400 "),
+        ),
         ("oversized head", big_header, Some("HTTP/1.1 431 ")),
         ("too many headers", many_headers, Some("HTTP/1.1 431 ")),
         ("oversized URI", long_uri, Some("HTTP/1.1 431 ")),
@@ -215,6 +240,10 @@ async fn request_bodies_are_discarded_not_buffered(backend: Backend) {
     for head in [
         &b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\nsome of it"[..],
         b"GET / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n10000\r\nabc",
+        // A small body, whole, and a request behind it in the same write:
+        // the body is not read either, and what follows is not served.
+        b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n",
     ] {
         let started = Instant::now();
         let mut stream = TcpStream::connect(public).await.unwrap();
@@ -230,7 +259,36 @@ async fn request_bodies_are_discarded_not_buffered(backend: Backend) {
         let rest = common::read_until_close(&mut stream, Duration::from_secs(3)).await;
         assert!(!rest.contains("HTTP/1.1"), "no second answer: {rest}");
     }
-    assert_eq!(upstream.posts(), 2);
+    assert_eq!(upstream.posts(), 4);
+}
+
+async fn a_request_then_a_half_close_is_answered_then_closed(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(50))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let public = gateway.addr("public");
+    let one = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n";
+    // As `nc -N` does: the request, then shutdown(SHUT_WR). Also two
+    // pipelined, and an HTTP/1.0 request.
+    let pipelined = [one.as_slice(), one].concat();
+    let http10 = b"GET / HTTP/1.0\r\n\r\n".as_slice();
+    let mut visits = 0;
+    for (request, answers) in [(one.as_slice(), 1), (&pipelined, 2), (http10, 1)] {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect(public).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let started = Instant::now();
+            let reply = common::read_until_close(&mut stream, Duration::from_secs(5)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "not closed after the answer: {reply:?}"
+            );
+            assert_eq!(reply.matches(" 200 OK\r\n").count(), answers, "{reply:?}");
+            assert!(reply.ends_with("Welcome to my site!"), "{reply:?}");
+            visits += answers as u64;
+        }
+    }
+    assert_eq!(upstream.posts(), visits);
 }
 
 async fn clients_vanishing_mid_request_leave_the_gateway_serving(backend: Backend) {
@@ -493,6 +551,7 @@ async fn upstream_closing_mid_response_gives_502(backend: Backend) {
 both_backends!(
     bad_inputs_get_their_status_and_the_gateway_serves_on,
     request_bodies_are_discarded_not_buffered,
+    a_request_then_a_half_close_is_answered_then_closed,
     clients_vanishing_mid_request_leave_the_gateway_serving,
     out_of_file_descriptors_the_gateway_backs_off_and_recovers,
     slowloris_neither_delays_real_clients_nor_outlives_the_header_timeout,
