@@ -4,7 +4,7 @@
 //! [`Runtime`]: run a future on N worker threads (sharing one scheduler,
 //! or one scheduler each: [`Threading`]), spawn tasks, adopt a bound
 //! TCP listener and accept from it, connect, sleep until an instant, hand
-//! hyper a timer, and wait for SIGTERM/SIGINT. The gateway is generic over
+//! hyper a timer, and catch the signals a daemon gets ([`Signal`]). The gateway is generic over
 //! it (`run::<Tokio>` / `run::<Smol>`), so the hot path is monomorphic and
 //! both runtimes run exactly the same HTTP code.
 //!
@@ -56,6 +56,41 @@ pub enum Threading {
     /// moves. Nothing is shared on the way through a task; nothing
     /// rebalances a worker that has more than its share.
     PerCore,
+}
+
+/// The signals the daemon catches: it stops on the first two and must not
+/// be ended by the others, whose default action would kill it with
+/// requests in flight (`kill -HUP` is what operators try first for a
+/// reload; `USR1`/`USR2` are sent by log rotators and other tools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Terminate,
+    Interrupt,
+    Hangup,
+    User1,
+    User2,
+}
+
+impl Signal {
+    /// Every signal [`Runtime::signals`] catches.
+    pub const ALL: [Signal; 5] = [
+        Signal::Terminate,
+        Signal::Interrupt,
+        Signal::Hangup,
+        Signal::User1,
+        Signal::User2,
+    ];
+
+    /// The signal's name, as `kill -l` spells it with the `SIG` prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Terminate => "SIGTERM",
+            Signal::Interrupt => "SIGINT",
+            Signal::Hangup => "SIGHUP",
+            Signal::User1 => "SIGUSR1",
+            Signal::User2 => "SIGUSR2",
+        }
+    }
 }
 
 /// The listen backlog the gateway asks for when it binds a socket itself;
@@ -129,9 +164,10 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     /// The timer to give hyper's connection builders.
     fn timer() -> Self::Timer;
 
-    /// Starts listening for SIGTERM and SIGINT; the returned future
-    /// completes when either arrives. Call it inside [`Runtime::block_on`].
-    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static>;
+    /// Catches every [`Signal`] from now on (none of them ends the process
+    /// by its default action any more) and yields each as it arrives.
+    /// Call it once, inside [`Runtime::block_on`].
+    fn signals() -> io::Result<impl futures_lite::Stream<Item = Signal> + Send + Unpin + 'static>;
 }
 
 /// One `accept4` on a non-blocking listener: the connection comes back

@@ -24,7 +24,7 @@ use futures_lite::{AsyncWrite, StreamExt};
 use smol::{Async, Executor, Timer};
 use smol_hyper::rt::SmolTimer;
 
-use crate::{Runtime, Threading};
+use crate::{Runtime, Signal, Threading};
 
 /// The executor shared by every worker thread.
 static EXECUTOR: Executor<'static> = Executor::new();
@@ -350,11 +350,22 @@ impl Runtime for Smol {
         SmolTimer::new()
     }
 
-    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
-        use async_signal::{Signal, Signals};
-        let mut signals = Signals::new([Signal::Term, Signal::Int])?;
-        Ok(async move {
-            let _ = signals.next().await;
-        })
+    fn signals() -> io::Result<impl futures_lite::Stream<Item = Signal> + Send + Unpin + 'static> {
+        use async_signal::{Signal as Caught, Signals};
+        let signals = Signals::new(Signal::ALL.map(|signal| match signal {
+            Signal::Terminate => Caught::Term,
+            Signal::Interrupt => Caught::Int,
+            Signal::Hangup => Caught::Hup,
+            Signal::User1 => Caught::Usr1,
+            Signal::User2 => Caught::Usr2,
+        }))?;
+        Ok(signals.filter_map(|caught| match caught.ok()? {
+            Caught::Term => Some(Signal::Terminate),
+            Caught::Int => Some(Signal::Interrupt),
+            Caught::Hup => Some(Signal::Hangup),
+            Caught::Usr1 => Some(Signal::User1),
+            Caught::Usr2 => Some(Signal::User2),
+            _ => None,
+        }))
     }
 }

@@ -6,13 +6,14 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::OnceLock;
+use std::task::Poll;
 use std::time::Instant;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::Interest;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{Runtime, Threading};
+use crate::{Runtime, Signal, Threading};
 
 /// A listening socket in tokio's reactor, accepted from without
 /// registering the connections (see [`Runtime::accept`]).
@@ -178,19 +179,28 @@ impl Runtime for Tokio {
         TokioTimer::new()
     }
 
-    fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        Ok(async move {
-            futures_lite::future::or(
-                async {
-                    terminate.recv().await;
-                },
-                async {
-                    interrupt.recv().await;
-                },
-            )
-            .await;
-        })
+    fn signals() -> io::Result<impl futures_lite::Stream<Item = Signal> + Send + Unpin + 'static> {
+        let mut caught = Signal::ALL
+            .into_iter()
+            .map(|caught| Ok((caught, signal(kind(caught))?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(futures_lite::stream::poll_fn(move |cx| {
+            for (caught, receiver) in &mut caught {
+                if receiver.poll_recv(cx).is_ready() {
+                    return Poll::Ready(Some(*caught));
+                }
+            }
+            Poll::Pending
+        }))
+    }
+}
+
+fn kind(caught: Signal) -> SignalKind {
+    match caught {
+        Signal::Terminate => SignalKind::terminate(),
+        Signal::Interrupt => SignalKind::interrupt(),
+        Signal::Hangup => SignalKind::hangup(),
+        Signal::User1 => SignalKind::user_defined1(),
+        Signal::User2 => SignalKind::user_defined2(),
     }
 }

@@ -5,13 +5,14 @@
 //! place in the gateway that names a backend type — and runs everything
 //! else generically over it. On SIGTERM/SIGINT the public listener stops
 //! accepting and drains first; the built-in counter it may be forwarding to
-//! stops after it.
+//! stops after it. SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backends::Runtime;
+use backends::{Runtime, Signal};
+use futures_lite::StreamExt;
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config, Threading, ms};
@@ -153,7 +154,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
     );
 
     let main = async move {
-        let signal = R::shutdown_signal().map_err(|source| Fatal::Runtime {
+        let mut signals = R::signals().map_err(|source| Fatal::Runtime {
             backend: R::NAME,
             source,
         })?;
@@ -247,7 +248,15 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         let reported = status.clone();
         R::spawn(report_to_systemd::<R>(move || reported()));
 
-        signal.await;
+        loop {
+            match signals.next().await {
+                Some(Signal::Terminate | Signal::Interrupt) | None => break,
+                Some(other) => tracing::warn!(
+                    signal = other.name(),
+                    "signal ignored: the gateway has no reload; restart it to apply a new configuration"
+                ),
+            }
+        }
         tracing::info!("shutdown signal received");
         systemd::stopping(&format!("stopping; {}", status()));
         // The public listener drains first; health and metrics stay up

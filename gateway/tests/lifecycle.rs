@@ -261,6 +261,34 @@ async fn sigint_answers_the_request_in_flight_and_exits_0(backend: Backend) {
     assert!(gateway.log_text().contains("shutdown signal received"));
 }
 
+/// SIGHUP, SIGUSR1 and SIGUSR2 (whose default action would end the
+/// process with every visit in flight unanswered) are logged and ignored:
+/// every visit in flight is answered, and the gateway serves on.
+async fn stray_signals_neither_stop_nor_disturb_the_daemon(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let addr = gateway.addr("public");
+    let mut in_flight = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        in_flight.spawn(common::get(addr, "/"));
+    }
+    upstream.wait_for_posts(20).await;
+    for signal in ["HUP", "USR1", "USR2", "HUP"] {
+        gateway.signal(signal);
+    }
+    while let Some(answer) = in_flight.join_next().await {
+        assert_eq!(answer.unwrap().status, StatusCode::OK);
+    }
+    upstream.set(Behaviour::Ok);
+    assert_eq!(common::get(addr, "/").await.status, StatusCode::OK);
+    let log = gateway.log_text();
+    for name in ["SIGHUP", "SIGUSR1", "SIGUSR2"] {
+        assert!(log.contains(name), "{name} not logged: {log}");
+    }
+    gateway.terminate();
+    gateway.assert_exits_0_within(Duration::from_secs(5)).await;
+}
+
 /// Log lines carry a timestamp, except under journald (`JOURNAL_STREAM`
 /// set), which stamps them itself.
 async fn log_lines_are_timestamped_except_under_journald(backend: Backend) {
@@ -295,6 +323,7 @@ both_backends!(
     sigterm_shared_answers_requests_in_flight,
     sigterm_closes_what_is_left_within_one_shutdown_timeout,
     sigint_answers_the_request_in_flight_and_exits_0,
+    stray_signals_neither_stop_nor_disturb_the_daemon,
     the_counter_outlasts_the_public_idle_timeout,
     log_lines_are_timestamped_except_under_journald,
 );
