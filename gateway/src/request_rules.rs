@@ -35,10 +35,24 @@ pub fn violation<B>(request: &Request<B>) -> Option<&'static str> {
 }
 
 /// `Host = uri-host [ ":" port ]` (RFC 9110 §7.2), or empty (allowed when
-/// the target has no authority). `Authority` would also take userinfo,
-/// which a `host` never carries.
+/// the target has no authority). `Authority` takes the host's syntax, but
+/// also userinfo, which a `host` never carries, and any text as a port.
 fn is_valid_host(value: &[u8]) -> bool {
-    value.is_empty() || (!value.contains(&b'@') && Authority::try_from(value).is_ok())
+    if value.is_empty() {
+        return true;
+    }
+    let Ok(authority) = Authority::try_from(value) else {
+        return false;
+    };
+    if value.contains(&b'@') {
+        return false;
+    }
+    match authority.as_str()[authority.host().len()..].strip_prefix(':') {
+        None => authority.as_str().len() == authority.host().len(),
+        // `port = *DIGIT`: empty, or a number that fits.
+        Some("") => true,
+        Some(port) => port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok(),
+    }
 }
 
 #[cfg(test)]
@@ -69,7 +83,17 @@ mod tests {
             ok(&[("host", "a"), ("host", "a")]),
             Some("more than one host")
         );
-        for bad in ["a b", "user@a", "a:port", "a/b", "[::1", "a:99999999999"] {
+        assert_eq!(ok(&[("host", "a:")]), None);
+        for bad in [
+            "a b",
+            "user@a",
+            "a:port",
+            "a/b",
+            "[::1",
+            "a:99999999999",
+            "a:+1",
+            "a:1:2",
+        ] {
             assert_eq!(ok(&[("host", bad)]), Some("an invalid host"), "{bad}");
         }
         // HTTP/1.0 may leave it out, but not send two.
