@@ -152,7 +152,7 @@ impl<R: Runtime> Waiter<R> {
 }
 
 /// A visit in the pool's queue. Dropped (its deadline passed, or its
-/// client left and took the visit with it), it leaves the queue, and
+/// connection was closed at the shutdown deadline), it leaves the queue, and
 /// passes on what it was handed and did not take.
 struct Queued<R: Runtime> {
     upstream: &'static Upstream<R>,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, start_counter};
 use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 
 async fn counting_is_exact_under_concurrency(backend: Backend) {
     count_200_clients_times_50_visits(backend, 2, "per-core").await;
@@ -293,11 +294,12 @@ async fn a_cap_below_the_worker_count_holds_per_core(backend: Backend) {
     );
 }
 
-async fn a_visit_abandoned_in_the_queue_gives_up_its_place(backend: Backend) {
+async fn a_visit_whose_client_half_closes_in_the_queue_is_answered_in_turn(backend: Backend) {
     // One connection, 400 ms a visit. A holds it; B queues, then its client
-    // leaves; C queues after. When A's answer frees the connection it
-    // goes to C, kept alive, not to B's abandoned place (where it would
-    // be closed, and C would dial another).
+    // shuts down its sending side (as `nc -N` does); C queues after. A
+    // closed sending side is not a departure: B keeps its place, is
+    // answered when A's answer frees the connection, and C after it, on
+    // the same connection.
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(400))).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
         .upstream("max_connections = 1\nrequest_timeout_ms = 3000")
@@ -305,16 +307,23 @@ async fn a_visit_abandoned_in_the_queue_gives_up_its_place(backend: Backend) {
     let addr = gateway.addr("public");
     let a = tokio::spawn(common::get(addr, "/"));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let b = tokio::spawn(common::get(addr, "/"));
+    let b = tokio::spawn(async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        common::read_until_close(&mut stream, Duration::from_secs(5)).await
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    b.abort();
-    let _ = b.await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let c = common::get(addr, "/").await;
     assert_eq!(c.status, StatusCode::OK);
     assert_eq!(a.await.unwrap().status, StatusCode::OK);
-    assert_eq!(upstream.posts(), 2, "B never reached the upstream");
-    assert_eq!(upstream.connections(), 1, "C reused A's connection");
+    let b = b.await.unwrap();
+    assert!(b.starts_with("HTTP/1.1 200 OK\r\n"), "{b:?}");
+    assert_eq!(upstream.posts(), 3);
+    assert_eq!(upstream.connections(), 1, "B and C reused A's connection");
 }
 
 async fn stale_pooled_connections_are_replaced_not_resent(backend: Backend) {
@@ -436,7 +445,7 @@ both_backends!(
     counting_is_exact_shared,
     a_cap_below_the_worker_count_holds_per_core,
     visits_queued_at_the_cap_are_served_in_turn,
-    a_visit_abandoned_in_the_queue_gives_up_its_place,
+    a_visit_whose_client_half_closes_in_the_queue_is_answered_in_turn,
     builtin_counter_counts_and_reports,
     counter_in_the_daemon_serves_the_shipped_layout,
     upstream_down_gives_502_then_recovers_within_a_second,
