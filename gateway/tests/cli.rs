@@ -3,6 +3,9 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{Backend, GatewayConfig};
 
 fn gateway(args: &[&str], config: Option<&str>) -> Output {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -153,3 +156,44 @@ fn address_in_use_is_exit_1() {
         stderr(&output)
     );
 }
+
+/// A worker thread the OS refuses ends the start with exit 1 and a
+/// message naming it, in both threading modes; tokio's multi-thread
+/// runtime would panic (101 in this debug build, or a hang unwinding).
+/// The refusal is made certain with `RUST_MIN_STACK`, which std (and so
+/// tokio) reads for the stack of every thread it spawns: no address space
+/// holds a 1 PiB stack, so each spawn fails at once, before the thread
+/// exists. (An address-space or task limit fails somewhere in the middle,
+/// and can fail a small allocation in a thread that did start instead.)
+async fn refused_worker_threads_are_exit_1(backend: Backend) {
+    let upstream = common::TestUpstream::closed_port().await;
+    for threading in ["per-core", "shared"] {
+        let config = GatewayConfig::new(backend, upstream)
+            .workers(4)
+            .threading(threading)
+            .render();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), config).unwrap();
+        let output = tokio::process::Command::new(common::gateway_binary())
+            .arg("--config")
+            .arg(file.path())
+            .env("RUST_MIN_STACK", (1u64 << 50).to_string())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(30), output)
+            .await
+            .expect("the gateway exits")
+            .expect("run gateway");
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{threading}: {message}");
+        assert!(
+            message.contains(&format!(
+                "gateway: cannot start the {} runtime: cannot start worker thread 1 of 4",
+                backend.name()
+            )),
+            "{threading}: {message}"
+        );
+    }
+}
+
+both_backends!(refused_worker_threads_are_exit_1);
