@@ -74,24 +74,47 @@ impl From<Threading> for backends::Threading {
     }
 }
 
+/// The most worker threads `runtime.workers` (and `gateway counter
+/// --workers`) may ask for. More would not run faster on any host this
+/// serves, and far more failed at start: `usize::MAX` overflowed a vector
+/// (a panic), 100,000 had the OS refuse threads.
+pub const MAX_WORKERS: usize = 1024;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub backend: Backend,
-    /// Worker threads; 0 means one per CPU this process may run on.
+    /// Worker threads, at most [`MAX_WORKERS`]; 0 means one per CPU this
+    /// process may run on.
     pub workers: usize,
     pub threading: Threading,
 }
 
 impl RuntimeConfig {
-    /// The number of worker threads to start.
+    /// The number of worker threads to start: never more than
+    /// [`MAX_WORKERS`], also when counted from the CPUs.
     pub fn worker_count(&self) -> usize {
-        if self.workers > 0 {
-            return self.workers;
-        }
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        workers.min(MAX_WORKERS)
     }
 }
+
+/// The most connections `server.max_connections` and
+/// `upstream.max_connections` may allow: no Linux process can hold more
+/// descriptors (`fs.nr_open` tops out just below 2^31), so a larger cap
+/// only means "none", and the descriptor count the start-up check adds up
+/// from them would overflow.
+pub const MAX_CONNECTIONS: usize = 1 << 31;
+
+/// What `server.max_header_bytes` may be. hyper needs at least 8 KiB. It
+/// is also what each connection may buffer of a request head, and hyper
+/// sets no ceiling of its own: a huge value took 32 MiB heads (each
+/// connection, times `server.max_connections`) and never answered 431.
+/// 1 MiB is Go's `net/http` default, 64 times the default here.
+pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -336,11 +359,33 @@ impl Config {
                 return Err((key, "expected a value greater than 0".to_owned()));
             }
         }
-        if self.server.max_header_bytes < 8192 {
+        if self.runtime.workers > MAX_WORKERS {
+            return Err((
+                "runtime.workers",
+                format!(
+                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
+                    self.runtime.workers
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("server.max_connections", self.server.max_connections),
+            ("upstream.max_connections", self.upstream.max_connections),
+        ] {
+            if value > MAX_CONNECTIONS {
+                return Err((
+                    key,
+                    format!("expected at most {MAX_CONNECTIONS}, got {value}"),
+                ));
+            }
+        }
+        if !HEADER_BYTES.contains(&self.server.max_header_bytes) {
             return Err((
                 "server.max_header_bytes",
                 format!(
-                    "expected at least 8192, got {}",
+                    "expected {} to {}, got {}",
+                    HEADER_BYTES.start(),
+                    HEADER_BYTES.end(),
                     self.server.max_header_bytes
                 ),
             ));
@@ -536,6 +581,14 @@ mod tests {
             err.starts_with("test.toml:2:20: server.max_header_bytes"),
             "{err}"
         );
+        let err = parse("[server]\nmax_header_bytes = 1048577\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected 8192 to 1048576, got 1048577"),
+            "{err}"
+        );
+        assert!(parse("[server]\nmax_header_bytes = 1048576\n").is_ok());
         let err = parse("[upstream]\nurl = \"https://example.com/\"\n")
             .unwrap_err()
             .to_string();
@@ -598,5 +651,40 @@ mod tests {
         let t = UpstreamTarget::parse("http://[::1]/").unwrap();
         assert_eq!(t.host, "::1");
         assert_eq!(t.port, 80);
+    }
+
+    #[test]
+    fn workers_and_connection_caps_are_bounded() {
+        let err = parse("[runtime]\nworkers = 1025\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:11: runtime.workers"), "{err}");
+        assert!(err.contains("at most 1024"), "{err}");
+        let err = parse("[runtime]\nworkers = 9223372036854775807\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime.workers"), "{err}");
+        assert_eq!(
+            parse("[runtime]\nworkers = 1024\n")
+                .unwrap()
+                .runtime
+                .worker_count(),
+            1024
+        );
+        let automatic = parse("").unwrap().runtime.worker_count();
+        assert!((1..=MAX_WORKERS).contains(&automatic));
+        for key in ["server", "upstream"] {
+            let err = parse(&format!(
+                "[{key}]\nmax_connections = 18446744073709551615\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with(&format!("test.toml:2:19: {key}.max_connections")),
+                "{err}"
+            );
+            assert!(err.contains("at most 2147483648"), "{err}");
+            assert!(parse(&format!("[{key}]\nmax_connections = 2147483648\n")).is_ok());
+        }
     }
 }

@@ -423,6 +423,12 @@ mod tests {
             open_files_needed(&config(&format!("{caps}[counter]\n[admin]\n"))),
             1000 + 100 + 100 + 1024 + 64
         );
+        // The largest caps the configuration allows add up without overflow.
+        let most = format!(
+            "[server]\nmax_connections = {max}\n[upstream]\nmax_connections = {max}\n[counter]\n[admin]\n",
+            max = crate::config::MAX_CONNECTIONS
+        );
+        assert_eq!(open_files_needed(&config(&most)), 3 * (1 << 31) + 1024 + 64);
     }
 
     #[test]

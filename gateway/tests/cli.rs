@@ -157,6 +157,47 @@ fn address_in_use_is_exit_1() {
     );
 }
 
+#[test]
+fn limits_are_exit_78_also_for_check() {
+    for (text, place) in [
+        ("[runtime]\nworkers = 1025\n", ":2:11: runtime.workers"),
+        (
+            "[runtime]\nworkers = 9223372036854775807\n",
+            ":2:11: runtime.workers",
+        ),
+        (
+            "[server]\nmax_header_bytes = 18446744073709551615\n",
+            ":2:20: server.max_header_bytes",
+        ),
+        (
+            "[server]\nmax_connections = 18446744073709551615\n",
+            ":2:19: server.max_connections",
+        ),
+        (
+            "[upstream]\nmax_connections = 9223372036854775807\n",
+            ":2:19: upstream.max_connections",
+        ),
+    ] {
+        for args in [&[][..], &["--check"]] {
+            let output = gateway(args, Some(text));
+            assert_eq!(output.status.code(), Some(78), "{text} {args:?}");
+            let message = stderr(&output);
+            assert!(message.contains(place), "{text}: {message}");
+        }
+    }
+}
+
+#[test]
+fn counter_workers_are_bounded_like_the_config() {
+    let output = gateway(&["--check", "counter", "--workers", "1025"], None);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("0..=1024"), "{}", stderr(&output));
+    let output = gateway(&["--check", "counter", "--workers", "1024"], None);
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("workers=1024"), "{stdout}");
+}
+
 /// A worker thread the OS refuses ends the start with exit 1 and a
 /// message naming it, in both threading modes; tokio's multi-thread
 /// runtime would panic (101 in this debug build, or a hang unwinding).
