@@ -245,8 +245,11 @@ pub enum ConfigError {
 /// The upstream URL, split into what a connection needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
-    /// `host[:port]` exactly as written, for the `host` header.
+    /// `host[:port]` for the `host` header, as the URL parser normalises
+    /// it: lowercase, an international name in punycode, no `:80`.
     pub authority: String,
+    /// The host to resolve or connect to: an IPv6 address without its
+    /// brackets.
     pub host: String,
     pub port: u16,
     /// Path and query, for the request line.
@@ -254,37 +257,71 @@ pub struct UpstreamTarget {
 }
 
 impl UpstreamTarget {
-    /// Parses an `http://` URL; `https://` and anything else is refused.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+    /// Parses an `http://` URL (WHATWG rules, servo's `url` crate).
+    ///
+    /// Refused: another scheme, an empty host, a port past 65535 or 0,
+    /// credentials, a fragment, and anything the parser would have had to
+    /// repair (a tab or newline it would drop, a space it would encode,
+    /// `http:/host`): the URL the gateway uses is the one written.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let repaired = std::cell::Cell::new(None);
+        let record = |violation| {
+            if repaired.get().is_none() {
+                repaired.set(Some(violation));
+            }
+        };
+        let url = url::Url::options()
+            .syntax_violation_callback(Some(&record))
+            .parse(text)
+            .map_err(|e| format!("`{text}` is not a valid URL ({e})"))?;
+        match url.scheme() {
+            "http" => {}
+            "https" => {
                 return Err(format!(
-                    "`{url}`: https upstreams are not supported yet; use an http:// URL"
+                    "`{text}`: https upstreams are not supported yet; use an http:// URL"
                 ));
             }
-            _ => return Err(format!("`{url}`: expected an http:// URL")),
+            _ => return Err(format!("`{text}`: expected an http:// URL")),
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{url}`: the URL has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("`{url}`: credentials in the URL are not supported"));
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "`{text}`: credentials in the URL are not supported"
+            ));
         }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        if url.fragment().is_some() {
+            return Err(format!(
+                "`{text}`: a fragment (#...) is never sent to a server; remove it"
+            ));
+        }
+        if let Some(violation) = repaired.get() {
+            return Err(format!(
+                "`{text}`: {violation}; write the URL as it is to be sent (percent-encode spaces and the like)"
+            ));
+        }
+        let (Some(host), Some(name)) = (url.host(), url.host_str()) else {
+            return Err(format!("`{text}`: the URL has no host"));
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        if port == 0 {
+            return Err(format!("`{text}`: port 0 cannot be connected to"));
+        }
+        let host = match host {
+            url::Host::Ipv6(address) => address.to_string(),
+            _ => name.to_owned(),
+        };
+        let authority = match url.port() {
+            Some(port) => format!("{name}:{port}"),
+            None => name.to_owned(),
+        };
+        let path_and_query = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
         Ok(Self {
-            authority: authority.as_str().to_owned(),
-            host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            path_and_query: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority,
+            host,
+            port,
+            path_and_query,
         })
     }
 }
@@ -650,7 +687,43 @@ mod tests {
         assert_eq!(t.path_and_query, "/count?x=1");
         let t = UpstreamTarget::parse("http://[::1]/").unwrap();
         assert_eq!(t.host, "::1");
+        assert_eq!(t.authority, "[::1]");
         assert_eq!(t.port, 80);
+        // The host header gets the normalised name: no default port,
+        // lowercase, punycode; an empty path is `/`.
+        let t = UpstreamTarget::parse("http://Bücher.Example:80?q=1").unwrap();
+        assert_eq!(t.authority, "xn--bcher-kva.example");
+        assert_eq!(t.host, "xn--bcher-kva.example");
+        assert_eq!(t.port, 80);
+        assert_eq!(t.path_and_query, "/?q=1");
+        let t = UpstreamTarget::parse("http://[::1]:3001/counter").unwrap();
+        assert_eq!((t.authority.as_str(), t.port), ("[::1]:3001", 3001));
+    }
+
+    #[test]
+    fn upstream_urls_that_cannot_be_used_are_refused() {
+        for (url, why) in [
+            ("http://127.0.0.1:99999/counter", "invalid port number"),
+            ("http://127.0.0.1:65536/", "invalid port number"),
+            ("http://h:0/", "port 0"),
+            ("http://:80/", "empty host"),
+            ("http:///counter", "expected //"),
+            ("http:/h/counter", "expected //"),
+            ("http://user:secret@h/", "credentials"),
+            ("http://user@h/", "credentials"),
+            ("http://h/counter#top", "fragment"),
+            ("https://h/", "https upstreams are not supported"),
+            ("ftp://h/", "expected an http:// URL"),
+            ("h:3001/counter", "expected an http:// URL"),
+            ("/counter", "not a valid URL"),
+            ("http://h/a b", "non-URL code point"),
+            ("http://h/a\\b", "backslash"),
+            ("http://h/a\tb", "tabs or newlines"),
+            (" http://h/", "leading or trailing"),
+        ] {
+            let err = UpstreamTarget::parse(url).unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+        }
     }
 
     #[test]

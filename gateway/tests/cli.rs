@@ -158,7 +158,7 @@ fn address_in_use_is_exit_1() {
 }
 
 #[test]
-fn limits_are_exit_78_also_for_check() {
+fn limits_and_url_rules_are_exit_78_also_for_check() {
     for (text, place) in [
         ("[runtime]\nworkers = 1025\n", ":2:11: runtime.workers"),
         (
@@ -176,6 +176,19 @@ fn limits_are_exit_78_also_for_check() {
         (
             "[upstream]\nmax_connections = 9223372036854775807\n",
             ":2:19: upstream.max_connections",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1:99999/counter\"\n",
+            ":2:7: upstream.url",
+        ),
+        ("[upstream]\nurl = \"http://:80/\"\n", ":2:7: upstream.url"),
+        (
+            "[upstream]\nurl = \"http://me:pw@127.0.0.1/\"\n",
+            ":2:7: upstream.url",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1/#x\"\n",
+            ":2:7: upstream.url",
         ),
     ] {
         for args in [&[][..], &["--check"]] {
