@@ -223,16 +223,33 @@ impl Default for LogConfig {
 }
 
 /// A configuration that cannot be used, with where and why.
+///
+/// Displayed on one line, whatever the file holds: the path, key and
+/// message (which quotes values from the file, as toml's and serde's do)
+/// are [`Escaped`], so a value with a newline cannot forge a second line
+/// in the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration file not found: {path} (looked there because {reason})")]
+    #[error(
+        "configuration file not found: {} (looked there because {reason})",
+        Escaped(path.display())
+    )]
     NotFound { path: PathBuf, reason: String },
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error(
+        "cannot read configuration file {}: {}",
+        Escaped(path.display()),
+        Escaped(source)
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: {key}: {message}")]
+    #[error(
+        "{}:{line}:{column}: {}: {}",
+        Escaped(path.display()),
+        Escaped(key),
+        Escaped(message)
+    )]
     Invalid {
         path: PathBuf,
         line: usize,
@@ -240,6 +257,34 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+/// Shows text with its control characters escaped (`\n`, `\u{1b}`), and
+/// the invisible ones that break or reorder a line (U+2028, U+2029, the
+/// bidirectional overrides): what a configuration file says is printed on
+/// one line, as written, and non-ASCII text stays readable.
+pub struct Escaped<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.to_string().chars() {
+            if needs_escape(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// The upstream URL, split into what a connection needs.
@@ -264,6 +309,7 @@ impl UpstreamTarget {
     /// repair (a tab or newline it would drop, a space it would encode,
     /// `http:/host`): the URL the gateway uses is the one written.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let shown = Escaped(text);
         let repaired = std::cell::Cell::new(None);
         let record = |violation| {
             if repaired.get().is_none() {
@@ -273,37 +319,37 @@ impl UpstreamTarget {
         let url = url::Url::options()
             .syntax_violation_callback(Some(&record))
             .parse(text)
-            .map_err(|e| format!("`{text}` is not a valid URL ({e})"))?;
+            .map_err(|e| format!("`{shown}` is not a valid URL ({e})"))?;
         match url.scheme() {
             "http" => {}
             "https" => {
                 return Err(format!(
-                    "`{text}`: https upstreams are not supported yet; use an http:// URL"
+                    "`{shown}`: https upstreams are not supported yet; use an http:// URL"
                 ));
             }
-            _ => return Err(format!("`{text}`: expected an http:// URL")),
+            _ => return Err(format!("`{shown}`: expected an http:// URL")),
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(format!(
-                "`{text}`: credentials in the URL are not supported"
+                "`{shown}`: credentials in the URL are not supported"
             ));
         }
         if url.fragment().is_some() {
             return Err(format!(
-                "`{text}`: a fragment (#...) is never sent to a server; remove it"
+                "`{shown}`: a fragment (#...) is never sent to a server; remove it"
             ));
         }
         if let Some(violation) = repaired.get() {
             return Err(format!(
-                "`{text}`: {violation}; write the URL as it is to be sent (percent-encode spaces and the like)"
+                "`{shown}`: {violation}; write the URL as it is to be sent (percent-encode spaces and the like)"
             ));
         }
         let (Some(host), Some(name)) = (url.host(), url.host_str()) else {
-            return Err(format!("`{text}`: the URL has no host"));
+            return Err(format!("`{shown}`: the URL has no host"));
         };
         let port = url.port_or_known_default().unwrap_or(80);
         if port == 0 {
-            return Err(format!("`{text}`: port 0 cannot be connected to"));
+            return Err(format!("`{shown}`: port 0 cannot be connected to"));
         }
         let host = match host {
             url::Host::Ipv6(address) => address.to_string(),
@@ -439,7 +485,7 @@ impl Config {
                 "log.level",
                 format!(
                     "`{}` is not a log level or filter (expected e.g. error, warn, info, debug, trace)",
-                    self.log.level
+                    Escaped(&self.log.level)
                 ),
             ));
         }
@@ -478,7 +524,7 @@ impl Config {
             self.runtime.worker_count(),
             self.runtime.threading.name(),
             self.server.listen,
-            self.upstream.url,
+            Escaped(&self.upstream.url),
         );
         if let Some(counter) = &self.counter {
             line.push_str(&format!(" counter={}", counter.listen));
@@ -759,5 +805,45 @@ mod tests {
             assert!(err.contains("at most 2147483648"), "{err}");
             assert!(parse(&format!("[{key}]\nmax_connections = 2147483648\n")).is_ok());
         }
+    }
+
+    #[test]
+    fn errors_are_one_line_whatever_the_file_holds() {
+        for (text, shown) in [
+            (
+                "[upstream]\nurl = \"http://h/a\\r\\nINFO forged\"\n",
+                "http://h/a\\r\\nINFO forged",
+            ),
+            (
+                "[runtime]\nbackend = \"x\\ny\\u001b[2J\"\n",
+                "`x\\ny\\u{1b}[2J`",
+            ),
+            ("[server]\n\"a\\rb\" = 1\n", "`a\\rb`"),
+            ("[log]\nlevel = \"x=loud\\u2028\"\n", "`x=loud\\u{2028}`"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains(['\n', '\r', '\u{1b}', '\u{2028}']), "{err:?}");
+            assert!(err.contains(shown), "{err}");
+        }
+        let err = ConfigError::NotFound {
+            path: PathBuf::from("/etc/a\nb.toml"),
+            reason: "test".to_owned(),
+        };
+        assert!(err.to_string().contains("/etc/a\\nb.toml"), "{err}");
+        let err = Config::parse(Path::new("x\r.toml"), "[server\n").unwrap_err();
+        assert!(err.to_string().starts_with("x\\r.toml:1:"), "{err}");
+        // Non-ASCII text stays readable.
+        let err = parse("[runtime]\nbackend = \"tökiö\"\n").unwrap_err();
+        assert!(err.to_string().contains("`tökiö`"), "{err}");
+    }
+
+    #[test]
+    fn summary_escapes_the_url() {
+        let config = parse("[upstream]\nurl = \"http://h/\\u202Eabc\"\n").unwrap();
+        let summary = config.summary();
+        assert!(
+            summary.contains("upstream=http://h/\\u{202e}abc"),
+            "{summary}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use backends::Runtime;
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config, Threading, ms};
+use crate::config::{Backend, Config, Escaped, Threading, ms};
 use crate::counter::Counter;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
@@ -44,7 +44,8 @@ pub enum Fatal {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    /// The message names the upstream as configured: escaped.
+    #[error("{}", Escaped(.0))]
     Upstream(String),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
     Activation(std::io::Error),

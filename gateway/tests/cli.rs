@@ -201,6 +201,34 @@ fn limits_and_url_rules_are_exit_78_also_for_check() {
 }
 
 #[test]
+fn a_configuration_error_is_one_escaped_line() {
+    let text = "[upstream]\nurl = \"http://127.0.0.1/x\\r\\n2026-01-01T00:00:00Z INFO forged\"\n";
+    for args in [&[][..], &["--check"]] {
+        let output = gateway(args, Some(text));
+        assert_eq!(output.status.code(), Some(78));
+        let message = stderr(&output);
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains(":2:7: upstream.url"), "{message}");
+        assert!(
+            message.contains(r"/x\r\n2026-01-01T00:00:00Z INFO forged"),
+            "{message}"
+        );
+    }
+    // An unknown variant: toml's own message quotes the value.
+    let output = gateway(&[], Some("[runtime]\nbackend = \"smol\\nforged\"\n"));
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains(r"`smol\nforged`"), "{message}");
+    // And the file's own name.
+    let output = gateway(&["--config", "/nonexistent/a\nb.toml"], None);
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains(r"/nonexistent/a\nb.toml"), "{message}");
+}
+
+#[test]
 fn counter_workers_are_bounded_like_the_config() {
     let output = gateway(&["--check", "counter", "--workers", "1025"], None);
     assert_eq!(output.status.code(), Some(2));
