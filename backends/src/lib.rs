@@ -186,6 +186,28 @@ pub fn accept_nonblocking(listener: impl std::os::fd::AsFd) -> io::Result<(TcpSt
     Ok((stream, peer))
 }
 
+/// Starts worker thread `index` of `count`. A refusal (a task or memory
+/// limit) is an error naming the thread, for the daemon to report and exit
+/// on, not a panic.
+fn spawn_worker<T: Send + 'static>(
+    index: usize,
+    count: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(format!("gateway-worker-{index}"))
+        .spawn(work)
+        .map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "cannot start worker thread {} of {count}: {error}",
+                    index + 1
+                ),
+            )
+        })
+}
+
 /// Binds a listening TCP socket the way a server wants it: `SO_REUSEADDR`
 /// (a restart does not wait out TIME_WAIT), a large backlog, non-blocking.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -286,14 +286,12 @@ impl Runtime for Smol {
             }
         };
         for (index, &executor) in executors.iter().enumerate() {
-            std::thread::Builder::new()
-                .name(format!("gateway-worker-{index}"))
-                .spawn(move || {
-                    if threading == Threading::PerCore {
-                        OWN_EXECUTOR.with(|own| own.set(Some(executor)));
-                    }
-                    smol::block_on(work(executor))
-                })?;
+            crate::spawn_worker(index, executors.len(), move || {
+                if threading == Threading::PerCore {
+                    OWN_EXECUTOR.with(|own| own.set(Some(executor)));
+                }
+                smol::block_on(work(executor))
+            })?;
         }
         // The main thread only waits for `main`, which runs on the workers,
         // like tokio's `block_on` with its worker pool. It parks without

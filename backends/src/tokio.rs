@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -53,13 +53,11 @@ where
         .enumerate()
         .map(|(index, runtime)| {
             let mut stopped = stopped.clone();
-            std::thread::Builder::new()
-                .name(format!("gateway-worker-{index}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    })
+            crate::spawn_worker(index, workers, move || {
+                runtime.block_on(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
                 })
+            })
         })
         .collect::<io::Result<Vec<_>>>()?;
     let output = futures_lite::future::block_on(handles[0].spawn(main));
@@ -72,6 +70,40 @@ where
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(error) => Err(io::Error::other(error)),
     }
+}
+
+/// Fails, as the OS would refuse them, if `count` threads cannot all run
+/// at once.
+///
+/// tokio's multi-thread builder starts each worker through its blocking
+/// pool, which panics ("OS can't spawn worker thread") when the OS
+/// refuses one: tokio has no fallible way to build that runtime, and the
+/// release build aborts on a panic, so it cannot be caught either. So the
+/// same threads (the same default stack size) are asked for first, held
+/// until all have started, and let go: a task or memory limit below the
+/// worker count becomes an error. It is a check, not a reservation: a
+/// limit reached in the moment between it and tokio's own spawns still
+/// ends in tokio's panic.
+fn check_threads_available(count: usize) -> io::Result<()> {
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap_or_else(PoisonError::into_inner);
+    let mut threads = Vec::with_capacity(count);
+    let mut refused = None;
+    for index in 0..count {
+        let gate = gate.clone();
+        match crate::spawn_worker(index, count, move || drop(gate.read())) {
+            Ok(thread) => threads.push(thread),
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+        }
+    }
+    drop(closed);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    refused.map_or(Ok(()), Err)
 }
 
 /// tokio's readiness is edge-triggered and tracked for every registered
@@ -122,6 +154,7 @@ impl Runtime for Tokio {
                 .enable_all()
                 .build()?
         } else {
+            check_threads_available(workers)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
                 .thread_name("gateway-worker")

@@ -74,24 +74,47 @@ impl From<Threading> for backends::Threading {
     }
 }
 
+/// The most worker threads `runtime.workers` (and `gateway counter
+/// --workers`) may ask for. More would not run faster on any host this
+/// serves, and far more failed at start: `usize::MAX` overflowed a vector
+/// (a panic), 100,000 had the OS refuse threads.
+pub const MAX_WORKERS: usize = 1024;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub backend: Backend,
-    /// Worker threads; 0 means one per CPU this process may run on.
+    /// Worker threads, at most [`MAX_WORKERS`]; 0 means one per CPU this
+    /// process may run on.
     pub workers: usize,
     pub threading: Threading,
 }
 
 impl RuntimeConfig {
-    /// The number of worker threads to start.
+    /// The number of worker threads to start: never more than
+    /// [`MAX_WORKERS`], also when counted from the CPUs.
     pub fn worker_count(&self) -> usize {
-        if self.workers > 0 {
-            return self.workers;
-        }
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        workers.min(MAX_WORKERS)
     }
 }
+
+/// The most connections `server.max_connections` and
+/// `upstream.max_connections` may allow: no Linux process can hold more
+/// descriptors (`fs.nr_open` tops out just below 2^31), so a larger cap
+/// only means "none", and the descriptor count the start-up check adds up
+/// from them would overflow.
+pub const MAX_CONNECTIONS: usize = 1 << 31;
+
+/// What `server.max_header_bytes` may be. hyper needs at least 8 KiB. It
+/// is also what each connection may buffer of a request head, and hyper
+/// sets no ceiling of its own: a huge value took 32 MiB heads (each
+/// connection, times `server.max_connections`) and never answered 431.
+/// 1 MiB is Go's `net/http` default, 64 times the default here.
+pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -200,16 +223,33 @@ impl Default for LogConfig {
 }
 
 /// A configuration that cannot be used, with where and why.
+///
+/// Displayed on one line, whatever the file holds: the path, key and
+/// message (which quotes values from the file, as toml's and serde's do)
+/// are [`Escaped`], so a value with a newline cannot forge a second line
+/// in the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration file not found: {path} (looked there because {reason})")]
+    #[error(
+        "configuration file not found: {} (looked there because {reason})",
+        Escaped(path.display())
+    )]
     NotFound { path: PathBuf, reason: String },
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error(
+        "cannot read configuration file {}: {}",
+        Escaped(path.display()),
+        Escaped(source)
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: {key}: {message}")]
+    #[error(
+        "{}:{line}:{column}: {}: {}",
+        Escaped(path.display()),
+        Escaped(key),
+        Escaped(message)
+    )]
     Invalid {
         path: PathBuf,
         line: usize,
@@ -219,11 +259,42 @@ pub enum ConfigError {
     },
 }
 
+/// Shows text with its control characters escaped (`\n`, `\u{1b}`), and
+/// the invisible ones that break or reorder a line (U+2028, U+2029, the
+/// bidirectional overrides): what a configuration file says is printed on
+/// one line, as written, and non-ASCII text stays readable.
+pub struct Escaped<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.to_string().chars() {
+            if needs_escape(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 /// The upstream URL, split into what a connection needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
-    /// `host[:port]` exactly as written, for the `host` header.
+    /// `host[:port]` for the `host` header, as the URL parser normalises
+    /// it: lowercase, an international name in punycode, no `:80`.
     pub authority: String,
+    /// The host to resolve or connect to: an IPv6 address without its
+    /// brackets.
     pub host: String,
     pub port: u16,
     /// Path and query, for the request line.
@@ -231,37 +302,72 @@ pub struct UpstreamTarget {
 }
 
 impl UpstreamTarget {
-    /// Parses an `http://` URL; `https://` and anything else is refused.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+    /// Parses an `http://` URL (WHATWG rules, servo's `url` crate).
+    ///
+    /// Refused: another scheme, an empty host, a port past 65535 or 0,
+    /// credentials, a fragment, and anything the parser would have had to
+    /// repair (a tab or newline it would drop, a space it would encode,
+    /// `http:/host`): the URL the gateway uses is the one written.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let shown = Escaped(text);
+        let repaired = std::cell::Cell::new(None);
+        let record = |violation| {
+            if repaired.get().is_none() {
+                repaired.set(Some(violation));
+            }
+        };
+        let url = url::Url::options()
+            .syntax_violation_callback(Some(&record))
+            .parse(text)
+            .map_err(|e| format!("`{shown}` is not a valid URL ({e})"))?;
+        match url.scheme() {
+            "http" => {}
+            "https" => {
                 return Err(format!(
-                    "`{url}`: https upstreams are not supported yet; use an http:// URL"
+                    "`{shown}`: https upstreams are not supported yet; use an http:// URL"
                 ));
             }
-            _ => return Err(format!("`{url}`: expected an http:// URL")),
+            _ => return Err(format!("`{shown}`: expected an http:// URL")),
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{url}`: the URL has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("`{url}`: credentials in the URL are not supported"));
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "`{shown}`: credentials in the URL are not supported"
+            ));
         }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        if url.fragment().is_some() {
+            return Err(format!(
+                "`{shown}`: a fragment (#...) is never sent to a server; remove it"
+            ));
+        }
+        if let Some(violation) = repaired.get() {
+            return Err(format!(
+                "`{shown}`: {violation}; write the URL as it is to be sent (percent-encode spaces and the like)"
+            ));
+        }
+        let (Some(host), Some(name)) = (url.host(), url.host_str()) else {
+            return Err(format!("`{shown}`: the URL has no host"));
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        if port == 0 {
+            return Err(format!("`{shown}`: port 0 cannot be connected to"));
+        }
+        let host = match host {
+            url::Host::Ipv6(address) => address.to_string(),
+            _ => name.to_owned(),
+        };
+        let authority = match url.port() {
+            Some(port) => format!("{name}:{port}"),
+            None => name.to_owned(),
+        };
+        let path_and_query = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
         Ok(Self {
-            authority: authority.as_str().to_owned(),
-            host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            path_and_query: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority,
+            host,
+            port,
+            path_and_query,
         })
     }
 }
@@ -336,11 +442,33 @@ impl Config {
                 return Err((key, "expected a value greater than 0".to_owned()));
             }
         }
-        if self.server.max_header_bytes < 8192 {
+        if self.runtime.workers > MAX_WORKERS {
+            return Err((
+                "runtime.workers",
+                format!(
+                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
+                    self.runtime.workers
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("server.max_connections", self.server.max_connections),
+            ("upstream.max_connections", self.upstream.max_connections),
+        ] {
+            if value > MAX_CONNECTIONS {
+                return Err((
+                    key,
+                    format!("expected at most {MAX_CONNECTIONS}, got {value}"),
+                ));
+            }
+        }
+        if !HEADER_BYTES.contains(&self.server.max_header_bytes) {
             return Err((
                 "server.max_header_bytes",
                 format!(
-                    "expected at least 8192, got {}",
+                    "expected {} to {}, got {}",
+                    HEADER_BYTES.start(),
+                    HEADER_BYTES.end(),
                     self.server.max_header_bytes
                 ),
             ));
@@ -357,7 +485,7 @@ impl Config {
                 "log.level",
                 format!(
                     "`{}` is not a log level or filter (expected e.g. error, warn, info, debug, trace)",
-                    self.log.level
+                    Escaped(&self.log.level)
                 ),
             ));
         }
@@ -396,7 +524,7 @@ impl Config {
             self.runtime.worker_count(),
             self.runtime.threading.name(),
             self.server.listen,
-            self.upstream.url,
+            Escaped(&self.upstream.url),
         );
         if let Some(counter) = &self.counter {
             line.push_str(&format!(" counter={}", counter.listen));
@@ -536,6 +664,14 @@ mod tests {
             err.starts_with("test.toml:2:20: server.max_header_bytes"),
             "{err}"
         );
+        let err = parse("[server]\nmax_header_bytes = 1048577\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected 8192 to 1048576, got 1048577"),
+            "{err}"
+        );
+        assert!(parse("[server]\nmax_header_bytes = 1048576\n").is_ok());
         let err = parse("[upstream]\nurl = \"https://example.com/\"\n")
             .unwrap_err()
             .to_string();
@@ -597,6 +733,117 @@ mod tests {
         assert_eq!(t.path_and_query, "/count?x=1");
         let t = UpstreamTarget::parse("http://[::1]/").unwrap();
         assert_eq!(t.host, "::1");
+        assert_eq!(t.authority, "[::1]");
         assert_eq!(t.port, 80);
+        // The host header gets the normalised name: no default port,
+        // lowercase, punycode; an empty path is `/`.
+        let t = UpstreamTarget::parse("http://Bücher.Example:80?q=1").unwrap();
+        assert_eq!(t.authority, "xn--bcher-kva.example");
+        assert_eq!(t.host, "xn--bcher-kva.example");
+        assert_eq!(t.port, 80);
+        assert_eq!(t.path_and_query, "/?q=1");
+        let t = UpstreamTarget::parse("http://[::1]:3001/counter").unwrap();
+        assert_eq!((t.authority.as_str(), t.port), ("[::1]:3001", 3001));
+    }
+
+    #[test]
+    fn upstream_urls_that_cannot_be_used_are_refused() {
+        for (url, why) in [
+            ("http://127.0.0.1:99999/counter", "invalid port number"),
+            ("http://127.0.0.1:65536/", "invalid port number"),
+            ("http://h:0/", "port 0"),
+            ("http://:80/", "empty host"),
+            ("http:///counter", "expected //"),
+            ("http:/h/counter", "expected //"),
+            ("http://user:secret@h/", "credentials"),
+            ("http://user@h/", "credentials"),
+            ("http://h/counter#top", "fragment"),
+            ("https://h/", "https upstreams are not supported"),
+            ("ftp://h/", "expected an http:// URL"),
+            ("h:3001/counter", "expected an http:// URL"),
+            ("/counter", "not a valid URL"),
+            ("http://h/a b", "non-URL code point"),
+            ("http://h/a\\b", "backslash"),
+            ("http://h/a\tb", "tabs or newlines"),
+            (" http://h/", "leading or trailing"),
+        ] {
+            let err = UpstreamTarget::parse(url).unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn workers_and_connection_caps_are_bounded() {
+        let err = parse("[runtime]\nworkers = 1025\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:11: runtime.workers"), "{err}");
+        assert!(err.contains("at most 1024"), "{err}");
+        let err = parse("[runtime]\nworkers = 9223372036854775807\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime.workers"), "{err}");
+        assert_eq!(
+            parse("[runtime]\nworkers = 1024\n")
+                .unwrap()
+                .runtime
+                .worker_count(),
+            1024
+        );
+        let automatic = parse("").unwrap().runtime.worker_count();
+        assert!((1..=MAX_WORKERS).contains(&automatic));
+        for key in ["server", "upstream"] {
+            let err = parse(&format!(
+                "[{key}]\nmax_connections = 18446744073709551615\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with(&format!("test.toml:2:19: {key}.max_connections")),
+                "{err}"
+            );
+            assert!(err.contains("at most 2147483648"), "{err}");
+            assert!(parse(&format!("[{key}]\nmax_connections = 2147483648\n")).is_ok());
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_whatever_the_file_holds() {
+        for (text, shown) in [
+            (
+                "[upstream]\nurl = \"http://h/a\\r\\nINFO forged\"\n",
+                "http://h/a\\r\\nINFO forged",
+            ),
+            (
+                "[runtime]\nbackend = \"x\\ny\\u001b[2J\"\n",
+                "`x\\ny\\u{1b}[2J`",
+            ),
+            ("[server]\n\"a\\rb\" = 1\n", "`a\\rb`"),
+            ("[log]\nlevel = \"x=loud\\u2028\"\n", "`x=loud\\u{2028}`"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains(['\n', '\r', '\u{1b}', '\u{2028}']), "{err:?}");
+            assert!(err.contains(shown), "{err}");
+        }
+        let err = ConfigError::NotFound {
+            path: PathBuf::from("/etc/a\nb.toml"),
+            reason: "test".to_owned(),
+        };
+        assert!(err.to_string().contains("/etc/a\\nb.toml"), "{err}");
+        let err = Config::parse(Path::new("x\r.toml"), "[server\n").unwrap_err();
+        assert!(err.to_string().starts_with("x\\r.toml:1:"), "{err}");
+        // Non-ASCII text stays readable.
+        let err = parse("[runtime]\nbackend = \"tökiö\"\n").unwrap_err();
+        assert!(err.to_string().contains("`tökiö`"), "{err}");
+    }
+
+    #[test]
+    fn summary_escapes_the_url() {
+        let config = parse("[upstream]\nurl = \"http://h/\\u202Eabc\"\n").unwrap();
+        let summary = config.summary();
+        assert!(
+            summary.contains("upstream=http://h/\\u{202e}abc"),
+            "{summary}"
+        );
     }
 }

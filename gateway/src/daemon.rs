@@ -15,7 +15,7 @@ use backends::{Runtime, Signal};
 use futures_lite::StreamExt;
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config, Threading, ms};
+use crate::config::{Backend, Config, Escaped, Threading, ms};
 use crate::counter::Counter;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
@@ -45,7 +45,8 @@ pub enum Fatal {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    /// The message names the upstream as configured: escaped.
+    #[error("{}", Escaped(.0))]
     Upstream(String),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
     Activation(std::io::Error),
@@ -432,6 +433,12 @@ mod tests {
             open_files_needed(&config(&format!("{caps}[counter]\n[admin]\n"))),
             1000 + 100 + 100 + 1024 + 64
         );
+        // The largest caps the configuration allows add up without overflow.
+        let most = format!(
+            "[server]\nmax_connections = {max}\n[upstream]\nmax_connections = {max}\n[counter]\n[admin]\n",
+            max = crate::config::MAX_CONNECTIONS
+        );
+        assert_eq!(open_files_needed(&config(&most)), 3 * (1 << 31) + 1024 + 64);
     }
 
     #[test]

@@ -35,8 +35,8 @@ enum Command {
         /// Async runtime to run on.
         #[arg(long, value_enum, default_value = "tokio")]
         backend: Backend,
-        /// Worker threads; 0 = one per CPU this process may run on.
-        #[arg(long, default_value_t = 0)]
+        /// Worker threads, at most 1024; 0 = one per CPU this process may run on.
+        #[arg(long, default_value_t = 0, value_parser = workers_parser())]
         workers: usize,
     },
 }
@@ -81,6 +81,11 @@ fn main() -> ExitCode {
             ExitCode::from(error.exit_code())
         }
     }
+}
+
+/// `--workers`: a number up to [`config::MAX_WORKERS`], as `runtime.workers`.
+fn workers_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(..=config::MAX_WORKERS as u64)
 }
 
 fn load(cli_path: Option<PathBuf>) -> Result<Config, ConfigError> {

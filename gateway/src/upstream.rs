@@ -539,7 +539,7 @@ impl<R: Runtime> Upstream<R> {
                         *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs.into();
                     }
                     Err(error) => {
-                        tracing::warn!(host = %self.target.host, %error, "upstream re-resolution failed");
+                        tracing::warn!(host = ?self.target.host, %error, "upstream re-resolution failed");
                     }
                 }
                 self.resolving.store(false, Ordering::Release);

@@ -3,6 +3,9 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{Backend, GatewayConfig};
 
 fn gateway(args: &[&str], config: Option<&str>) -> Output {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -153,3 +156,126 @@ fn address_in_use_is_exit_1() {
         stderr(&output)
     );
 }
+
+#[test]
+fn limits_and_url_rules_are_exit_78_also_for_check() {
+    for (text, place) in [
+        ("[runtime]\nworkers = 1025\n", ":2:11: runtime.workers"),
+        (
+            "[runtime]\nworkers = 9223372036854775807\n",
+            ":2:11: runtime.workers",
+        ),
+        (
+            "[server]\nmax_header_bytes = 18446744073709551615\n",
+            ":2:20: server.max_header_bytes",
+        ),
+        (
+            "[server]\nmax_connections = 18446744073709551615\n",
+            ":2:19: server.max_connections",
+        ),
+        (
+            "[upstream]\nmax_connections = 9223372036854775807\n",
+            ":2:19: upstream.max_connections",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1:99999/counter\"\n",
+            ":2:7: upstream.url",
+        ),
+        ("[upstream]\nurl = \"http://:80/\"\n", ":2:7: upstream.url"),
+        (
+            "[upstream]\nurl = \"http://me:pw@127.0.0.1/\"\n",
+            ":2:7: upstream.url",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1/#x\"\n",
+            ":2:7: upstream.url",
+        ),
+    ] {
+        for args in [&[][..], &["--check"]] {
+            let output = gateway(args, Some(text));
+            assert_eq!(output.status.code(), Some(78), "{text} {args:?}");
+            let message = stderr(&output);
+            assert!(message.contains(place), "{text}: {message}");
+        }
+    }
+}
+
+#[test]
+fn a_configuration_error_is_one_escaped_line() {
+    let text = "[upstream]\nurl = \"http://127.0.0.1/x\\r\\n2026-01-01T00:00:00Z INFO forged\"\n";
+    for args in [&[][..], &["--check"]] {
+        let output = gateway(args, Some(text));
+        assert_eq!(output.status.code(), Some(78));
+        let message = stderr(&output);
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains(":2:7: upstream.url"), "{message}");
+        assert!(
+            message.contains(r"/x\r\n2026-01-01T00:00:00Z INFO forged"),
+            "{message}"
+        );
+    }
+    // An unknown variant: toml's own message quotes the value.
+    let output = gateway(&[], Some("[runtime]\nbackend = \"smol\\nforged\"\n"));
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains(r"`smol\nforged`"), "{message}");
+    // And the file's own name.
+    let output = gateway(&["--config", "/nonexistent/a\nb.toml"], None);
+    assert_eq!(output.status.code(), Some(78));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains(r"/nonexistent/a\nb.toml"), "{message}");
+}
+
+#[test]
+fn counter_workers_are_bounded_like_the_config() {
+    let output = gateway(&["--check", "counter", "--workers", "1025"], None);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("0..=1024"), "{}", stderr(&output));
+    let output = gateway(&["--check", "counter", "--workers", "1024"], None);
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("workers=1024"), "{stdout}");
+}
+
+/// A worker thread the OS refuses ends the start with exit 1 and a
+/// message naming it, in both threading modes; tokio's multi-thread
+/// runtime would panic (101 in this debug build, or a hang unwinding).
+/// The refusal is made certain with `RUST_MIN_STACK`, which std (and so
+/// tokio) reads for the stack of every thread it spawns: no address space
+/// holds a 1 PiB stack, so each spawn fails at once, before the thread
+/// exists. (An address-space or task limit fails somewhere in the middle,
+/// and can fail a small allocation in a thread that did start instead.)
+async fn refused_worker_threads_are_exit_1(backend: Backend) {
+    let upstream = common::TestUpstream::closed_port().await;
+    for threading in ["per-core", "shared"] {
+        let config = GatewayConfig::new(backend, upstream)
+            .workers(4)
+            .threading(threading)
+            .render();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), config).unwrap();
+        let output = tokio::process::Command::new(common::gateway_binary())
+            .arg("--config")
+            .arg(file.path())
+            .env("RUST_MIN_STACK", (1u64 << 50).to_string())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(30), output)
+            .await
+            .expect("the gateway exits")
+            .expect("run gateway");
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{threading}: {message}");
+        assert!(
+            message.contains(&format!(
+                "gateway: cannot start the {} runtime: cannot start worker thread 1 of 4",
+                backend.name()
+            )),
+            "{threading}: {message}"
+        );
+    }
+}
+
+both_backends!(refused_worker_threads_are_exit_1);
