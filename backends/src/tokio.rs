@@ -219,8 +219,11 @@ impl Runtime for Tokio {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(futures_lite::stream::poll_fn(move |cx| {
             for (caught, receiver) in &mut caught {
-                if receiver.poll_recv(cx).is_ready() {
-                    return Poll::Ready(Some(*caught));
+                match receiver.poll_recv(cx) {
+                    Poll::Ready(Some(())) => return Poll::Ready(Some(*caught)),
+                    // The runtime is shutting down: no signal will come.
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {}
                 }
             }
             Poll::Pending
