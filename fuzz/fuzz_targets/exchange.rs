@@ -1,10 +1,19 @@
 //! Hostile upstream answers, through the real exchange over a real TCP
-//! connection: each input is what the upstream writes back to one POST.
-//! The exchange must end (answered or failed) without a panic, and when it
-//! says the connection can be reused, the next exchange on it must read
-//! the next answer and nothing of this one: a parser fooled about where an
-//! answer ends would hand a later visit this answer's leftovers, a 200 for
-//! a visit that was never counted.
+//! connection. An input is a byte that picks how the answer is cut into
+//! writes, then the answer the upstream writes back to one POST.
+//!
+//! Each answer is sent twice on fresh connections: in one write, and cut
+//! into up to 64 writes a little apart, after every line feed or every few
+//! bytes (so that heads, lines and chunks begin and end in different
+//! reads). Checked:
+//! - the exchange ends (answered or failed) without a panic;
+//! - both deliveries end alike (the same status, or both failures): how
+//!   the bytes were cut must not change what they mean;
+//! - when the exchange calls the connection reusable (and the pool's own
+//!   check, once every byte has arrived, agrees), the next exchange on it
+//!   reads the next answer and nothing of this one: a reader fooled about
+//!   where an answer ends would hand a later visit this answer's
+//!   leftovers, a 200 for a visit that was never counted.
 //!
 //! `cargo +nightly fuzz run exchange seeds/exchange -- -max_total_time=60`
 //! (`FUZZ_BACKEND=smol` for the other backend).
@@ -28,16 +37,60 @@ use libfuzzer_sys::fuzz_target;
 const SENTINEL: &[u8] = b"HTTP/1.1 299 Sentinel\r\ncontent-length: 0\r\n\r\n";
 const SENTINEL_STATUS: u16 = 299;
 
-/// Inputs up to this long arrive whole in the exchange's first read (one
-/// loopback write, a 2 KiB buffer), so whatever it leaves unconsumed is in
-/// its buffer and the reuse check sees it. Longer inputs are checked for
-/// ending cleanly only.
-const WHOLE_IN_ONE_READ: usize = 2048;
+const REQUEST: &[u8] = b"POST /counter HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n";
+
+/// Writes an answer is cut into at most, and the pause between them.
+const MAX_PIECES: usize = 64;
+const PAUSE: Duration = Duration::from_micros(150);
+
+/// How one answer goes out.
+#[derive(Debug, Clone, Copy)]
+enum Delivery {
+    Whole,
+    /// A write after every line feed: each line begins a read.
+    Lines,
+    /// Writes of this many bytes.
+    Pieces(usize),
+}
+
+impl Delivery {
+    /// `answer` cut into the writes this delivery makes.
+    fn cut(self, answer: &[u8]) -> Vec<&[u8]> {
+        let mut pieces: Vec<&[u8]> = match self {
+            Delivery::Whole => return vec![answer],
+            Delivery::Lines => answer.split_inclusive(|&b| b == b'\n').collect(),
+            Delivery::Pieces(size) => answer.chunks(size.max(1)).collect(),
+        };
+        if pieces.len() > MAX_PIECES {
+            let (_, rest) = answer.split_at(pieces[..MAX_PIECES - 1].iter().map(|p| p.len()).sum());
+            pieces.truncate(MAX_PIECES - 1);
+            pieces.push(rest);
+        }
+        pieces
+    }
+}
+
+/// One connection's worth of upstream work.
+struct Job {
+    answer: Vec<u8>,
+    delivery: Delivery,
+    /// Told once every byte of the answer is written.
+    written: Sender<()>,
+}
+
+/// How an exchange ended, as far as the checks compare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Answered { status: u16, reusable: bool },
+    Failed,
+    /// Still waiting for more at the deadline: not a finding.
+    Waiting,
+}
 
 /// The fuzzing side's end of the harness.
 struct Harness {
-    jobs: Sender<Vec<u8>>,
-    results: Receiver<()>,
+    inputs: Sender<(Vec<u8>, Delivery)>,
+    done: Receiver<()>,
 }
 
 fn harness() -> &'static Mutex<Harness> {
@@ -49,10 +102,10 @@ fn harness() -> &'static Mutex<Harness> {
         }));
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
-        let (answers, answer) = channel::<Vec<u8>>();
-        std::thread::spawn(move || upstream(listener, answer));
-        let (jobs, job) = channel();
-        let (done, results) = channel();
+        let (jobs, job) = channel::<Job>();
+        std::thread::spawn(move || upstream(listener, job));
+        let (inputs, input) = channel();
+        let (done, finished) = channel();
         let backend = match std::env::var("FUZZ_BACKEND").as_deref() {
             Ok("smol") => Backend::Smol,
             _ => Backend::Tokio,
@@ -62,24 +115,35 @@ fn harness() -> &'static Mutex<Harness> {
                 backend,
                 Exchanges {
                     addr,
-                    job,
-                    answers,
+                    input,
+                    jobs,
                     done,
                 },
             )
         });
-        Mutex::new(Harness { jobs, results })
+        Mutex::new(Harness {
+            inputs,
+            done: finished,
+        })
     })
 }
 
 /// The upstream: for each connection, reads a request, writes the answer
-/// it was given for it, and answers a second request with [`SENTINEL`].
-fn upstream(listener: TcpListener, answers: Receiver<Vec<u8>>) {
-    for answer in answers {
+/// of its job as the job says, and answers a second request with
+/// [`SENTINEL`].
+fn upstream(listener: TcpListener, jobs: Receiver<Job>) {
+    for job in jobs {
         let Ok((mut socket, _)) = listener.accept() else { return };
-        if read_head(&mut socket).is_none() || socket.write_all(&answer).is_err() {
-            continue;
+        let _ = socket.set_nodelay(true);
+        if read_head(&mut socket).is_some() {
+            for bytes in job.delivery.cut(&job.answer) {
+                if socket.write_all(bytes).is_err() {
+                    break;
+                }
+                std::thread::sleep(PAUSE);
+            }
         }
+        let _ = job.written.send(());
         if read_head(&mut socket).is_some() {
             let _ = socket.write_all(SENTINEL);
         }
@@ -103,55 +167,86 @@ fn read_head(socket: &mut TcpStream) -> Option<()> {
 /// The exchange side, on the chosen backend.
 struct Exchanges {
     addr: SocketAddr,
-    job: Receiver<Vec<u8>>,
-    answers: Sender<Vec<u8>>,
+    input: Receiver<(Vec<u8>, Delivery)>,
+    jobs: Sender<Job>,
     done: Sender<()>,
 }
 
 impl OnRuntime for Exchanges {
     type Output = ();
     fn run<R: Runtime>(self) {
+        let Exchanges {
+            addr,
+            input,
+            jobs,
+            done,
+        } = self;
         let _ = R::block_on(1, Threading::Shared, async move {
-            // Blocking between jobs is fine: nothing else runs here.
-            while let Ok(answer) = self.job.recv() {
-                let whole = answer.len() <= WHOLE_IN_ONE_READ;
-                if self.answers.send(answer).is_err() {
-                    return;
+            // Blocking between inputs is fine: nothing else runs here.
+            while let Ok((answer, split)) = input.recv() {
+                let whole = check::<R>(addr, &jobs, answer.clone(), Delivery::Whole).await;
+                let cut = check::<R>(addr, &jobs, answer, split).await;
+                match (whole, cut) {
+                    (Ended::Waiting, _) | (_, Ended::Waiting) => {}
+                    (Ended::Failed, Ended::Failed) => {}
+                    (
+                        Ended::Answered { status: a, .. },
+                        Ended::Answered { status: b, .. },
+                    ) if a == b => {}
+                    (whole, cut) => panic!("delivered whole: {whole:?}; cut {split:?}: {cut:?}"),
                 }
-                check::<R>(self.addr, whole).await;
-                let _ = self.done.send(());
+                let _ = done.send(());
             }
         });
     }
 }
 
-const REQUEST: &[u8] = b"POST /counter HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n";
-
-async fn check<R: Runtime>(addr: SocketAddr, whole: bool) {
+/// Runs one exchange against `answer` delivered as `delivery`, checks a
+/// reusable connection with a second exchange, and says how the first
+/// ended.
+async fn check<R: Runtime>(
+    addr: SocketAddr,
+    jobs: &Sender<Job>,
+    answer: Vec<u8>,
+    delivery: Delivery,
+) -> Ended {
+    let (written, all_written) = channel();
+    let job = Job {
+        answer,
+        delivery,
+        written,
+    };
+    if jobs.send(job).is_err() {
+        panic!("the harness's upstream is gone");
+    }
     let Ok(stream) = R::connect(addr).await else {
         panic!("cannot connect to the harness's upstream");
     };
     let mut connection = Connection::new(stream);
-    // An answer that never completes waits for more: not a finding.
-    let deadline = Instant::now() + Duration::from_millis(20);
+    let deadline = Instant::now() + Duration::from_millis(50);
     let Ok(outcome) = timeout_at::<R, _>(deadline, connection.exchange(REQUEST)).await else {
-        return;
+        return Ended::Waiting;
     };
     let (status, reusable) = match outcome {
         Exchange::Answered { status, reusable } => (status, reusable),
-        Exchange::Failed(_) => return,
+        Exchange::Failed(_) => return Ended::Failed,
         Exchange::Unsent(error) => panic!("a fresh connection could not send: {error}"),
     };
     assert!((100..600).contains(&status), "status {status}");
-    if !reusable || !whole {
-        return;
+    let ended = Ended::Answered { status, reusable };
+    if !reusable {
+        return ended;
     }
     assert!(status >= 200 && status != 101, "reusable after {status}");
+    // As the pool would: the connection idles, then is checked before
+    // reuse; here only once every byte of the answer has arrived.
     connection.watch_while_idle();
+    let _ = all_written.recv_timeout(Duration::from_secs(10));
+    R::sleep_until(Instant::now() + Duration::from_millis(2)).await;
     if !connection.is_usable() {
-        return;
+        return ended;
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     match timeout_at::<R, _>(deadline, connection.exchange(REQUEST)).await {
         Ok(Exchange::Answered { status, reusable }) => {
             assert_eq!(
@@ -164,10 +259,21 @@ async fn check<R: Runtime>(addr: SocketAddr, whole: bool) {
         Ok(Exchange::Unsent(error)) => panic!("the reused connection was dead: {error}"),
         Err(_) => panic!("the reused connection's answer never came"),
     }
+    ended
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&cut, answer)) = data.split_first() else {
+        return;
+    };
+    let split = match cut {
+        _ if cut % 2 == 1 => Delivery::Lines,
+        _ => Delivery::Pieces(usize::from(cut / 2 % 32) + 1),
+    };
     let harness = harness().lock().unwrap_or_else(|e| e.into_inner());
-    harness.jobs.send(data.to_vec()).expect("the exchange side is running");
-    harness.results.recv().expect("the exchange side answered");
+    harness
+        .inputs
+        .send((answer.to_vec(), split))
+        .expect("the exchange side is running");
+    harness.done.recv().expect("the exchange side answered");
 });
