@@ -388,7 +388,12 @@ async fn serve_connection<R: Runtime, S: Service>(
                 .then(|| (request.method().clone(), request.uri().path().to_owned()));
             // What hyper lets through and RFC 9112 does not (no service should
             // see it): 400, and the connection closes.
+            // Logged here, so that the future hyper keeps for the request
+            // holds no more than it needs (see `Forward::call`).
             let violation = request_rules::violation(&request);
+            if let Some(violation) = violation {
+                tracing::debug!(%peer, violation, "request refused");
+            }
             // No service reads a request body. One is never waited for or
             // read: the answer goes out at once, and the connection closes
             // after it, so nothing behind a body is ever taken for a request
@@ -397,10 +402,10 @@ async fn serve_connection<R: Runtime, S: Service>(
             let carries_body = !request.body().is_end_stream();
             let response = violation.is_none().then(|| service.call(request, peer));
             async move {
+                let refused = response.is_none();
                 let mut response = match response {
                     Some(response) => response.await,
                     None => {
-                        tracing::debug!(%peer, violation, "request refused");
                         let mut response = status_only(StatusCode::BAD_REQUEST);
                         response
                             .headers_mut()
@@ -416,7 +421,7 @@ async fn serve_connection<R: Runtime, S: Service>(
                 let answered = Instant::now();
                 activity.enter(Phase::Idle, answered);
                 if let Some(metrics) = settings.metrics {
-                    if violation.is_some() {
+                    if refused {
                         metrics.record_bad_request();
                     } else {
                         metrics.record_request(response.status(), answered - head_complete);
