@@ -61,7 +61,8 @@ pub enum Threading {
 /// The signals the daemon catches: it stops on the first two and must not
 /// be ended by the others, whose default action would kill it with
 /// requests in flight (`kill -HUP` is what operators try first for a
-/// reload; `USR1`/`USR2` are sent by log rotators and other tools).
+/// reload; `USR1`/`USR2` are sent by log rotators and other tools, and
+/// nginx, which a gateway is often swapped for, survives `ALRM` too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
     Terminate,
@@ -69,16 +70,18 @@ pub enum Signal {
     Hangup,
     User1,
     User2,
+    Alarm,
 }
 
 impl Signal {
     /// Every signal [`Runtime::signals`] catches.
-    pub const ALL: [Signal; 5] = [
+    pub const ALL: [Signal; 6] = [
         Signal::Terminate,
         Signal::Interrupt,
         Signal::Hangup,
         Signal::User1,
         Signal::User2,
+        Signal::Alarm,
     ];
 
     /// The signal's name, as `kill -l` spells it with the `SIG` prefix.
@@ -89,6 +92,7 @@ impl Signal {
             Signal::Hangup => "SIGHUP",
             Signal::User1 => "SIGUSR1",
             Signal::User2 => "SIGUSR2",
+            Signal::Alarm => "SIGALRM",
         }
     }
 }

@@ -356,6 +356,7 @@ impl Runtime for Smol {
             Signal::Hangup => Caught::Hup,
             Signal::User1 => Caught::Usr1,
             Signal::User2 => Caught::Usr2,
+            Signal::Alarm => Caught::Alarm,
         }))?;
         Ok(signals.filter_map(|caught| match caught.ok()? {
             Caught::Term => Some(Signal::Terminate),
@@ -363,6 +364,7 @@ impl Runtime for Smol {
             Caught::Hup => Some(Signal::Hangup),
             Caught::Usr1 => Some(Signal::User1),
             Caught::Usr2 => Some(Signal::User2),
+            Caught::Alarm => Some(Signal::Alarm),
             _ => None,
         }))
     }

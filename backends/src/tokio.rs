@@ -238,5 +238,6 @@ fn kind(caught: Signal) -> SignalKind {
         Signal::Hangup => SignalKind::hangup(),
         Signal::User1 => SignalKind::user_defined1(),
         Signal::User2 => SignalKind::user_defined2(),
+        Signal::Alarm => SignalKind::alarm(),
     }
 }

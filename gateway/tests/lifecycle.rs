@@ -261,7 +261,7 @@ async fn sigint_answers_the_request_in_flight_and_exits_0(backend: Backend) {
     assert!(gateway.log_text().contains("shutdown signal received"));
 }
 
-/// SIGHUP, SIGUSR1 and SIGUSR2 (whose default action would end the
+/// SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM (whose default action would end the
 /// process with every visit in flight unanswered) are logged and ignored:
 /// every visit in flight is answered, and the gateway serves on.
 async fn stray_signals_neither_stop_nor_disturb_the_daemon(backend: Backend) {
@@ -273,7 +273,7 @@ async fn stray_signals_neither_stop_nor_disturb_the_daemon(backend: Backend) {
         in_flight.spawn(common::get(addr, "/"));
     }
     upstream.wait_for_posts(20).await;
-    for signal in ["HUP", "USR1", "USR2", "HUP"] {
+    for signal in ["HUP", "USR1", "USR2", "ALRM", "HUP"] {
         gateway.signal(signal);
     }
     while let Some(answer) = in_flight.join_next().await {
@@ -282,7 +282,7 @@ async fn stray_signals_neither_stop_nor_disturb_the_daemon(backend: Backend) {
     upstream.set(Behaviour::Ok);
     assert_eq!(common::get(addr, "/").await.status, StatusCode::OK);
     let log = gateway.log_text();
-    for name in ["SIGHUP", "SIGUSR1", "SIGUSR2"] {
+    for name in ["SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM"] {
         assert!(log.contains(name), "{name} not logged: {log}");
     }
     gateway.terminate();
