@@ -231,14 +231,8 @@ impl<S: backends::Stream> Connection<S> {
             spend(line.len() as u64)?;
             let size = chunk_size(&self.buffer[line])?;
             if size == 0 {
-                // Trailer lines until an empty one.
-                loop {
-                    let trailer = self.line().await?;
-                    spend(trailer.len() as u64)?;
-                    if trailer.len() == 2 {
-                        return Ok(());
-                    }
-                }
+                let trailers = self.trailers().await?;
+                return spend(trailers as u64);
             }
             // `size` is below MAX_BODY here, so `size + 2` cannot wrap.
             spend(size)?;
@@ -250,6 +244,46 @@ impl<S: backends::Stream> Connection<S> {
                 ));
             }
         }
+    }
+}
+
+impl<S: backends::Stream> Connection<S> {
+    /// Consumes the trailer section after the last chunk: header field
+    /// lines, as httparse reads a head's, up to an empty line; returns its
+    /// length. Anything else in it is an error, not skipped: a reader that
+    /// only looked for the empty line would take malformed bytes as
+    /// trailers that another reader would not.
+    async fn trailers(&mut self) -> io::Result<usize> {
+        loop {
+            if let Some(len) = trailer_section(&self.buffer[self.start..self.end])? {
+                self.start += len;
+                return Ok(len);
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+/// The length of a complete trailer section at the start of `bytes`, or
+/// `None` while it is partial.
+fn trailer_section(bytes: &[u8]) -> io::Result<Option<usize>> {
+    let parsed = match trailer_section_with(bytes, &mut [httparse::EMPTY_HEADER; USUAL_HEADERS]) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+            trailer_section_with(bytes, &mut vec![httparse::EMPTY_HEADER; lines])
+        }
+        parsed => parsed,
+    };
+    parsed.map_err(|error| invalid(&format!("bad trailers in the upstream's answer: {error}")))
+}
+
+fn trailer_section_with<'b>(
+    bytes: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<usize>, httparse::Error> {
+    match httparse::parse_headers(bytes, headers)? {
+        httparse::Status::Complete((len, _)) => Ok(Some(len)),
+        httparse::Status::Partial => Ok(None),
     }
 }
 
@@ -654,6 +688,11 @@ mod tests {
             (
                 "trailer line over the head limit",
                 [ok("transfer-encoding: chunked\r\n"), format!("0\r\nx-t: {}\r\n\r\n", "t".repeat(MAX_HEAD)).into_bytes()].concat(),
+                None,
+            ),
+            (
+                "a trailer that is not a header line",
+                [ok("transfer-encoding: chunked\r\n"), b"0\r\nhell/\r\n10\r\n\r\n".to_vec()].concat(),
                 None,
             ),
             (
