@@ -13,7 +13,10 @@
 //!   check, once every byte has arrived, agrees), the next exchange on it
 //!   reads the next answer and nothing of this one: a reader fooled about
 //!   where an answer ends would hand a later visit this answer's
-//!   leftovers, a 200 for a visit that was never counted.
+//!   leftovers, a 200 for a visit that was never counted;
+//! - and then hyper's client, a reader written apart from this one, given
+//!   the same answer, reads it too, with the same status, and then the next
+//!   answer (unless the head is over hyper's own limit of 100 headers).
 //!
 //! `cargo +nightly fuzz run exchange seeds/exchange -- -max_total_time=60`
 //! (`FUZZ_BACKEND=smol` for the other backend).
@@ -185,7 +188,14 @@ impl OnRuntime for Exchanges {
             // Blocking between inputs is fine: nothing else runs here.
             while let Ok((answer, split)) = input.recv() {
                 let whole = check::<R>(addr, &jobs, answer.clone(), Delivery::Whole).await;
-                let cut = check::<R>(addr, &jobs, answer, split).await;
+                let cut = check::<R>(addr, &jobs, answer.clone(), split).await;
+                if let Ended::Answered {
+                    status,
+                    reusable: true,
+                } = whole
+                {
+                    compare_with_hyper::<R>(addr, &jobs, answer, status).await;
+                }
                 match (whole, cut) {
                     (Ended::Waiting, _) | (_, Ended::Waiting) => {}
                     (Ended::Failed, Ended::Failed) => {}
@@ -260,6 +270,67 @@ async fn check<R: Runtime>(
         Err(_) => panic!("the reused connection's answer never came"),
     }
     ended
+}
+
+/// Has hyper's client read `answer` and then the sentinel, and checks it
+/// read `status` (what this reader found, calling the connection
+/// reusable) and then the sentinel.
+async fn compare_with_hyper<R: Runtime>(
+    addr: SocketAddr,
+    jobs: &Sender<Job>,
+    answer: Vec<u8>,
+    status: u16,
+) {
+    use http_body_util::{BodyExt, Empty};
+    let (written, _) = channel();
+    let job = Job {
+        answer,
+        delivery: Delivery::Whole,
+        written,
+    };
+    if jobs.send(job).is_err() {
+        panic!("the harness's upstream is gone");
+    }
+    let Ok(stream) = R::connect(addr).await else {
+        panic!("cannot connect to the harness's upstream");
+    };
+    let post = || {
+        hyper::Request::post("/counter")
+            .header("host", "t")
+            .header("content-length", "0")
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("a request")
+    };
+    let talk = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream).await?;
+        let exchanges = async {
+            let first = sender.send_request(post()).await?;
+            let first_status = first.status().as_u16();
+            first.into_body().collect().await?;
+            sender.ready().await?;
+            let second = sender.send_request(post()).await?;
+            Ok::<_, hyper::Error>(Some((first_status, second.status().as_u16())))
+        };
+        // hyper ends the connection when it refuses an answer (`None`);
+        // the exchange then fails too, and either may be seen first.
+        futures_lite::future::or(exchanges, async {
+            connection.await?;
+            Ok(None)
+        })
+        .await
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match timeout_at::<R, _>(deadline, talk).await {
+        Ok(Ok(Some(read))) => assert_eq!(
+            read,
+            (status, SENTINEL_STATUS),
+            "hyper read the answer (and the next one) otherwise"
+        ),
+        Ok(Err(error)) if error.is_parse_too_large() => {}
+        Ok(Err(error)) => panic!("hyper refused an answer read as {status}, reusable: {error}"),
+        Ok(Ok(None)) => panic!("hyper closed on an answer read as {status}, reusable"),
+        Err(_) => panic!("hyper waited for more of an answer read as {status}, reusable"),
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
