@@ -6,6 +6,7 @@
 //! the key and what was expected; `serde_path_to_error` supplies the key
 //! path and toml's span-preserving parser the position.
 
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,6 +74,9 @@ impl From<Threading> for backends::Threading {
         }
     }
 }
+
+/// The largest configuration file read (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The most worker threads `runtime.workers` (and `gateway counter
 /// --workers`) may ask for. More would not run faster on any host this
@@ -374,11 +378,29 @@ impl UpstreamTarget {
 
 impl Config {
     /// Reads and validates the configuration at `path`.
+    ///
+    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO
+    /// would block the start for ever, and `/dev/zero` fill memory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(read_error(std::io::Error::other("not a regular file")));
+        }
+        let mut source = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                std::io::Read::read_to_string(&mut file.take(MAX_CONFIG_BYTES + 1), &mut source)
+            })
+            .map_err(read_error)?;
+        if source.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(read_error(std::io::Error::other(format!(
+                "larger than {MAX_CONFIG_BYTES} bytes"
+            ))));
+        }
         Self::parse(path, &source)
     }
 

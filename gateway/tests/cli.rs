@@ -279,3 +279,31 @@ async fn refused_worker_threads_are_exit_1(backend: Backend) {
 }
 
 both_backends!(refused_worker_threads_are_exit_1);
+
+/// Only a regular file is read as the configuration, and only up to 1 MiB:
+/// a FIFO would block the start for ever, `/dev/zero` would fill memory.
+#[test]
+fn a_configuration_that_is_not_a_small_regular_file_is_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
+    for (path, why) in [
+        (std::path::Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+        (dir.path(), "not a regular file"),
+        (big.as_path(), "larger than 1048576 bytes"),
+    ] {
+        let output = Command::new(common::gateway_binary())
+            .arg("--check")
+            .arg("--config")
+            .arg(path)
+            .output()
+            .expect("run gateway");
+        assert_eq!(output.status.code(), Some(78), "{}", path.display());
+        let message = stderr(&output);
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(why), "{message}");
+    }
+}
