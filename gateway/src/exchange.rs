@@ -18,8 +18,8 @@ use futures_lite::future::poll_fn;
 use hyper::rt::ReadBuf;
 
 /// Most bytes an answer's head may take (the counter's is ~40), and
-/// likewise one chunk-size line or one trailer line: the read buffer never
-/// grows past this.
+/// likewise one chunk-size line or the trailer section: the read buffer
+/// never grows past this.
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Most bytes an answer's body may take, chunk framing and trailers
@@ -146,7 +146,7 @@ impl<S: backends::Stream> Connection<S> {
 
     /// Reads more bytes into the buffer; end of stream is an error here, and
     /// so is a buffer full of unconsumed bytes at [`MAX_HEAD`] (a head, a
-    /// chunk-size line or a trailer line that long).
+    /// chunk-size line or a trailer section that long).
     async fn fill(&mut self) -> io::Result<()> {
         if self.start == self.end {
             self.start = 0;
@@ -158,7 +158,7 @@ impl<S: backends::Stream> Connection<S> {
                 self.start = 0;
             } else if self.buffer.len() >= MAX_HEAD {
                 return Err(invalid(
-                    "the upstream's answer head, a chunk-size line or a trailer line is too large",
+                    "the upstream's answer head, a chunk-size line or its trailers are too large",
                 ));
             } else {
                 let mut bigger = vec![0; (self.buffer.len() * 2).min(MAX_HEAD)];
@@ -245,9 +245,7 @@ impl<S: backends::Stream> Connection<S> {
             }
         }
     }
-}
 
-impl<S: backends::Stream> Connection<S> {
     /// Consumes the trailer section after the last chunk: header field
     /// lines, as httparse reads a head's, up to an empty line; returns its
     /// length. Anything else in it is an error, not skipped: a reader that
@@ -686,7 +684,7 @@ mod tests {
                 None,
             ),
             (
-                "trailer line over the head limit",
+                "trailers over the head limit",
                 [ok("transfer-encoding: chunked\r\n"), format!("0\r\nx-t: {}\r\n\r\n", "t".repeat(MAX_HEAD)).into_bytes()].concat(),
                 None,
             ),
