@@ -263,7 +263,8 @@ impl<S: backends::Stream> Connection<S> {
 }
 
 /// The length of a complete trailer section at the start of `bytes`, or
-/// `None` while it is partial.
+/// `None` while it is partial. Its lines end in CRLF: httparse also takes
+/// a bare LF there and other readers (hyper's) do not, so one is an error.
 fn trailer_section(bytes: &[u8]) -> io::Result<Option<usize>> {
     let parsed = match trailer_section_with(bytes, &mut [httparse::EMPTY_HEADER; USUAL_HEADERS]) {
         Err(httparse::Error::TooManyHeaders) => {
@@ -272,7 +273,23 @@ fn trailer_section(bytes: &[u8]) -> io::Result<Option<usize>> {
         }
         parsed => parsed,
     };
-    parsed.map_err(|error| invalid(&format!("bad trailers in the upstream's answer: {error}")))
+    let bare_lf = || invalid("a bare LF in the upstream's trailers");
+    match parsed {
+        Ok(Some(len)) if has_bare_lf(&bytes[..len]) => Err(bare_lf()),
+        Ok(None) if has_bare_lf(bytes) => Err(bare_lf()),
+        Ok(found) => Ok(found),
+        Err(error) => Err(invalid(&format!(
+            "bad trailers in the upstream's answer: {error}"
+        ))),
+    }
+}
+
+/// Whether a line feed in `bytes` has no carriage return before it.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(at, &b)| b == b'\n' && (at == 0 || bytes[at - 1] != b'\r'))
 }
 
 fn trailer_section_with<'b>(
@@ -686,6 +703,11 @@ mod tests {
             (
                 "trailers over the head limit",
                 [ok("transfer-encoding: chunked\r\n"), format!("0\r\nx-t: {}\r\n\r\n", "t".repeat(MAX_HEAD)).into_bytes()].concat(),
+                None,
+            ),
+            (
+                "a trailer line ending in a bare LF",
+                [ok("transfer-encoding: chunked\r\n"), b"0\r\nx-t: 1\n\r\n".to_vec()].concat(),
                 None,
             ),
             (
