@@ -286,7 +286,13 @@ both_backends!(refused_worker_threads_are_exit_1);
 fn a_configuration_that_is_not_a_small_regular_file_is_exit_78() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo.toml");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let big = dir.path().join("big.toml");
     std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
     for (path, why) in [
