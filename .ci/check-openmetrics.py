@@ -23,6 +23,7 @@ listen = "127.0.0.1:0"
 url = "http://127.0.0.1:{counter}/counter"
 [counter]
 listen = "127.0.0.1:0"
+store = "memory"
 [admin]
 listen = "127.0.0.1:0"
 """

@@ -160,7 +160,8 @@ def main():
         sys.exit("--counter (a gateway binary) is needed with --nginx")
     counter_port = free_port()
     counter = subprocess.Popen(
-        [counter_binary, "counter", "--listen", f"127.0.0.1:{counter_port}", "--workers", "1"],
+        [counter_binary, "counter", "--listen", f"127.0.0.1:{counter_port}", "--workers", "1",
+         "--store", "memory"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(counter_port)

@@ -4,7 +4,9 @@
 #   - gateway.socket + gateway.service start; GET / answers the welcome;
 #   - `systemctl status gateway` shows the daemon's STATUS= line;
 #   - switching runtime.backend and `systemctl restart gateway` under load
-#     fails no request (twice: tokio → smol → tokio);
+#     fails no request (twice: tokio → smol → tokio), and the built-in
+#     counter's count (a file in StateDirectory) comes through both restarts
+#     exact;
 #   - journalctl shows the startup line of each backend;
 #   - a bad config exits 78 and is not restarted (NRestarts stays 0).
 # Needs root, debootstrap and systemd-container. The Debian root is cached
@@ -91,6 +93,7 @@ echo "$status_text" | head -n 12
 grep -q 'Status: "tokio with' <<<"$status_text" || fail "no STATUS line"
 
 echo "== switch backend under load"
+count_before=$(in_container curl -sS --max-time 5 http://127.0.0.1:3001/counter)
 in_container rm -f /root/load.stop /root/load.result
 in_container sh -c '
   ok=0; failed=0
@@ -112,6 +115,10 @@ wait "$load_pid" || true
 read -r ok failed < "$root/root/load.result"
 echo "requests during the restarts: $ok ok, $failed failed"
 [ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "requests failed across restarts"
+count_after=$(in_container curl -sS --max-time 5 http://127.0.0.1:3001/counter)
+echo "count: $count_before before, $count_after after (+$ok expected)"
+[ "$count_after" = $((count_before + ok)) ] || fail "the count did not come through the restarts exact"
+in_container test -s /var/lib/gateway/counter.state || fail "no state file in /var/lib/gateway"
 
 echo "== journalctl -u gateway"
 journal=$(in_container journalctl -u gateway --no-pager)

@@ -71,17 +71,22 @@ pub enum Signal {
     User1,
     User2,
     Alarm,
+    /// A write went past the file-size limit (`RLIMIT_FSIZE`). Caught so
+    /// that the write fails with `EFBIG`, which the counter's store
+    /// answers as an error, rather than ending the process.
+    FileSizeLimit,
 }
 
 impl Signal {
     /// Every signal [`Runtime::signals`] catches.
-    pub const ALL: [Signal; 6] = [
+    pub const ALL: [Signal; 7] = [
         Signal::Terminate,
         Signal::Interrupt,
         Signal::Hangup,
         Signal::User1,
         Signal::User2,
         Signal::Alarm,
+        Signal::FileSizeLimit,
     ];
 
     /// The signal's name, as `kill -l` spells it with the `SIG` prefix.
@@ -93,6 +98,7 @@ impl Signal {
             Signal::User1 => "SIGUSR1",
             Signal::User2 => "SIGUSR2",
             Signal::Alarm => "SIGALRM",
+            Signal::FileSizeLimit => "SIGXFSZ",
         }
     }
 }

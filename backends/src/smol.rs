@@ -357,6 +357,7 @@ impl Runtime for Smol {
             Signal::User1 => Caught::Usr1,
             Signal::User2 => Caught::Usr2,
             Signal::Alarm => Caught::Alarm,
+            Signal::FileSizeLimit => Caught::Xfsz,
         }))?;
         Ok(signals.filter_map(|caught| match caught.ok()? {
             Caught::Term => Some(Signal::Terminate),
@@ -365,6 +366,7 @@ impl Runtime for Smol {
             Caught::Usr1 => Some(Signal::User1),
             Caught::Usr2 => Some(Signal::User2),
             Caught::Alarm => Some(Signal::Alarm),
+            Caught::Xfsz => Some(Signal::FileSizeLimit),
             _ => None,
         }))
     }

@@ -239,5 +239,6 @@ fn kind(caught: Signal) -> SignalKind {
         Signal::User1 => SignalKind::user_defined1(),
         Signal::User2 => SignalKind::user_defined2(),
         Signal::Alarm => SignalKind::alarm(),
+        Signal::FileSizeLimit => SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw()),
     }
 }

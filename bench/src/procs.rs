@@ -128,6 +128,9 @@ pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
         "tokio",
         "--workers",
         &cpus.len().to_string(),
+        // The reference upstream: memory, so that it measures the gateway.
+        "--store",
+        "memory",
     ]);
     start_logged("counter".to_owned(), command)
 }

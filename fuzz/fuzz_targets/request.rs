@@ -40,7 +40,7 @@ fn gateway() -> SocketAddr {
             "[runtime]\nbackend = \"{backend}\"\nworkers = 2\n\
              [server]\nlisten = \"127.0.0.1:{public}\"\nheader_read_timeout_ms = 1000\n\
              [upstream]\nurl = \"http://127.0.0.1:{counter}/counter\"\n\
-             [counter]\nlisten = \"127.0.0.1:{counter}\"\n"
+             [counter]\nlisten = \"127.0.0.1:{counter}\"\nstore = \"memory\"\n"
         );
         let config = Config::parse(Path::new("fuzz.toml"), &text).expect("valid fuzz config");
         std::thread::spawn(move || {

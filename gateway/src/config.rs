@@ -24,6 +24,11 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub counter: Option<CounterConfig>,
     pub log: LogConfig,
+    /// What a relative `counter.path` is taken from: `$STATE_DIRECTORY`
+    /// when systemd sets it, else the configuration file's folder (set by
+    /// [`Config::load`]; the working directory otherwise).
+    #[serde(skip)]
+    pub state_base: PathBuf,
 }
 
 /// Which async runtime runs the gateway.
@@ -200,12 +205,52 @@ impl Default for AdminConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CounterConfig {
     pub listen: SocketAddr,
+    pub store: StoreKind,
+    /// The state file of `store = "file"`; see [`CounterConfig::state_path`].
+    pub path: Option<PathBuf>,
 }
 
 impl Default for CounterConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
+            store: StoreKind::File,
+            path: None,
+        }
+    }
+}
+
+/// The state file's name when `counter.path` is not given.
+pub const DEFAULT_STATE_FILE: &str = "counter.state";
+
+impl CounterConfig {
+    /// The state file of the file store: `counter.path`, else
+    /// [`DEFAULT_STATE_FILE`]; a relative one is taken from `base`.
+    pub fn state_path(&self, base: &Path) -> PathBuf {
+        let path = self
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+        base.join(path)
+    }
+}
+
+/// Where the built-in counter keeps its count (`counter.store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A file on this machine, synced before each answer (the default).
+    #[default]
+    File,
+    /// Memory only: lost at every restart. For benchmarks and tests.
+    Memory,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::File => "file",
+            StoreKind::Memory => "memory",
         }
     }
 }
@@ -401,7 +446,9 @@ impl Config {
                 "larger than {MAX_CONFIG_BYTES} bytes"
             ))));
         }
-        Self::parse(path, &source)
+        let mut config = Self::parse(path, &source)?;
+        config.state_base = state_base(path);
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `path` is only used in errors.
@@ -497,6 +544,23 @@ impl Config {
         }
         UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
         self.check_listeners_apart()?;
+        if let Some(counter) = &self.counter {
+            match (counter.store, &counter.path) {
+                (StoreKind::Memory, Some(_)) => {
+                    return Err((
+                        "counter.path",
+                        "a state file is only for store = \"file\"; remove it, or set store = \"file\"".to_owned(),
+                    ));
+                }
+                (StoreKind::File, Some(path)) if path.as_os_str().is_empty() => {
+                    return Err((
+                        "counter.path",
+                        "expected a file name, got an empty path".to_owned(),
+                    ));
+                }
+                _ => {}
+            }
+        }
         if self
             .log
             .level
@@ -550,12 +614,30 @@ impl Config {
         );
         if let Some(counter) = &self.counter {
             line.push_str(&format!(" counter={}", counter.listen));
+            match counter.store {
+                StoreKind::File => line.push_str(&format!(
+                    " store=file:{}",
+                    Escaped(counter.state_path(&self.state_base).display())
+                )),
+                StoreKind::Memory => line.push_str(" store=memory"),
+            }
         }
         if let Some(admin) = &self.admin {
             line.push_str(&format!(" admin={}", admin.listen));
         }
         line
     }
+}
+
+/// Where a relative `counter.path` goes for the configuration at
+/// `config_path`: systemd's `StateDirectory=` (`$STATE_DIRECTORY`, the
+/// first if it lists several), else the configuration file's folder.
+fn state_base(config_path: &Path) -> PathBuf {
+    let directories = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty());
+    if let Some(first) = directories.and_then(|d| std::env::split_paths(&d).next()) {
+        return first;
+    }
+    config_path.parent().map(Path::to_owned).unwrap_or_default()
 }
 
 /// Milliseconds from the config as a [`Duration`].
@@ -623,6 +705,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn the_counter_keeps_its_count_in_a_file_unless_told_memory() {
+        let counter = parse("[counter]\n").unwrap().counter.unwrap();
+        assert_eq!(counter.store, StoreKind::File);
+        let base = Path::new("/var/lib/gateway");
+        assert_eq!(counter.state_path(base), base.join("counter.state"));
+        let counter = parse("[counter]\npath = \"/srv/count\"\n")
+            .unwrap()
+            .counter
+            .unwrap();
+        assert_eq!(counter.state_path(base), Path::new("/srv/count"));
+        let counter = parse("[counter]\nstore = \"memory\"\n")
+            .unwrap()
+            .counter
+            .unwrap();
+        assert_eq!(counter.store, StoreKind::Memory);
+        let err = parse("[counter]\nstore = \"memory\"\npath = \"c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:8: counter.path"), "{err}");
+        let err = parse("[counter]\nstore = \"sqlite\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:9: counter.store"), "{err}");
+        assert!(err.contains("`file`") && err.contains("`memory`"), "{err}");
+        let err = parse("[counter]\npath = \"\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("counter.path") && err.contains("empty"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum Fatal {
     /// The message names the upstream as configured: escaped.
     #[error("{}", Escaped(.0))]
     Upstream(String),
+    #[error("cannot open the counter's store: {0}")]
+    Store(std::io::Error),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
     Activation(std::io::Error),
     #[error("cannot start the {backend} runtime: {source}")]
@@ -123,8 +125,16 @@ fn adopt<R: Runtime>(
 fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
     raise_open_file_limit(&config);
     let workers = config.runtime.worker_count();
+    // The store first: a state file that is corrupt or in use by another
+    // process stops the start before anything listens.
     let counter_listener = match &config.counter {
-        Some(counter) => Some(bind("counter", counter.listen)?),
+        Some(counter) => {
+            let service = Counter::open(counter, &config.state_base).map_err(Fatal::Store)?;
+            if let Some(store) = service.store_name() {
+                tracing::info!(store, count = service.count(), "counter store open");
+            }
+            Some((bind("counter", counter.listen)?, forever(service)))
+        }
         None => None,
     };
     let public_listener = match mode {
@@ -175,14 +185,14 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         let mut status_source: Option<(&'static Connections, RequestCount)> = None;
 
         let mut counter = Stage::new();
-        if let Some(listener) = counter_listener {
+        if let Some((listener, service)) = counter_listener {
             let (listener, _) = adopt::<R>("counter", listener)?;
             // Upstream clients keep idle connections for a while; the
             // counter keeps them longer, so it is never the one to close
             // a connection a client is about to reuse.
             let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000), None);
             let connections = forever(Connections::new(usize::MAX >> 4));
-            let service = forever(Counter::default());
+
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
             // are spread over them like the public ones.
@@ -252,6 +262,8 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         loop {
             match signals.next().await {
                 Some(Signal::Terminate | Signal::Interrupt) | None => break,
+                // The write that raised it fails, and says so itself.
+                Some(Signal::FileSizeLimit) => {}
                 Some(other) => tracing::warn!(
                     signal = other.name(),
                     "signal ignored: the gateway has no reload; restart it to apply a new configuration"

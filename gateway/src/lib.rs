@@ -34,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod stats;
+pub mod store;
 pub mod systemd;
 pub mod time;
 pub mod upstream;

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use gateway::config::{self, Backend, Config, ConfigError, CounterConfig, RuntimeConfig};
+use clap::{CommandFactory, Parser, Subcommand};
+use gateway::config::{
+    self, Backend, Config, ConfigError, CounterConfig, RuntimeConfig, StoreKind,
+};
 use gateway::daemon::{self, Mode};
 
 #[derive(Debug, Parser)]
@@ -38,6 +40,14 @@ enum Command {
         /// Worker threads, at most 1024; 0 = one per CPU this process may run on.
         #[arg(long, default_value_t = 0, value_parser = workers_parser())]
         workers: usize,
+        /// Where the count is kept: a file synced before each answer, or
+        /// memory (lost at exit).
+        #[arg(long, value_enum, default_value = "file")]
+        store: StoreKind,
+        /// The state file of the file store [default: counter.state in the
+        /// working directory].
+        #[arg(long, value_name = "PATH")]
+        path: Option<PathBuf>,
     },
 }
 
@@ -48,14 +58,28 @@ fn main() -> ExitCode {
             listen,
             backend,
             workers,
+            store,
+            path,
         }) => {
+            if store == StoreKind::Memory && path.is_some() {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "--path is only for --store file",
+                    )
+                    .exit();
+            }
             let config = Config {
                 runtime: RuntimeConfig {
                     backend,
                     workers,
                     ..RuntimeConfig::default()
                 },
-                counter: Some(CounterConfig { listen }),
+                counter: Some(CounterConfig {
+                    listen,
+                    store,
+                    path,
+                }),
                 ..Config::default()
             };
             (config, Mode::CounterOnly)

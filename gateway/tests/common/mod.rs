@@ -55,6 +55,8 @@ pub struct Process {
     /// `(name, address)` of each "listening on ADDR (NAME)" line.
     pub listeners: Vec<(String, SocketAddr)>,
     _config: Option<tempfile::NamedTempFile>,
+    /// The folder of the counter's state file, removed with the process.
+    pub state: Option<tempfile::TempDir>,
 }
 
 impl Process {
@@ -99,6 +101,7 @@ impl Process {
             log,
             listeners,
             _config: config,
+            state: None,
         }
     }
 
@@ -199,6 +202,9 @@ pub struct GatewayConfig {
     pub workers: usize,
     /// `runtime.threading`: "per-core" (the default) or "shared".
     pub threading: &'static str,
+    /// The folder of the built-in counter's state file: one per config, so
+    /// that gateways started from it one after another share a count.
+    pub state: Arc<tempfile::TempDir>,
 }
 
 impl GatewayConfig {
@@ -213,7 +219,13 @@ impl GatewayConfig {
             admin: false,
             workers: 2,
             threading: "per-core",
+            state: Arc::new(tempfile::tempdir().expect("a state folder")),
         }
+    }
+
+    /// The built-in counter's state file.
+    pub fn state_file(&self) -> PathBuf {
+        self.state.path().join("counter.state")
     }
 
     pub fn threading(mut self, threading: &'static str) -> Self {
@@ -251,7 +263,10 @@ impl GatewayConfig {
     pub fn render(&self) -> String {
         let mut counter = String::new();
         if self.counter {
-            counter.push_str("[counter]\nlisten = \"127.0.0.1:0\"\n");
+            counter.push_str(&format!(
+                "[counter]\nlisten = \"127.0.0.1:0\"\npath = {:?}\n",
+                self.state_file()
+            ));
         }
         if self.admin {
             counter.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
@@ -321,8 +336,18 @@ impl GatewayConfig {
     }
 }
 
-/// Starts `gateway counter` on an ephemeral port.
+/// Starts `gateway counter` on an ephemeral port, with its default (file)
+/// store in a folder of its own.
 pub fn start_counter(backend: Backend) -> Process {
+    let state = tempfile::tempdir().expect("a state folder");
+    let mut process = start_counter_on(backend, &state.path().join("counter.state"), &[]);
+    process.state = Some(state);
+    process
+}
+
+/// Starts `gateway counter` on an ephemeral port with the state file
+/// `path` and `extra` arguments.
+pub fn start_counter_on(backend: Backend, path: &std::path::Path, extra: &[&str]) -> Process {
     let mut command = Command::new(gateway_binary());
     command
         .args([
@@ -331,7 +356,10 @@ pub fn start_counter(backend: Backend) -> Process {
             "127.0.0.1:0",
             "--backend",
             backend.name(),
+            "--path",
         ])
+        .arg(path)
+        .args(extra)
         .env_remove("RUST_LOG");
     Process::start(command, 1, None)
 }
