@@ -175,10 +175,7 @@ async fn a_write_the_disk_refuses_is_never_a_200(backend: Backend) {
     let counter = Process::start_command(counter_command(backend, listen, &state, ""), 1);
     let mut client = Client::connect(listen).await;
     for _ in 0..2 {
-        let answer = client
-            .send(common::request("POST", "/counter"))
-            .await
-            .unwrap();
+        let answer = client.post("/counter").await;
         assert_eq!(answer.status, StatusCode::OK);
     }
     drop(client);
@@ -192,10 +189,7 @@ async fn a_write_the_disk_refuses_is_never_a_200(backend: Backend) {
     let gateway = GatewayConfig::new(backend, listen).start();
     let mut client = Client::connect(listen).await;
     for _ in 0..3 {
-        let answer = client
-            .send(common::request("POST", "/counter"))
-            .await
-            .unwrap();
+        let answer = client.post("/counter").await;
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     }
     let visit = common::get(gateway.addr("public"), "/").await;

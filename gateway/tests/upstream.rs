@@ -67,10 +67,7 @@ async fn builtin_counter_counts_and_reports(backend: Backend) {
     let mut client = Client::connect(addr).await;
     assert_eq!(client.get("/counter").await.body, "0\n");
     for _ in 0..3 {
-        let answer = client
-            .send(common::request("POST", "/counter"))
-            .await
-            .unwrap();
+        let answer = client.post("/counter").await;
         assert_eq!(answer.status, StatusCode::OK);
         assert!(answer.body.is_empty());
     }

@@ -401,6 +401,10 @@ impl Client {
     pub async fn get(&mut self, path: &str) -> Answer {
         self.send(request("GET", path)).await.expect("GET")
     }
+
+    pub async fn post(&mut self, path: &str) -> Answer {
+        self.send(request("POST", path)).await.expect("POST")
+    }
 }
 
 pub fn request(method: &str, path: &str) -> Request<Empty<Bytes>> {
