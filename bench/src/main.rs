@@ -75,6 +75,11 @@ struct Options {
     /// Where results.json and throughput.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Where the counter keeps its count: `memory` (a reference upstream
+    /// that measures the gateway alone), or `file` (the shipped default,
+    /// synced before each 200; its state file starts fresh in --out).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "file"])]
+    counter_store: String,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +172,7 @@ fn run(options: &Options) -> Result<bool, String> {
         warmup_s: options.warmup.as_secs_f64(),
         rate: options.rate,
         rounds: options.rounds,
+        counter_store: options.counter_store.clone(),
         rows,
     };
     print!("{}", report::table(&report));
@@ -203,15 +209,16 @@ fn measure_local(
         _ => None,
     };
     eprintln!(
-        "bench: {} ({} CPUs): gateway on CPUs {} ({} workers), counter on {}, load on {}",
+        "bench: {} ({} CPUs): gateway on CPUs {} ({} workers), counter ({} store) on {}, load on {}",
         cpu_model(),
         cpus.len(),
         layout.gateway,
         workers,
+        options.counter_store,
         layout.counter,
         layout.load
     );
-    let counter = procs::start_counter(&binary, &layout.counter)?;
+    let counter = procs::start_counter(&binary, &layout.counter, &options.counter_store, out)?;
 
     let mut targets: Vec<String> = options.backends.clone();
     if nginx.is_some() {

@@ -117,8 +117,14 @@ fn start_logged(name: String, mut command: Command) -> Result<Running, String> {
     }
 }
 
-/// `gateway counter` on its own CPUs.
-pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
+/// `gateway counter` on its own CPUs, keeping its count in `store`
+/// ("memory", or "file": a state file in `out`, started afresh).
+pub fn start_counter(
+    binary: &Path,
+    cpus: &CpuList,
+    store: &str,
+    out: &Path,
+) -> Result<Running, String> {
     let mut command = pinned(cpus, binary);
     command.args([
         "counter",
@@ -128,10 +134,19 @@ pub fn start_counter(binary: &Path, cpus: &CpuList) -> Result<Running, String> {
         "tokio",
         "--workers",
         &cpus.len().to_string(),
-        // The reference upstream: memory, so that it measures the gateway.
         "--store",
-        "memory",
+        store,
     ]);
+    if store == "file" {
+        let state = out.join("counter.state");
+        match std::fs::remove_file(&state) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("{}: {error}", state.display()));
+            }
+            _ => {}
+        }
+        command.arg("--path").arg(state);
+    }
     start_logged("counter".to_owned(), command)
 }
 

@@ -109,6 +109,8 @@ pub struct Report {
     /// Open-loop rate, if one was set.
     pub rate: Option<f64>,
     pub rounds: usize,
+    /// Where the counter kept its count: "memory" or "file".
+    pub counter_store: String,
     /// Every measurement, of every round.
     pub rows: Vec<Row>,
 }
@@ -185,7 +187,7 @@ fn ms(us: u64) -> String {
 
 /// The table, as printed at the end.
 pub fn table(report: &Report) -> String {
-    let mut out = String::new();
+    let mut out = format!("counter store: {}\n", report.counter_store);
     let with_wrk = report
         .rows
         .iter()
@@ -486,6 +488,7 @@ mod tests {
             warmup_s: 1.0,
             rate: None,
             rounds: 1,
+            counter_store: "memory".to_owned(),
             rows: vec![row],
         }
     }
