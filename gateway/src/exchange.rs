@@ -266,13 +266,12 @@ impl<S: backends::Stream> Connection<S> {
 /// `None` while it is partial. Its lines end in CRLF: httparse also takes
 /// a bare LF there and other readers (hyper's) do not, so one is an error.
 fn trailer_section(bytes: &[u8]) -> io::Result<Option<usize>> {
-    let parsed = match trailer_section_with(bytes, &mut [httparse::EMPTY_HEADER; USUAL_HEADERS]) {
-        Err(httparse::Error::TooManyHeaders) => {
-            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
-            trailer_section_with(bytes, &mut vec![httparse::EMPTY_HEADER; lines])
-        }
-        parsed => parsed,
-    };
+    let parsed = with_header_room(bytes, |headers| {
+        Ok(match httparse::parse_headers(bytes, headers)? {
+            httparse::Status::Complete((len, _)) => Some(len),
+            httparse::Status::Partial => None,
+        })
+    });
     let bare_lf = || invalid("a bare LF in the upstream's trailers");
     match parsed {
         Ok(Some(len)) if has_bare_lf(&bytes[..len]) => Err(bare_lf()),
@@ -290,16 +289,6 @@ fn has_bare_lf(bytes: &[u8]) -> bool {
         .iter()
         .enumerate()
         .any(|(at, &b)| b == b'\n' && (at == 0 || bytes[at - 1] != b'\r'))
-}
-
-fn trailer_section_with<'b>(
-    bytes: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
-) -> Result<Option<usize>, httparse::Error> {
-    match httparse::parse_headers(bytes, headers)? {
-        httparse::Status::Complete((len, _)) => Ok(Some(len)),
-        httparse::Status::Partial => Ok(None),
-    }
 }
 
 /// The size of a chunk from its size line (CRLF included): hex digits,
@@ -341,60 +330,56 @@ struct Head {
 /// (13,521 -> 13,195, `bench/instructions.py`, tokio), the parse compiled
 /// outside the async state machine.
 fn parse_head(bytes: &[u8]) -> io::Result<Option<Head>> {
-    let mut headers = [httparse::EMPTY_HEADER; USUAL_HEADERS];
-    match parse_head_with(bytes, &mut headers)? {
-        Parsed::Head(head) => Ok(Some(head)),
-        Parsed::Partial => Ok(None),
-        Parsed::TooManyHeaders => {
-            // More headers than usual. The count is not what a counter
-            // behind a framework or CDN respects, the head's size is
-            // (MAX_HEAD): room for one header a line received so far.
-            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
-            let mut headers = vec![httparse::EMPTY_HEADER; lines];
-            match parse_head_with(bytes, &mut headers)? {
-                Parsed::Head(head) => Ok(Some(head)),
-                Parsed::Partial => Ok(None),
-                Parsed::TooManyHeaders => Err(invalid("the upstream's answer head is too large")),
-            }
-        }
-    }
-}
-
-/// What one parse of a head found.
-enum Parsed {
-    Head(Head),
-    Partial,
-    /// More headers than the room given.
-    TooManyHeaders,
-}
-
-/// [`parse_head`] with room for `headers.len()` headers.
-fn parse_head_with<'b>(
-    bytes: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
-) -> io::Result<Parsed> {
-    let mut response = httparse::Response::new(headers);
-    match response.parse(bytes) {
-        Ok(httparse::Status::Complete(head_len)) => {
-            let status = response.code.unwrap_or(0);
-            if !(100..600).contains(&status) {
-                return Err(invalid("a status outside 100-599 in the upstream's answer"));
-            }
-            let (body, keep_alive) = framing(&response)?;
-            Ok(Parsed::Head(Head {
-                status,
-                head_len,
-                body,
-                keep_alive,
-            }))
-        }
-        Ok(httparse::Status::Partial) if bytes.len() >= MAX_HEAD => {
+    let parsed = with_header_room(bytes, |headers| {
+        let mut response = httparse::Response::new(headers);
+        Ok(match response.parse(bytes)? {
+            httparse::Status::Complete(head_len) => Some(head(&response, head_len)),
+            httparse::Status::Partial => None,
+        })
+    });
+    match parsed {
+        Ok(Some(head)) => head.map(Some),
+        Ok(None) if bytes.len() >= MAX_HEAD => {
             Err(invalid("the upstream's answer head is too large"))
         }
-        Ok(httparse::Status::Partial) => Ok(Parsed::Partial),
-        Err(httparse::Error::TooManyHeaders) => Ok(Parsed::TooManyHeaders),
+        Ok(None) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            Err(invalid("the upstream's answer head is too large"))
+        }
         Err(error) => Err(invalid(&format!("bad upstream answer: {error}"))),
     }
+}
+
+/// Runs `parse` (a head's or the trailers') with room for the usual number
+/// of headers, and again with more when that is too few. The count is not
+/// what a counter behind a framework or CDN respects, the size is
+/// ([`MAX_HEAD`]): the second try has room for one header a line received.
+fn with_header_room<'b, T>(
+    bytes: &'b [u8],
+    parse: impl Fn(&mut [httparse::Header<'b>]) -> Result<T, httparse::Error>,
+) -> Result<T, httparse::Error> {
+    match parse(&mut [httparse::EMPTY_HEADER; USUAL_HEADERS]) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+            parse(&mut vec![httparse::EMPTY_HEADER; lines])
+        }
+        parsed => parsed,
+    }
+}
+
+/// What the exchange needs from a complete head.
+fn head(response: &httparse::Response<'_, '_>, head_len: usize) -> io::Result<Head> {
+    let status = response.code.unwrap_or(0);
+    if !(100..600).contains(&status) {
+        return Err(invalid("a status outside 100-599 in the upstream's answer"));
+    }
+    let (body, keep_alive) = framing(response)?;
+    Ok(Head {
+        status,
+        head_len,
+        body,
+        keep_alive,
+    })
 }
 
 /// The body framing and keep-alive of an answer head (RFC 9112 §6.3).
