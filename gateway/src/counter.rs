@@ -50,20 +50,14 @@ impl Counter {
         match config.store {
             StoreKind::Memory => Ok(Self::in_memory()),
             StoreKind::File => {
-                let (file, total) = FileStore::open(&config.state_path(state_base))?;
+                let path = config.state_path(state_base);
+                let (file, total) = FileStore::open(&path)?;
+                tracing::info!(path = ?path, count = total, "counter state file open");
                 let store = Store::start(file, total)?;
                 Ok(Self {
                     count: Count::Durable(store),
                 })
             }
-        }
-    }
-
-    /// The durable store, for log lines; `None` in memory.
-    pub fn store_name(&self) -> Option<String> {
-        match &self.count {
-            Count::Memory(_) => None,
-            Count::Durable(store) => Some(store.describe()),
         }
     }
 

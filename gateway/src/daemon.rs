@@ -130,9 +130,6 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
     let counter_listener = match &config.counter {
         Some(counter) => {
             let service = Counter::open(counter, &config.state_base).map_err(Fatal::Store)?;
-            if let Some(store) = service.store_name() {
-                tracing::info!(store, count = service.count(), "counter store open");
-            }
             Some((bind("counter", counter.listen)?, forever(service)))
         }
         None => None,
@@ -192,7 +189,6 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             // a connection a client is about to reuse.
             let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000), None);
             let connections = forever(Connections::new(usize::MAX >> 4));
-
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
             // are spread over them like the public ones.

@@ -387,9 +387,9 @@ async fn serve_connection<R: Runtime, S: Service>(
                 .access_log
                 .then(|| (request.method().clone(), request.uri().path().to_owned()));
             // What hyper lets through and RFC 9112 does not (no service should
-            // see it): 400, and the connection closes.
-            // Logged here, so that the future hyper keeps for the request
-            // holds no more than it needs (see `Forward::call`).
+            // see it): 400, and the connection closes. Logged here, so that
+            // the future hyper keeps for the request holds no more than it
+            // needs (see `Forward::call`).
             let violation = request_rules::violation(&request);
             if let Some(violation) = violation {
                 tracing::debug!(%peer, violation, "request refused");
@@ -405,15 +405,9 @@ async fn serve_connection<R: Runtime, S: Service>(
                 let refused = response.is_none();
                 let mut response = match response {
                     Some(response) => response.await,
-                    None => {
-                        let mut response = status_only(StatusCode::BAD_REQUEST);
-                        response
-                            .headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                        response
-                    }
+                    None => status_only(StatusCode::BAD_REQUEST),
                 };
-                if carries_body {
+                if refused || carries_body {
                     response
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -1,6 +1,6 @@
 //! One-way signals between the parts of the daemon: "stop accepting",
-//! "drained". A [`Latch`] is set once and stays set; any number of tasks
-//! can wait for it. A [`Stop`] is the latch that tells a listener to stop
+//! "drained", "committed". A [`Latch`] is set once and stays set; any
+//! number of tasks can wait for it. A [`Stop`] is the latch that tells a listener to stop
 //! accepting, with the deadline its connections must be gone by.
 
 use std::sync::OnceLock;

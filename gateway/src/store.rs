@@ -7,14 +7,15 @@
 //! previous commit was in flight and makes them durable with one commit:
 //! batches form by themselves under load, and a lone visit is committed at
 //! once, with no timer. The async side only locks a mutex, adds one and
-//! waits for an [`Event`], so it works the same on every runtime.
+//! waits on a [`Latch`], so it works the same on every runtime.
 
 pub mod file;
 
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use event_listener::Event;
+use crate::shutdown::Latch;
 
 /// A place a total can be made durable in.
 pub trait Durable: Send + 'static {
@@ -46,7 +47,6 @@ pub struct NotDurable;
 /// A durable count, committed by a thread of its own.
 pub struct Store {
     shared: Arc<Shared>,
-    description: String,
 }
 
 struct Shared {
@@ -63,30 +63,24 @@ struct State {
     batch: Option<Arc<Batch>>,
 }
 
-/// The increments one commit covers: how it ended, and who waits for it.
+/// The increments one commit covers: whether it was made, and the latch
+/// its visits wait on.
 #[derive(Default)]
 struct Batch {
-    committed: OnceLock<bool>,
-    done: Event,
+    committed: AtomicBool,
+    done: Latch,
 }
 
 impl Batch {
     fn finish(&self, committed: bool) {
-        let _ = self.committed.set(committed);
-        self.done.notify(usize::MAX);
+        self.committed.store(committed, Ordering::Relaxed);
+        // The latch's store is SeqCst: a waiter that sees it set sees this.
+        self.done.set();
     }
 
     async fn wait(&self) -> bool {
-        loop {
-            if let Some(&committed) = self.committed.get() {
-                return committed;
-            }
-            let listener = self.done.listen();
-            if let Some(&committed) = self.committed.get() {
-                return committed;
-            }
-            listener.await;
-        }
+        self.done.wait().await;
+        self.committed.load(Ordering::Relaxed)
     }
 }
 
@@ -109,14 +103,10 @@ impl Store {
             work: Condvar::new(),
         });
         let committing = shared.clone();
-        let description = durable.describe();
         std::thread::Builder::new()
             .name("gateway-commit".to_owned())
             .spawn(move || commit_forever(&committing, durable))?;
-        Ok(Self {
-            shared,
-            description,
-        })
+        Ok(Self { shared })
     }
 
     /// Adds one to the count; returns once that is durable.
@@ -142,11 +132,6 @@ impl Store {
         } else {
             Err(NotDurable)
         }
-    }
-
-    /// What the store is ("file /var/lib/gateway/counter.state").
-    pub fn describe(&self) -> String {
-        self.description.clone()
     }
 
     /// The durable total.
