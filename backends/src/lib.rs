@@ -4,9 +4,9 @@
 //! [`Runtime`]: run a future on N worker threads (sharing one scheduler,
 //! or one scheduler each: [`Threading`]), spawn tasks, adopt a bound
 //! TCP listener and accept from it, connect, sleep until an instant, hand
-//! hyper a timer, and catch the signals a daemon gets ([`Signal`]). The gateway is generic over
-//! it (`run::<Tokio>` / `run::<Smol>`), so the hot path is monomorphic and
-//! both runtimes run exactly the same HTTP code.
+//! hyper a timer, and catch the signals a daemon gets ([`Signal`]). The
+//! gateway is generic over it (`run::<Tokio>` / `run::<Smol>`), so the hot
+//! path is monomorphic and both runtimes run exactly the same HTTP code.
 //!
 //! Streams are handed out as [`hyper::rt::Read`] + [`hyper::rt::Write`]
 //! because hyper's IO traits are already the runtime-neutral vocabulary the

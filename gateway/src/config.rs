@@ -246,15 +246,6 @@ pub enum StoreKind {
     Memory,
 }
 
-impl StoreKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            StoreKind::File => "file",
-            StoreKind::Memory => "memory",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {

@@ -5,7 +5,8 @@
 //! place in the gateway that names a backend type — and runs everything
 //! else generically over it. On SIGTERM/SIGINT the public listener stops
 //! accepting and drains first; the built-in counter it may be forwarding to
-//! stops after it. SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//! stops after it. SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM are logged and
+//! ignored.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
