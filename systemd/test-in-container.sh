@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the gateway under a real systemd (Debian 12 in systemd-nspawn) and
-# checks what SPEC §8 promises operators:
+# checks what the README ("Deploy with systemd") promises operators:
 #   - gateway.socket + gateway.service start; GET / answers the welcome;
 #   - `systemctl status gateway` shows the daemon's STATUS= line;
 #   - switching runtime.backend and `systemctl restart gateway` under load

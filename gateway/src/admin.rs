@@ -1,4 +1,4 @@
-//! The admin listener (SPEC §7): `GET /healthz` for load balancers and
+//! The admin listener (README, "Health and metrics"): `GET /healthz` for load balancers and
 //! `GET /metrics` for Prometheus. Off unless `[admin]` is configured;
 //! meant for loopback or a private network.
 

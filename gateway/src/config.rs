@@ -1,7 +1,7 @@
 //! The configuration file: its shape, its defaults, and errors that point
 //! at the offending line.
 //!
-//! Every key of SPEC §3 has a default, so an empty file is valid. Unknown
+//! Every key has a default (README, "Configuration"), so an empty file is valid. Unknown
 //! keys are errors. A [`ConfigError`] names the file, the line and column,
 //! the key and what was expected; `serde_path_to_error` supplies the key
 //! path and toml's span-preserving parser the position.

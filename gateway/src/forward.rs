@@ -1,5 +1,5 @@
 //! The gateway's service: every visit to `/` is registered with the
-//! upstream counter, and the answer says whether that worked (SPEC §4).
+//! upstream counter, and the answer says whether that worked ("What it answers" in the README).
 
 use std::future::Future;
 use std::io::Write as _;

@@ -1,4 +1,4 @@
-//! What the gateway has done, as Prometheus metrics (SPEC §7).
+//! What the gateway has done, as Prometheus metrics (README, "Health and metrics").
 //!
 //! Recording happens on the hot path of every worker at once, so every
 //! counter and histogram is sharded per thread ([`ShardedCounter`],

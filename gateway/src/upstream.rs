@@ -10,7 +10,7 @@
 //! the visitor's own task ([`crate::exchange`]); a connection is just a
 //! stream, its buffer, and its slot under the cap.
 //!
-//! The never-send-twice rule (SPEC §4): a POST is retried only when no
+//! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
 //! before writing, or the very first write failed — and only once, on a
 //! fresh connection.

@@ -1,4 +1,4 @@
-//! SPEC §2–§3: the command line, configuration errors and exit statuses.
+//! README, "Command line" and "Configuration": the command line, configuration errors and exit statuses.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! SPEC §4, row by row: what the public listener answers, and what it
+//! README, "What it answers", row by row: what the public listener answers, and what it
 //! sends upstream.
 
 mod common;

@@ -1,4 +1,4 @@
-//! SPEC §7: the admin listener's health check and metrics, which must
+//! README, "Health and metrics": the admin listener's health check and metrics, which must
 //! equal the traffic that was sent.
 
 mod common;

@@ -1,7 +1,7 @@
 //! Bad clients and a failing upstream: every bad input gets its status or
 //! a clean close and the gateway serves on; slow clients are cut off on
 //! time without slowing anyone else; upstream faults never lose or double
-//! a count (SPEC §4: every 200 counted once, 503 and refused 502 never,
+//! a count (every 200 counted once, 503 and refused 502 never,
 //! only lost outcomes either way).
 
 mod common;

@@ -1,7 +1,7 @@
 //! A bounded soak: mixed good and bad traffic against an upstream that
 //! keeps failing in different ways; afterwards the gateway holds the same
 //! file descriptors as after the warm-up, its memory is within a small
-//! bound of that level, and the count is exact in SPEC §4's sense.
+//! bound of that level, and the count is exact: every 200 counted once.
 //!
 //! Ignored by default (it runs for a while):
 //! `GATEWAY_SOAK_SECS=300 cargo test --release -p gateway --test soak -- --ignored --nocapture`.
@@ -176,7 +176,7 @@ async fn soak(backend: Backend) {
         "RSS grew {rss_before} -> {rss_after} KiB"
     );
 
-    // Exact in SPEC §4's sense: each 200 received once; nothing twice.
+    // Exact: each 200 received once; nothing twice.
     let mut received: HashMap<String, usize> = HashMap::new();
     for r in upstream.requests() {
         if let Some(tag) = r

@@ -1,4 +1,4 @@
-//! SPEC §8: sd_notify, socket activation, and replacing the running
+//! README, "Deploy with systemd": sd_notify, socket activation, and replacing the running
 //! gateway (alternating backends) without a refused connection or a
 //! failed request.
 

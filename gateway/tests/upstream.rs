@@ -1,4 +1,4 @@
-//! The upstream side (SPEC §4–§6): exact counting, failures mapped to
+//! The upstream side (README, "What it answers", "Built-in counter"): exact counting, failures mapped to
 //! 502/503/504, connection reuse, recovery without a restart.
 
 mod common;
