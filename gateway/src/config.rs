@@ -208,6 +208,9 @@ pub struct CounterConfig {
     pub store: StoreKind,
     /// The state file of `store = "file"`; see [`CounterConfig::state_path`].
     pub path: Option<PathBuf>,
+    /// The database of `store = "postgres"`: a `postgres://` URL (or
+    /// libpq's `key=value` form).
+    pub postgres_url: Option<String>,
 }
 
 impl Default for CounterConfig {
@@ -216,6 +219,7 @@ impl Default for CounterConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
             store: StoreKind::File,
             path: None,
+            postgres_url: None,
         }
     }
 }
@@ -224,6 +228,39 @@ impl Default for CounterConfig {
 pub const DEFAULT_STATE_FILE: &str = "counter.state";
 
 impl CounterConfig {
+    /// Whether the store's keys fit the store: a wrong one is named.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.path.is_some() && self.store != StoreKind::File {
+            return Err((
+                "counter.path",
+                "a state file is only for store = \"file\"; remove it, or set store = \"file\""
+                    .to_owned(),
+            ));
+        }
+        if let Some(path) = &self.path
+            && path.as_os_str().is_empty()
+        {
+            return Err((
+                "counter.path",
+                "expected a file name, got an empty path".to_owned(),
+            ));
+        }
+        match (&self.postgres_url, self.store) {
+            (Some(url), StoreKind::Postgres) => crate::store::postgres::parse_url(url)
+                .map(drop)
+                .map_err(|why| ("counter.postgres_url", Escaped(&why).to_string())),
+            (None, StoreKind::Postgres) => Err((
+                "counter.store",
+                "store = \"postgres\" needs counter.postgres_url (e.g. \"postgres://gateway@127.0.0.1/gateway\")".to_owned(),
+            )),
+            (Some(_), _) => Err((
+                "counter.postgres_url",
+                "a database is only for store = \"postgres\"; remove it, or set store = \"postgres\"".to_owned(),
+            )),
+            (None, _) => Ok(()),
+        }
+    }
+
     /// The state file of the file store: `counter.path`, else
     /// [`DEFAULT_STATE_FILE`]; a relative one is taken from `base`.
     pub fn state_path(&self, base: &Path) -> PathBuf {
@@ -244,6 +281,9 @@ pub enum StoreKind {
     File,
     /// Memory only: lost at every restart. For benchmarks and tests.
     Memory,
+    /// A PostgreSQL database, committed before each answer: one count for
+    /// every counter pointed at it.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -536,21 +576,7 @@ impl Config {
         UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
         self.check_listeners_apart()?;
         if let Some(counter) = &self.counter {
-            match (counter.store, &counter.path) {
-                (StoreKind::Memory, Some(_)) => {
-                    return Err((
-                        "counter.path",
-                        "a state file is only for store = \"file\"; remove it, or set store = \"file\"".to_owned(),
-                    ));
-                }
-                (StoreKind::File, Some(path)) if path.as_os_str().is_empty() => {
-                    return Err((
-                        "counter.path",
-                        "expected a file name, got an empty path".to_owned(),
-                    ));
-                }
-                _ => {}
-            }
+            counter.check()?;
         }
         if self
             .log
@@ -611,6 +637,14 @@ impl Config {
                     Escaped(counter.state_path(&self.state_base).display())
                 )),
                 StoreKind::Memory => line.push_str(" store=memory"),
+                StoreKind::Postgres => {
+                    let target = counter
+                        .postgres_url
+                        .as_deref()
+                        .and_then(|url| crate::store::postgres::parse_url(url).ok())
+                        .map_or_else(String::new, |c| crate::store::postgres::describe(&c));
+                    line.push_str(&format!(" store={}", Escaped(&target)));
+                }
             }
         }
         if let Some(admin) = &self.admin {
@@ -728,6 +762,48 @@ mod tests {
             err.contains("counter.path") && err.contains("empty"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_postgres_store_needs_a_url_and_nothing_else_takes_one() {
+        let counter = parse(
+            "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://gateway@db.example/gateway\"\n",
+        )
+        .unwrap()
+        .counter
+        .unwrap();
+        assert_eq!(counter.store, StoreKind::Postgres);
+        let cases = [
+            (
+                "[counter]\nstore = \"postgres\"\n",
+                "counter.store",
+                "needs counter.postgres_url",
+            ),
+            (
+                "[counter]\npostgres_url = \"postgres://h/db\"\n",
+                "counter.postgres_url",
+                "only for store = \"postgres\"",
+            ),
+            (
+                "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h:99999/db\"\n",
+                "counter.postgres_url",
+                "invalid",
+            ),
+            (
+                "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h/db?sslmode=require\"\n",
+                "counter.postgres_url",
+                "TLS",
+            ),
+            (
+                "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h/db\"\npath = \"c\"\n",
+                "counter.path",
+                "only for store = \"file\"",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(why), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The built-in counter: the reference upstream for demos, tests and
 //! benchmarks. `POST /counter` counts a visit; `GET /counter` reads the
 //! tally. With a durable store ([`crate::store`]) a POST is answered 200
-//! only once its increment is durable, and 503 when it could not be made
-//! so; a GET reads the durable total.
+//! only once its increment is durable, 503 when it was not made so, and
+//! 504 when that is not known (a database lost during the commit); a GET
+//! reads the durable total (from the database, with PostgreSQL).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,8 +16,9 @@ use hyper::body::Incoming;
 use crate::config::{CounterConfig, StoreKind};
 use crate::service::{Body, Service, method_not_allowed, status_only, text, text_owned};
 use crate::stats::ShardedCounter;
-use crate::store::Store;
 use crate::store::file::FileStore;
+use crate::store::postgres::PostgresStore;
+use crate::store::{NotCounted, Store};
 
 /// The path the counter serves.
 pub const PATH: &str = "/counter";
@@ -51,21 +53,47 @@ impl Counter {
             StoreKind::Memory => Ok(Self::in_memory()),
             StoreKind::File => {
                 let path = config.state_path(state_base);
-                let (file, total) = FileStore::open(&path)?;
+                let file = FileStore::open(&path)?;
+                let total = file.total();
                 tracing::info!(path = ?path, count = total, "counter state file open");
-                let store = Store::start(file, total)?;
-                Ok(Self {
-                    count: Count::Durable(store),
-                })
+                Ok(Self::durable(Store::start(file, total)?))
+            }
+            StoreKind::Postgres => {
+                let url = config.postgres_url.as_deref().unwrap_or_default();
+                let (database, total) = PostgresStore::open(url)?;
+                tracing::info!(
+                    database = crate::store::Durable::describe(&database),
+                    count = total,
+                    "counter database open"
+                );
+                Ok(Self::durable(Store::start(database, total)?))
             }
         }
     }
 
-    /// Visits counted (with a durable store, made durable).
+    fn durable(store: Store) -> Self {
+        Self {
+            count: Count::Durable(store),
+        }
+    }
+
+    /// Visits counted, as this process last knew (with a durable store,
+    /// made durable): for the status line.
     pub fn count(&self) -> u64 {
         match &self.count {
             Count::Memory(count) => count.get(),
-            Count::Durable(store) => store.total(),
+            Count::Durable(store) => store.last_total(),
+        }
+    }
+
+    async fn read(&self) -> Response<Body> {
+        let total = match &self.count {
+            Count::Memory(count) => Ok(count.get()),
+            Count::Durable(store) => store.total().await,
+        };
+        match total {
+            Ok(total) => text_owned(StatusCode::OK, format!("{total}\n")),
+            Err(not_counted) => failure(not_counted),
         }
     }
 
@@ -73,16 +101,27 @@ impl Counter {
         match &self.count {
             Count::Memory(count) => count.increment(),
             Count::Durable(store) => {
-                if store.increment().await.is_err() {
-                    let mut response = status_only(StatusCode::SERVICE_UNAVAILABLE);
-                    response
-                        .headers_mut()
-                        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                    return response;
+                if let Err(not_counted) = store.increment().await {
+                    return failure(not_counted);
                 }
             }
         }
         text(StatusCode::OK, "", true)
+    }
+}
+
+/// The answer to a visit the store did not confirm: 503 (try again soon)
+/// when it was not counted, 504 when it may have been.
+fn failure(not_counted: NotCounted) -> Response<Body> {
+    match not_counted {
+        NotCounted::Refused => {
+            let mut response = status_only(StatusCode::SERVICE_UNAVAILABLE);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        NotCounted::Unknown => status_only(StatusCode::GATEWAY_TIMEOUT),
     }
 }
 
@@ -95,19 +134,20 @@ impl Service for Counter {
         _peer: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let answered = if request.uri().path() != PATH {
-            Some(status_only(StatusCode::NOT_FOUND))
+            Err(status_only(StatusCode::NOT_FOUND))
         } else {
             match *request.method() {
-                Method::POST => None,
-                Method::GET => Some(text_owned(StatusCode::OK, format!("{}\n", self.count()))),
-                _ => Some(method_not_allowed("GET, POST")),
+                Method::POST => Ok(true),
+                Method::GET => Ok(false),
+                _ => Err(method_not_allowed("GET, POST")),
             }
         };
         drop(request);
         async move {
             match answered {
-                Some(response) => response,
-                None => self.increment().await,
+                Err(response) => response,
+                Ok(true) => self.increment().await,
+                Ok(false) => self.read().await,
             }
         }
     }

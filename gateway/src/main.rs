@@ -48,6 +48,10 @@ enum Command {
         /// working directory].
         #[arg(long, value_name = "PATH")]
         path: Option<PathBuf>,
+        /// The database of the postgres store, e.g.
+        /// postgres://gateway@127.0.0.1/gateway.
+        #[arg(long, value_name = "URL")]
+        postgres_url: Option<String>,
     },
 }
 
@@ -60,12 +64,24 @@ fn main() -> ExitCode {
             workers,
             store,
             path,
+            postgres_url,
         }) => {
-            if store == StoreKind::Memory && path.is_some() {
+            let counter = CounterConfig {
+                listen,
+                store,
+                path,
+                postgres_url,
+            };
+            if let Err((key, why)) = counter.check() {
+                let flag = match key {
+                    "counter.path" => "--path",
+                    "counter.postgres_url" => "--postgres-url",
+                    _ => "--store",
+                };
                 Cli::command()
                     .error(
                         clap::error::ErrorKind::ArgumentConflict,
-                        "--path is only for --store file",
+                        format!("{flag}: {why}"),
                     )
                     .exit();
             }
@@ -75,11 +91,7 @@ fn main() -> ExitCode {
                     workers,
                     ..RuntimeConfig::default()
                 },
-                counter: Some(CounterConfig {
-                    listen,
-                    store,
-                    path,
-                }),
+                counter: Some(counter),
                 ..Config::default()
             };
             (config, Mode::CounterOnly)

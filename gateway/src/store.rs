@@ -2,37 +2,51 @@
 //! makes increments durable together.
 //!
 //! `POST /counter` is answered 200 only once its increment is durable (for
-//! the file store, once the `fdatasync` that covers it has returned). One
-//! commit thread per store takes every increment that arrived while the
-//! previous commit was in flight and makes them durable with one commit:
-//! batches form by themselves under load, and a lone visit is committed at
-//! once, with no timer. The async side only locks a mutex, adds one and
-//! waits on a [`Latch`], so it works the same on every runtime.
+//! the file store, once the `fdatasync` that covers it has returned; for
+//! PostgreSQL, once the `COMMIT` has). One commit thread per store takes
+//! every increment that arrived while the previous commit was in flight
+//! and makes them durable with one commit: batches form by themselves
+//! under load, and a lone visit is committed at once, with no timer. The
+//! async side only locks a mutex, adds one and waits on a [`Latch`], so it
+//! works the same on every runtime. A store other processes add to too
+//! (PostgreSQL) is also read on the commit thread, so that a read is the
+//! store's total, not this process's last commit.
 
 pub mod file;
+pub mod postgres;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::shutdown::Latch;
 
-/// A place a total can be made durable in.
+/// A place a count can be made durable in.
 pub trait Durable: Send + 'static {
-    /// Makes `total` the durable count, and returns once it is.
-    fn commit(&mut self, total: u64) -> Result<(), CommitError>;
+    /// Adds `increments` to the durable count and returns the durable
+    /// total once it includes them; with 0 increments, only reads it.
+    fn commit(&mut self, increments: u64) -> Result<u64, CommitError>;
+
+    /// Whether other processes add to the same count, so that a read must
+    /// ask the store rather than take this process's last commit.
+    fn shared(&self) -> bool;
 
     /// What the store is, for log lines ("file /var/lib/gateway/counter.state").
     fn describe(&self) -> String;
 }
 
-/// Why a commit did not happen.
+/// Why a commit did not happen, or may not have.
 #[derive(Debug)]
 pub enum CommitError {
-    /// Nothing was made durable and nothing already durable was touched (a
-    /// write refused: a full disk, the file-size limit): the increments of
+    /// Nothing was made durable (a write refused: a full disk, the
+    /// file-size limit; no connection to the database): the increments of
     /// this batch are answered as failures, and the next batch may succeed.
     Refused(io::Error),
+    /// The increments may or may not have been made durable, and that
+    /// could not be settled in time (a connection to the database lost
+    /// during its `COMMIT`, and not back): they are answered as unknown,
+    /// and never committed again.
+    Unknown(io::Error),
     /// The outcome is unknown and a retry would not settle it (an
     /// `fdatasync` failed: the kernel may have dropped the data while
     /// reporting the error once). The process ends; under systemd it is
@@ -40,13 +54,20 @@ pub enum CommitError {
     Fatal(io::Error),
 }
 
-/// The increment could not be made durable: answer the visit with an error.
+/// Why an increment is not answered as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotDurable;
+pub enum NotCounted {
+    /// It was not made durable: not counted.
+    Refused,
+    /// Whether it was made durable is not known: maybe counted, once.
+    Unknown,
+}
 
 /// A durable count, committed by a thread of its own.
 pub struct Store {
     shared: Arc<Shared>,
+    /// Whether reads go to the store (see [`Durable::shared`]).
+    read_through: bool,
 }
 
 struct Shared {
@@ -56,31 +77,44 @@ struct Shared {
 }
 
 struct State {
-    /// The total as last made durable.
+    /// The durable total as last committed or read.
     durable: u64,
-    /// Increments waiting for the next commit, and the batch they wait in.
+    /// Increments waiting for the next commit, and the batch they (and the
+    /// reads waiting for the store's total) wait in.
     pending: u64,
     batch: Option<Arc<Batch>>,
 }
 
-/// The increments one commit covers: whether it was made, and the latch
-/// its visits wait on.
+// A batch's outcome; 0 (its default) while it waits.
+const COMMITTED: u8 = 1;
+const REFUSED: u8 = 2;
+const UNKNOWN: u8 = 3;
+
+/// The increments one commit covers: how it ended, the total it left, and
+/// the latch its visits wait on.
 #[derive(Default)]
 struct Batch {
-    committed: AtomicBool,
+    outcome: AtomicU8,
+    total: AtomicU64,
     done: Latch,
 }
 
 impl Batch {
-    fn finish(&self, committed: bool) {
-        self.committed.store(committed, Ordering::Relaxed);
-        // The latch's store is SeqCst: a waiter that sees it set sees this.
+    fn finish(&self, outcome: u8, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.outcome.store(outcome, Ordering::Relaxed);
+        // The latch's store is SeqCst: a waiter that sees it set sees these.
         self.done.set();
     }
 
-    async fn wait(&self) -> bool {
+    /// The durable total once the batch is committed.
+    async fn wait(&self) -> Result<u64, NotCounted> {
         self.done.wait().await;
-        self.committed.load(Ordering::Relaxed)
+        match self.outcome.load(Ordering::Relaxed) {
+            COMMITTED => Ok(self.total.load(Ordering::Relaxed)),
+            UNKNOWN => Err(NotCounted::Unknown),
+            _ => Err(NotCounted::Refused),
+        }
     }
 }
 
@@ -92,7 +126,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl Store {
     /// Starts the commit thread for `durable`, whose durable total is
-    /// `total`.
+    /// `total` (as far as this process knows).
     pub fn start(durable: impl Durable, total: u64) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -102,18 +136,43 @@ impl Store {
             }),
             work: Condvar::new(),
         });
+        let read_through = durable.shared();
         let committing = shared.clone();
         std::thread::Builder::new()
             .name("gateway-commit".to_owned())
             .spawn(move || commit_forever(&committing, durable))?;
-        Ok(Self { shared })
+        Ok(Self {
+            shared,
+            read_through,
+        })
     }
 
     /// Adds one to the count; returns once that is durable.
-    pub async fn increment(&self) -> Result<(), NotDurable> {
+    pub async fn increment(&self) -> Result<(), NotCounted> {
+        self.join(1).wait().await.map(drop)
+    }
+
+    /// The durable total: for a store other processes add to, read from
+    /// the store (with the next commit).
+    pub async fn total(&self) -> Result<u64, NotCounted> {
+        if self.read_through {
+            self.join(0).wait().await
+        } else {
+            Ok(self.last_total())
+        }
+    }
+
+    /// The durable total as this process last committed or read it.
+    pub fn last_total(&self) -> u64 {
+        lock(&self.shared.state).durable
+    }
+
+    /// Adds `increments` to the open batch (opening one if none is) and
+    /// returns it.
+    fn join(&self, increments: u64) -> Arc<Batch> {
         let (batch, opened) = {
             let mut state = lock(&self.shared.state);
-            state.pending += 1;
+            state.pending += increments;
             let opened = state.batch.is_none();
             (
                 state.batch.get_or_insert_with(Default::default).clone(),
@@ -127,23 +186,14 @@ impl Store {
         if opened {
             self.shared.work.notify_one();
         }
-        if batch.wait().await {
-            Ok(())
-        } else {
-            Err(NotDurable)
-        }
-    }
-
-    /// The durable total.
-    pub fn total(&self) -> u64 {
-        lock(&self.shared.state).durable
+        batch
     }
 }
 
 /// The commit thread: one commit per batch, for as long as the process runs.
 fn commit_forever(shared: &Shared, mut durable: impl Durable) {
     loop {
-        let (batch, total) = {
+        let (batch, increments) = {
             let mut state = lock(&shared.state);
             let batch = loop {
                 if let Some(batch) = state.batch.take() {
@@ -151,17 +201,20 @@ fn commit_forever(shared: &Shared, mut durable: impl Durable) {
                 }
                 state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
             };
-            let total = state.durable + std::mem::take(&mut state.pending);
-            (batch, total)
+            (batch, std::mem::take(&mut state.pending))
         };
-        match durable.commit(total) {
-            Ok(()) => {
+        match durable.commit(increments) {
+            Ok(total) => {
                 lock(&shared.state).durable = total;
-                batch.finish(true);
+                batch.finish(COMMITTED, total);
             }
             Err(CommitError::Refused(error)) => {
-                tracing::warn!(store = durable.describe(), %error, "commit refused; those visits are answered 503");
-                batch.finish(false);
+                tracing::warn!(store = durable.describe(), increments, %error, "commit refused; those visits are answered 503");
+                batch.finish(REFUSED, 0);
+            }
+            Err(CommitError::Unknown(error)) => {
+                tracing::error!(store = durable.describe(), increments, %error, "commit outcome unknown; those visits are answered 504 and may be counted (once)");
+                batch.finish(UNKNOWN, 0);
             }
             Err(CommitError::Fatal(error)) => {
                 let message = format!(

@@ -239,6 +239,50 @@ fn counter_workers_are_bounded_like_the_config() {
     assert!(stdout.contains("workers=1024"), "{stdout}");
 }
 
+#[test]
+fn counter_store_flags_must_fit_the_store() {
+    for (args, flag) in [
+        (&["--store", "postgres"][..], "--store"),
+        (&["--store", "memory", "--path", "c"][..], "--path"),
+        (&["--postgres-url", "postgres://h/db"][..], "--postgres-url"),
+        (
+            &[
+                "--store",
+                "postgres",
+                "--postgres-url",
+                "postgres://h:99999/db",
+            ][..],
+            "--postgres-url",
+        ),
+    ] {
+        let output = gateway(&[&["--check", "counter"][..], args].concat(), None);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).contains(flag),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let output = gateway(
+        &[
+            "--check",
+            "counter",
+            "--store",
+            "postgres",
+            "--postgres-url",
+            "postgres://gw:pw@h/db",
+        ],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("store=postgres://gw@h:5432/db"), "{stdout}");
+    assert!(
+        !stdout.contains("pw"),
+        "the password is not shown: {stdout}"
+    );
+}
+
 /// A worker thread the OS refuses ends the start with exit 1 and a
 /// message naming it, in both threading modes; tokio's multi-thread
 /// runtime would panic (101 in this debug build, or a hang unwinding).

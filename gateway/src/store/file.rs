@@ -28,8 +28,8 @@ const FILE_LEN: u64 = 2 * SLOT as u64;
 pub struct FileStore {
     file: File,
     path: PathBuf,
-    /// The sequence number of the newest good slot.
-    sequence: u64,
+    /// The newest good slot.
+    newest: Slot,
 }
 
 /// A slot's contents.
@@ -80,7 +80,7 @@ fn context(path: &Path, doing: &str, error: io::Error) -> io::Error {
 impl FileStore {
     /// Opens the state file at `path` (creating it, at 0, if it does not
     /// exist), takes its lock and reads the durable total.
-    pub fn open(path: &Path) -> io::Result<(Self, u64)> {
+    pub fn open(path: &Path) -> io::Result<Self> {
         if !path
             .try_exists()
             .map_err(|e| context(path, "cannot look for it", e))?
@@ -107,12 +107,16 @@ impl FileStore {
             }
         })?;
         let newest = read_newest(&file, path)?;
-        let store = Self {
+        Ok(Self {
             file,
             path: path.to_owned(),
-            sequence: newest.sequence,
-        };
-        Ok((store, newest.total))
+            newest,
+        })
+    }
+
+    /// The durable total.
+    pub fn total(&self) -> u64 {
+        self.newest.total
     }
 }
 
@@ -185,9 +189,15 @@ fn create(path: &Path) -> io::Result<()> {
 }
 
 impl Durable for FileStore {
-    fn commit(&mut self, total: u64) -> Result<(), CommitError> {
+    fn commit(&mut self, increments: u64) -> Result<u64, CommitError> {
+        if increments == 0 {
+            return Ok(self.newest.total);
+        }
+        let total = self.newest.total.checked_add(increments).ok_or_else(|| {
+            CommitError::Refused(io::Error::other("the count would pass 2^64 - 1"))
+        })?;
         let next = Slot {
-            sequence: self.sequence + 1,
+            sequence: self.newest.sequence + 1,
             total,
         };
         // The slot the newest good one is not; after a refused write the
@@ -197,8 +207,12 @@ impl Durable for FileStore {
             .write_all_at(&next.encode(), offset)
             .map_err(CommitError::Refused)?;
         self.file.sync_data().map_err(CommitError::Fatal)?;
-        self.sequence = next.sequence;
-        Ok(())
+        self.newest = next;
+        Ok(total)
+    }
+
+    fn shared(&self) -> bool {
+        false
     }
 
     fn describe(&self) -> String {
@@ -210,37 +224,37 @@ impl Durable for FileStore {
 mod tests {
     use super::*;
 
-    fn commit(store: &mut FileStore, total: u64) {
-        store.commit(total).unwrap();
+    fn commit(store: &mut FileStore, increments: u64) -> u64 {
+        store.commit(increments).unwrap()
     }
 
     #[test]
     fn a_missing_file_starts_at_0_and_totals_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("counter.state");
-        let (mut store, total) = FileStore::open(&path).unwrap();
-        assert_eq!(total, 0);
+        let mut store = FileStore::open(&path).unwrap();
+        assert_eq!(store.total(), 0);
         assert!(!dir.path().join("counter.state.new").exists());
-        for total in [1, 5, 6] {
-            commit(&mut store, total);
+        for (increments, total) in [(1, 1), (4, 5), (1, 6), (0, 6)] {
+            assert_eq!(commit(&mut store, increments), total);
         }
         drop(store);
-        assert_eq!(FileStore::open(&path).unwrap().1, 6);
+        assert_eq!(FileStore::open(&path).unwrap().total(), 6);
     }
 
     #[test]
     fn a_torn_slot_leaves_the_one_before() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("counter.state");
-        let (mut store, _) = FileStore::open(&path).unwrap();
+        let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 7);
-        commit(&mut store, 9);
-        let newest_offset = (store.sequence % 2) * SLOT as u64;
+        commit(&mut store, 2);
+        let newest_offset = (store.newest.sequence % 2) * SLOT as u64;
         drop(store);
         // Half of the newest slot reached the disk.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0xff; 12], newest_offset + 10).unwrap();
-        assert_eq!(FileStore::open(&path).unwrap().1, 7);
+        assert_eq!(FileStore::open(&path).unwrap().total(), 7);
     }
 
     #[test]
@@ -259,7 +273,7 @@ mod tests {
     fn a_second_opener_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("counter.state");
-        let (_held, _) = FileStore::open(&path).unwrap();
+        let _held = FileStore::open(&path).unwrap();
         let error = FileStore::open(&path).unwrap_err().to_string();
         assert!(error.contains("in use by another process"), "{error}");
     }

@@ -1,0 +1,204 @@
+//! A real PostgreSQL server for the tests: a cluster of its own in a
+//! temporary folder, on a free loopback port, run as a non-root user (the
+//! `postgres` account when the tests run as root, as CI does), stopped and
+//! removed on drop. Where PostgreSQL is not installed the tests that need
+//! it say so and skip, unless `GATEWAY_REQUIRE_POSTGRES` is set (as
+//! `.ci/run` sets it, having installed it): then they fail.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+pub struct Postgres {
+    folder: tempfile::TempDir,
+    bin: PathBuf,
+    /// The account the server runs as, when the tests run as root.
+    account: Option<(u32, u32)>,
+    pub port: u16,
+}
+
+/// The newest installed PostgreSQL's programs (`initdb`, `pg_ctl`).
+fn find_bin() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("GATEWAY_TEST_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn id(flag: &str, user: &str) -> Option<u32> {
+    let out = Command::new("id").args([flag, user]).output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+impl Postgres {
+    /// A fresh server, or `None` (after saying why) when PostgreSQL is not
+    /// installed and the run does not require it.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = find_bin() else {
+            let why = "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; \
+                       `apt-get install postgresql`, or set GATEWAY_TEST_PG_BIN)";
+            if std::env::var_os("GATEWAY_REQUIRE_POSTGRES").is_some() {
+                panic!("{why}, and GATEWAY_REQUIRE_POSTGRES is set");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        };
+        let folder = tempfile::tempdir().expect("a folder for the cluster");
+        let account = if rustix::process::geteuid().is_root() {
+            let user = ["postgres", "nobody"]
+                .into_iter()
+                .find(|user| id("-u", user).is_some())
+                .expect("a non-root account to run PostgreSQL as (postgres or nobody)");
+            let account = (id("-u", user).unwrap(), id("-g", user).unwrap());
+            std::os::unix::fs::chown(folder.path(), Some(account.0), Some(account.1))
+                .expect("give the cluster's folder to its account");
+            Some(account)
+        } else {
+            None
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = Self {
+            folder,
+            bin,
+            account,
+            port,
+        };
+        let data = server.data();
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "gateway",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        server.start_server();
+        Some(server)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.folder.path().join("data")
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let mut command = Command::new(self.bin.join(program));
+        command.args(args).current_dir(self.folder.path());
+        if let Some((uid, gid)) = self.account {
+            command.uid(uid).gid(gid);
+        }
+        let out = command
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.folder.path().join("server.log")).unwrap_or_default()
+        );
+    }
+
+    /// The URL the counter is given.
+    pub fn url(&self) -> String {
+        format!("postgres://gateway@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and returns once it accepts connections.
+    pub fn start_server(&self) -> Instant {
+        let data = self.data();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.folder.path().display()
+        );
+        let log = self.folder.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Instant::now()
+    }
+
+    /// Stops the server the way an operator's restart does (`-m fast`:
+    /// sessions are ended, their open transactions rolled back).
+    pub fn stop_server(&self) {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
+    }
+
+    /// Runs `sql` with `psql` and returns what it printed (unaligned,
+    /// tuples only).
+    pub fn query(&self, sql: &str) -> String {
+        let mut command = Command::new(self.bin.join("psql"));
+        command.args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+            &self.url(),
+        ]);
+        let out = command.output().expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn folder(&self) -> &Path {
+        self.folder.path()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let mut command = Command::new(self.bin.join("pg_ctl"));
+        command.args([
+            "-D",
+            data.to_str().unwrap_or_default(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
+        if let Some((uid, gid)) = self.account {
+            command.uid(uid).gid(gid);
+        }
+        let _ = command.output();
+    }
+}

@@ -1,0 +1,291 @@
+//! The built-in counter's PostgreSQL store, against a real PostgreSQL
+//! server: counters in separate processes share one exact count; a
+//! database restart under load loses no 200 and counts nothing twice, and
+//! 200s come back by themselves once it is up; a counter started before
+//! its database answers 503 until it is there; a database that refuses
+//! the counter stops its start, naming it. Skipped, saying so, where
+//! PostgreSQL is not installed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::{Backend, Client, Process, counter_tally, request};
+use http::StatusCode;
+
+fn other(backend: Backend) -> Backend {
+    match backend {
+        Backend::Tokio => Backend::Smol,
+        Backend::Smol => Backend::Tokio,
+    }
+}
+
+fn counter_command(backend: Backend, url: &str) -> Command {
+    let mut command = Command::new(common::gateway_binary());
+    command
+        .args([
+            "counter",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            backend.name(),
+        ])
+        .args(["--store", "postgres", "--postgres-url", url])
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn start_counter(backend: Backend, url: &str) -> Process {
+    Process::start_command(counter_command(backend, url), 1)
+}
+
+/// What the posting clients were answered.
+#[derive(Default)]
+struct Answers {
+    ok: AtomicU64,
+    refused: AtomicU64,
+    unknown: AtomicU64,
+    /// When the last 200 came, as microseconds after `since`.
+    last_ok_us: AtomicU64,
+}
+
+impl Answers {
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+}
+
+/// `clients` keep-alive clients POSTing to `counter` until `stop`.
+fn post_until(
+    counter: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    answers: Arc<Answers>,
+    since: Instant,
+) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.spawn(async move {
+            let mut client = Client::connect(counter).await;
+            while !stop.load(Ordering::SeqCst) {
+                let answer = client
+                    .send(request("POST", "/counter"))
+                    .await
+                    .expect("an answer");
+                match answer.status {
+                    StatusCode::OK => {
+                        answers.ok.fetch_add(1, Ordering::SeqCst);
+                        let at = since.elapsed().as_micros() as u64;
+                        answers.last_ok_us.fetch_max(at, Ordering::SeqCst);
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        answers.refused.fetch_add(1, Ordering::SeqCst);
+                        // As the retry-after asks, a little.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    StatusCode::GATEWAY_TIMEOUT => {
+                        answers.unknown.fetch_add(1, Ordering::SeqCst);
+                    }
+                    status => panic!("unexpected {status}"),
+                }
+            }
+        });
+    }
+    tasks
+}
+
+async fn two_counters_on_one_database_read_one_exact_total(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let url = db.url();
+    let (a, b) = (start_counter(backend, &url), start_counter(backend, &url));
+    let (a, b) = (a.addr("counter"), b.addr("counter"));
+    assert_eq!(counter_tally(a).await, 0);
+    let mut tasks = tokio::task::JoinSet::new();
+    for counter in [a, b] {
+        for _ in 0..16 {
+            tasks.spawn(async move {
+                let mut client = Client::connect(counter).await;
+                for _ in 0..40 {
+                    assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+                }
+            });
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.expect("client");
+    }
+    assert_eq!(counter_tally(a).await, 2 * 16 * 40);
+    assert_eq!(counter_tally(b).await, 2 * 16 * 40);
+    assert_eq!(db.query("SELECT total FROM gateway_counter"), "1280");
+    // One writer row per counter process.
+    assert_eq!(
+        db.query("SELECT count(*) FROM gateway_counter_writers"),
+        "2"
+    );
+}
+
+async fn a_database_restart_under_load_loses_no_200_and_counts_nothing_twice(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let url = db.url();
+    let counters = [
+        start_counter(backend, &url),
+        start_counter(other(backend), &url),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let since = Instant::now();
+    let answers: Vec<Arc<Answers>> = counters.iter().map(|_| Arc::default()).collect();
+    let mut load: Vec<_> = counters
+        .iter()
+        .zip(&answers)
+        .map(|(c, a)| post_until(c.addr("counter"), 8, stop.clone(), a.clone(), since))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before: u64 = answers.iter().map(|a| a.ok()).sum();
+    assert!(before > 0, "no 200 before the restart");
+
+    let db = tokio::task::spawn_blocking(move || {
+        db.stop_server();
+        std::thread::sleep(Duration::from_millis(500));
+        let back = db.start_server();
+        (db, back)
+    });
+    let (db, back) = db.await.expect("the restart");
+    let back_us = back.duration_since(since).as_micros() as u64;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for tasks in &mut load {
+        while let Some(result) = tasks.join_next().await {
+            result.expect("client");
+        }
+    }
+
+    let total: u64 = db
+        .query("SELECT total FROM gateway_counter")
+        .parse()
+        .unwrap();
+    let ok: u64 = answers.iter().map(|a| a.ok()).sum();
+    let refused: u64 = answers
+        .iter()
+        .map(|a| a.refused.load(Ordering::SeqCst))
+        .sum();
+    let unknown: u64 = answers
+        .iter()
+        .map(|a| a.unknown.load(Ordering::SeqCst))
+        .sum();
+    eprintln!("restart: {ok} × 200, {refused} × 503, {unknown} × 504; database total {total}");
+    assert!(
+        counters
+            .iter()
+            .any(|c| c.log_text().contains("lost the database")),
+        "the outage was never seen"
+    );
+    assert!(
+        ok <= total && total <= ok + unknown,
+        "200s {ok}, 504s {unknown}, counted {total}"
+    );
+    for (counter, answers) in counters.iter().zip(&answers) {
+        // 200s resumed: the last one came well after the database was back.
+        let last = answers.last_ok_us.load(Ordering::SeqCst);
+        assert!(
+            last > back_us + 1_000_000,
+            "no 200 in the second after the database came back:\n{}",
+            counter.log_text()
+        );
+        assert_eq!(counter_tally(counter.addr("counter")).await, total);
+    }
+}
+
+async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    db.stop_server();
+    // Started before its database: it serves, and answers 503 meanwhile.
+    let counter = start_counter(backend, &db.url());
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    let answer = client.post("/counter").await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers["retry-after"], "1");
+    assert_eq!(
+        client.get("/counter").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let db = tokio::task::spawn_blocking(move || {
+        let back = db.start_server();
+        (db, back)
+    });
+    let (db, back) = db.await.expect("the start");
+    let resumed = loop {
+        if client.post("/counter").await.status == StatusCode::OK {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "{}",
+            counter.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("first 200 {resumed:?} after the database was back");
+    assert!(resumed < Duration::from_secs(1), "{resumed:?}");
+    assert_eq!(counter_tally(addr).await, 1);
+    assert_eq!(db.query("SELECT total FROM gateway_counter"), "1");
+}
+
+async fn a_database_that_refuses_the_counter_stops_its_start(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let url = format!("postgres://gateway@127.0.0.1:{}/no_such_database", db.port);
+    let out = counter_command(backend, &url)
+        .output()
+        .expect("run the counter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "postgres://gateway@127.0.0.1:{}/no_such_database",
+            db.port
+        )) && stderr.contains("FATAL: database \"no_such_database\" does not exist"),
+        "{stderr}"
+    );
+}
+
+async fn the_gateway_counts_in_the_database_across_a_backend_switch(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let counter = common::TestUpstream::closed_port().await;
+    let start = |backend: Backend| {
+        let text = format!(
+            "[runtime]\nbackend = \"{}\"\nworkers = 2\n[server]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"http://{counter}/counter\"\n\
+             [counter]\nlisten = \"{counter}\"\nstore = \"postgres\"\npostgres_url = \"{}\"\n",
+            backend.name(),
+            db.url()
+        );
+        let config = db.folder().join("gateway.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut command = Command::new(common::gateway_binary());
+        command.arg("--config").arg(&config).env_remove("RUST_LOG");
+        Process::start_command(command, 2)
+    };
+    let daemon = start(backend);
+    common::visit_concurrently(daemon.addr("public"), 5, 2).await;
+    daemon.terminate();
+    daemon.assert_exits_0_within(Duration::from_secs(5)).await;
+    let daemon = start(other(backend));
+    assert_eq!(counter_tally(counter).await, 10, "the count came through");
+    common::visit_concurrently(daemon.addr("public"), 3, 1).await;
+    assert_eq!(counter_tally(counter).await, 13);
+}
+
+both_backends!(
+    two_counters_on_one_database_read_one_exact_total,
+    a_database_restart_under_load_loses_no_200_and_counts_nothing_twice,
+    two_hundreds_resume_within_a_second_of_the_database_coming_back,
+    a_database_that_refuses_the_counter_stops_its_start,
+    the_gateway_counts_in_the_database_across_a_backend_switch,
+);
