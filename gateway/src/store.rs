@@ -18,14 +18,32 @@ pub mod postgres;
 use std::io;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::shutdown::Latch;
+
+/// How long an unsettled commit may take to settle before its visits are
+/// answered as unknown (a database that is not back).
+pub const SETTLE_FOR: Duration = Duration::from_secs(3);
+/// How often settling is tried again meanwhile.
+const SETTLE_EVERY: Duration = Duration::from_millis(50);
 
 /// A place a count can be made durable in.
 pub trait Durable: Send + 'static {
     /// Adds `increments` to the durable count and returns the durable
     /// total once it includes them; with 0 increments, only reads it.
     fn commit(&mut self, increments: u64) -> Result<u64, CommitError>;
+
+    /// After a commit ended [`CommitError::Unsettled`]: whether it
+    /// committed (the durable total if it did), or an error while that
+    /// cannot be told yet.
+    fn settle(&mut self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Stops trying to settle the unsettled commit: its visits were
+    /// answered as unknown.
+    fn abandon(&mut self) {}
 
     /// Whether other processes add to the same count, so that a read must
     /// ask the store rather than take this process's last commit.
@@ -42,11 +60,11 @@ pub enum CommitError {
     /// file-size limit; no connection to the database): the increments of
     /// this batch are answered as failures, and the next batch may succeed.
     Refused(io::Error),
-    /// The increments may or may not have been made durable, and that
-    /// could not be settled in time (a connection to the database lost
-    /// during its `COMMIT`, and not back): they are answered as unknown,
-    /// and never committed again.
-    Unknown(io::Error),
+    /// The increments may or may not have been made durable (a connection
+    /// to the database lost during its `COMMIT`): [`Durable::settle`] tells
+    /// once it can. Until then, or [`SETTLE_FOR`], new batches are refused;
+    /// after that the visits are answered as unknown. Never committed again.
+    Unsettled(io::Error),
     /// The outcome is unknown and a retry would not settle it (an
     /// `fdatasync` failed: the kernel may have dropped the data while
     /// reporting the error once). The process ends; under systemd it is
@@ -190,19 +208,57 @@ impl Store {
     }
 }
 
-/// The commit thread: one commit per batch, for as long as the process runs.
+/// The commit thread: one commit per batch, for as long as the process
+/// runs. While a commit is unsettled, batches are refused (a new commit
+/// would not tell whether the lost one committed) and settling is tried
+/// every [`SETTLE_EVERY`].
 fn commit_forever(shared: &Shared, mut durable: impl Durable) {
+    let mut unsettled: Option<(Arc<Batch>, Instant)> = None;
     loop {
-        let (batch, increments) = {
+        let next = {
             let mut state = lock(&shared.state);
-            let batch = loop {
-                if let Some(batch) = state.batch.take() {
-                    break batch;
+            while state.batch.is_none() {
+                if unsettled.is_some() {
+                    state = shared
+                        .work
+                        .wait_timeout(state, SETTLE_EVERY)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    break;
                 }
                 state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
-            };
-            (batch, std::mem::take(&mut state.pending))
+            }
+            let pending = std::mem::take(&mut state.pending);
+            state.batch.take().map(|batch| (batch, pending))
         };
+        if let Some((lost, give_up_at)) = unsettled.take() {
+            match durable.settle() {
+                Ok(Some(total)) => {
+                    lock(&shared.state).durable = total;
+                    lost.finish(COMMITTED, total);
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        store = durable.describe(),
+                        "the commit whose connection was lost did not commit; its visits are answered 503"
+                    );
+                    lost.finish(REFUSED, 0);
+                }
+                Err(error) if Instant::now() >= give_up_at => {
+                    tracing::error!(store = durable.describe(), %error, "cannot tell whether the lost commit committed; its visits are answered 504 and may be counted (once)");
+                    durable.abandon();
+                    lost.finish(UNKNOWN, 0);
+                }
+                Err(_) => unsettled = Some((lost, give_up_at)),
+            }
+        }
+        let Some((batch, increments)) = next else {
+            continue;
+        };
+        if unsettled.is_some() {
+            batch.finish(REFUSED, 0);
+            continue;
+        }
         match durable.commit(increments) {
             Ok(total) => {
                 lock(&shared.state).durable = total;
@@ -212,9 +268,9 @@ fn commit_forever(shared: &Shared, mut durable: impl Durable) {
                 tracing::warn!(store = durable.describe(), increments, %error, "commit refused; those visits are answered 503");
                 batch.finish(REFUSED, 0);
             }
-            Err(CommitError::Unknown(error)) => {
-                tracing::error!(store = durable.describe(), increments, %error, "commit outcome unknown; those visits are answered 504 and may be counted (once)");
-                batch.finish(UNKNOWN, 0);
+            Err(CommitError::Unsettled(error)) => {
+                tracing::warn!(store = durable.describe(), increments, %error, "settling the lost commit; meanwhile visits are answered 503");
+                unsettled = Some((batch, Instant::now() + SETTLE_FOR));
             }
             Err(CommitError::Fatal(error)) => {
                 let message = format!(

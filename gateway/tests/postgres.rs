@@ -1,7 +1,8 @@
 //! The built-in counter's PostgreSQL store, against a real PostgreSQL
 //! server: counters in separate processes share one exact count; a
-//! database restart under load loses no 200 and counts nothing twice, and
-//! 200s come back by themselves once it is up; a counter started before
+//! database restart under load loses no 200 and counts nothing twice (a
+//! commit whose connection was lost is settled, or answered 504 when the
+//! database stays away), and 200s come back by themselves once it is up; a counter started before
 //! its database answers 503 until it is there; a database that refuses
 //! the counter stops its start, naming it. Skipped, saying so, where
 //! PostgreSQL is not installed.
@@ -131,6 +132,18 @@ async fn two_counters_on_one_database_read_one_exact_total(backend: Backend) {
 }
 
 async fn a_database_restart_under_load_loses_no_200_and_counts_nothing_twice(backend: Backend) {
+    restart_under_load(backend, Duration::from_millis(500)).await;
+}
+
+/// Down for longer than a lost commit is given to settle: its visits are
+/// answered 504 (maybe counted, once), the rest as before.
+async fn a_database_down_longer_than_settling_still_counts_nothing_twice(backend: Backend) {
+    restart_under_load(backend, Duration::from_millis(3500)).await;
+}
+
+/// Two counters (one per backend) under load; the database is stopped
+/// for `outage` and started again.
+async fn restart_under_load(backend: Backend, outage: Duration) {
     let Some(db) = Postgres::start() else { return };
     let url = db.url();
     let counters = [
@@ -151,7 +164,7 @@ async fn a_database_restart_under_load_loses_no_200_and_counts_nothing_twice(bac
 
     let db = tokio::task::spawn_blocking(move || {
         db.stop_server();
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(outage);
         let back = db.start_server();
         (db, back)
     });
@@ -285,6 +298,7 @@ async fn the_gateway_counts_in_the_database_across_a_backend_switch(backend: Bac
 both_backends!(
     two_counters_on_one_database_read_one_exact_total,
     a_database_restart_under_load_loses_no_200_and_counts_nothing_twice,
+    a_database_down_longer_than_settling_still_counts_nothing_twice,
     two_hundreds_resume_within_a_second_of_the_database_coming_back,
     a_database_that_refuses_the_counter_stops_its_start,
     the_gateway_counts_in_the_database_across_a_backend_switch,

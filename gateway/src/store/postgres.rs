@@ -15,8 +15,7 @@
 //! drawn at start). When the connection is lost before the `COMMIT`'s answer
 //! came back, whether it committed is settled on a new connection: once the
 //! total's row lock is taken (so the lost transaction has ended, one way or
-//! the other), the writer's last batch says. A batch is never sent twice;
-//! one that cannot be settled within a few seconds is answered as unknown.
+//! the other), the writer's last batch says. A batch is never sent twice.
 //!
 //! The client is the blocking `postgres` crate, on the commit thread: it
 //! runs the same under every runtime the gateway serves on.
@@ -33,9 +32,9 @@ use super::{CommitError, Durable};
 /// How often a lost database is tried again; 200s resume within about this
 /// much of it coming back.
 const RECONNECT_EVERY: Duration = Duration::from_millis(100);
-/// How long a commit whose connection was lost waits for the database to
-/// settle it before its visits are answered as unknown.
-const SETTLE_FOR: Duration = Duration::from_secs(3);
+/// How long settling a lost commit waits for the lost transaction's row
+/// lock (held while the server has not yet noticed the lost connection).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// Connection set-up, and how long sent data may go unacknowledged before
 /// the connection counts as lost (a database host that vanished).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,6 +64,8 @@ pub struct PostgresStore {
     writer: String,
     /// The number of the last batch sent.
     batch: u64,
+    /// A batch whose connection was lost in flight, not yet settled.
+    unsettled: Option<u64>,
 }
 
 /// `error` with what the server said, if it said something ("db error" alone
@@ -109,6 +110,7 @@ impl PostgresStore {
             lost_since: None,
             writer: writer_id()?,
             batch: 0,
+            unsettled: None,
         };
         let total = match store.connect().and_then(read_total) {
             Ok(total) => total,
@@ -189,10 +191,8 @@ impl PostgresStore {
         })
     }
 
-    /// Whether batch `batch`, whose connection was lost while it was in
-    /// flight, committed; reconnects for up to [`SETTLE_FOR`] to find out.
-    fn settle(&mut self, batch: u64, lost: postgres::Error) -> Result<u64, CommitError> {
-        let deadline = Instant::now() + SETTLE_FOR;
+    /// Whether the unsettled batch committed, asked on a new connection.
+    fn ask(&mut self, batch: u64) -> Result<Option<u64>, io::Error> {
         // The row lock waits for the lost transaction to end, if the
         // server still holds it; then its record is there or it never
         // will be.
@@ -201,55 +201,33 @@ impl PostgresStore {
              SELECT c.total, (SELECT w.last_batch FROM gateway_counter_writers w WHERE w.writer = '{}')
                FROM gateway_counter c WHERE c.id = 1 FOR UPDATE;
              COMMIT;",
-            SETTLE_FOR.as_millis(),
+            LOCK_WAIT.as_millis(),
             self.writer
         );
-        let mut last_error = explain(&lost);
-        self.lost(lost);
-        loop {
-            let answer = match self.connect() {
-                Ok(client) => client.simple_query(&query),
-                Err(error) => Err(error),
-            };
-            match answer {
-                Ok(messages) => {
-                    let row = first_row(&messages, 2).map_err(CommitError::Unknown)?;
-                    let (total, last) = match row {
-                        Some(values) => (
-                            parse_number(values[0].as_deref()).map_err(CommitError::Unknown)?,
-                            values[1]
-                                .as_deref()
-                                .map(|v| parse_number(Some(v)))
-                                .transpose()
-                                .map_err(CommitError::Unknown)?,
-                        ),
-                        None => (0, None),
-                    };
-                    return if last == Some(batch) {
-                        tracing::info!(
-                            store = self.describe(),
-                            batch,
-                            "a commit whose connection was lost had committed"
-                        );
-                        Ok(total)
-                    } else {
-                        Err(CommitError::Refused(io::Error::other(format!(
-                            "the connection was lost during the commit ({last_error}); it did not commit"
-                        ))))
-                    };
-                }
-                Err(error) => {
-                    last_error = explain(&error);
-                    self.lost(error);
-                }
-            }
-            if Instant::now() + RECONNECT_EVERY >= deadline {
-                return Err(CommitError::Unknown(io::Error::other(format!(
-                    "the connection was lost during the commit, and the database could not say in {SETTLE_FOR:?} whether it committed: {last_error}"
-                ))));
-            }
-            std::thread::sleep(RECONNECT_EVERY);
-        }
+        let answer = match self.connected() {
+            Ok(client) => client.simple_query(&query),
+            Err(
+                CommitError::Refused(error)
+                | CommitError::Unsettled(error)
+                | CommitError::Fatal(error),
+            ) => return Err(error),
+        };
+        let messages = answer.map_err(|error| {
+            let why = io::Error::other(explain(&error));
+            self.lost(error);
+            why
+        })?;
+        let (total, last) = match first_row(&messages, 2)? {
+            Some(values) => (
+                parse_number(values[0].as_deref())?,
+                values[1]
+                    .as_deref()
+                    .map(|v| parse_number(Some(v)))
+                    .transpose()?,
+            ),
+            None => (0, None),
+        };
+        Ok((last == Some(batch)).then_some(total))
     }
 }
 
@@ -282,11 +260,43 @@ impl Durable for PostgresStore {
                 .and_then(|row| parse_number(row.and_then(|r| r[0].clone()).as_deref()))
             {
                 Ok(total) => Ok(total),
-                // Committed, but the answer is not one this store wrote.
-                Err(error) => Err(CommitError::Unknown(error)),
+                // An answer this store's query does not give: settled
+                // like a lost one, by the writer's record.
+                Err(error) => {
+                    self.unsettled = Some(batch);
+                    Err(CommitError::Unsettled(error))
+                }
             },
-            Err(error) => self.settle(batch, error),
+            Err(error) => {
+                let why = io::Error::other(format!(
+                    "the connection was lost during the commit: {}",
+                    explain(&error)
+                ));
+                self.lost(error);
+                self.unsettled = Some(batch);
+                Err(CommitError::Unsettled(why))
+            }
         }
+    }
+
+    fn settle(&mut self) -> io::Result<Option<u64>> {
+        let Some(batch) = self.unsettled else {
+            return Ok(None);
+        };
+        let settled = self.ask(batch)?;
+        self.unsettled = None;
+        if settled.is_some() {
+            tracing::info!(
+                store = self.describe(),
+                batch,
+                "the commit whose connection was lost had committed"
+            );
+        }
+        Ok(settled)
+    }
+
+    fn abandon(&mut self) {
+        self.unsettled = None;
     }
 
     fn shared(&self) -> bool {
