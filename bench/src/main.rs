@@ -76,10 +76,15 @@ struct Options {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Where the counter keeps its count: `memory` (a reference upstream
-    /// that measures the gateway alone), or `file` (the shipped default,
-    /// synced before each 200; its state file starts fresh in --out).
-    #[arg(long, default_value = "memory", value_parser = ["memory", "file"])]
+    /// that measures the gateway alone), `file` (the shipped default,
+    /// synced before each 200; its state file starts fresh in --out), or
+    /// `postgres` (committed before each 200, in --postgres-url).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "file", "postgres"])]
     counter_store: String,
+    /// The database of `--counter-store postgres` (a server you run; its
+    /// CPU is not pinned or measured).
+    #[arg(long, value_name = "URL", required_if_eq("counter_store", "postgres"))]
+    postgres_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -218,7 +223,13 @@ fn measure_local(
         layout.counter,
         layout.load
     );
-    let counter = procs::start_counter(&binary, &layout.counter, &options.counter_store, out)?;
+    let counter = procs::start_counter(
+        &binary,
+        &layout.counter,
+        &options.counter_store,
+        options.postgres_url.as_deref(),
+        out,
+    )?;
 
     let mut targets: Vec<String> = options.backends.clone();
     if nginx.is_some() {

@@ -123,6 +123,7 @@ pub fn start_counter(
     binary: &Path,
     cpus: &CpuList,
     store: &str,
+    postgres_url: Option<&str>,
     out: &Path,
 ) -> Result<Running, String> {
     let mut command = pinned(cpus, binary);
@@ -146,6 +147,9 @@ pub fn start_counter(
             _ => {}
         }
         command.arg("--path").arg(state);
+    }
+    if let Some(url) = postgres_url {
+        command.args(["--postgres-url", url]);
     }
     start_logged("counter".to_owned(), command)
 }
