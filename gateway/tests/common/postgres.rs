@@ -21,7 +21,8 @@ pub struct Postgres {
 /// The newest installed PostgreSQL's programs (`initdb`, `pg_ctl`).
 fn find_bin() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("GATEWAY_TEST_PG_BIN") {
-        return Some(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        return dir.join("initdb").exists().then_some(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
@@ -46,8 +47,8 @@ impl Postgres {
     /// installed and the run does not require it.
     pub fn start() -> Option<Self> {
         let Some(bin) = find_bin() else {
-            let why = "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; \
-                       `apt-get install postgresql`, or set GATEWAY_TEST_PG_BIN)";
+            let why = "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin \
+                       or $GATEWAY_TEST_PG_BIN; `apt-get install postgresql`)";
             if std::env::var_os("GATEWAY_REQUIRE_POSTGRES").is_some() {
                 panic!("{why}, and GATEWAY_REQUIRE_POSTGRES is set");
             }
