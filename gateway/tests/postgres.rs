@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::Network;
 use common::postgres::Postgres;
 use common::{Backend, Client, Process, counter_tally, request};
 use http::StatusCode;
@@ -295,7 +296,96 @@ async fn the_gateway_counts_in_the_database_across_a_backend_switch(backend: Bac
     assert_eq!(counter_tally(counter).await, 13);
 }
 
+/// The realistic shape: two counter hosts and a database host, network
+/// namespaces on a bridge. One count across both; then host 1 is cut off
+/// from the database, silently (its packets dropped), for longer than a
+/// connection takes to count as lost: host 2 goes on counting, host 1's
+/// lost commit is settled once the network is back, and nothing is lost
+/// or counted twice.
+async fn two_hosts_share_one_count_through_a_partition(backend: Backend) {
+    let Some(network) = Network::create(3) else {
+        return;
+    };
+    let database = network.host(0);
+    let Some(db) = Postgres::start_in(Some(&database.name), database.addr) else {
+        return;
+    };
+    let counters: Vec<Process> = [1, 2]
+        .into_iter()
+        .map(|i| {
+            let mut command = network.command(i, common::gateway_binary());
+            command
+                .args(["counter", "--backend", backend.name(), "--listen"])
+                .arg(format!("{}:3001", network.host(i).addr))
+                .args(["--store", "postgres", "--postgres-url", &db.url()])
+                .env_remove("RUST_LOG");
+            Process::start_command(command, 1)
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let since = Instant::now();
+    let answers: Vec<Arc<Answers>> = counters.iter().map(|_| Arc::default()).collect();
+    let mut load: Vec<_> = counters
+        .iter()
+        .zip(&answers)
+        .map(|(c, a)| post_until(c.addr("counter"), 8, stop.clone(), a.clone(), since))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    network.cut(1, 0);
+    let host2_before = answers[1].ok();
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let host2_during = answers[1].ok() - host2_before;
+    network.heal(1, 0);
+    let healed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for tasks in &mut load {
+        while let Some(result) = tasks.join_next().await {
+            result.expect("client");
+        }
+    }
+
+    let total: u64 = db
+        .query("SELECT total FROM gateway_counter")
+        .parse()
+        .unwrap();
+    let ok: u64 = answers.iter().map(|a| a.ok()).sum();
+    let unknown: u64 = answers
+        .iter()
+        .map(|a| a.unknown.load(Ordering::SeqCst))
+        .sum();
+    let refused = answers[0].refused.load(Ordering::SeqCst);
+    eprintln!(
+        "partition: {ok} × 200 ({host2_during} on host 2 during the cut), host 1 {refused} × 503, \
+         {unknown} × 504; database total {total}"
+    );
+    assert!(
+        ok <= total && total <= ok + unknown,
+        "200s {ok}, 504s {unknown}, counted {total}"
+    );
+    assert!(
+        host2_during > 0,
+        "host 2 stopped counting while host 1 was cut off"
+    );
+    assert!(
+        counters[0].log_text().contains("lost the database"),
+        "the partition went unnoticed:\n{}",
+        counters[0].log_text()
+    );
+    let last = answers[0].last_ok_us.load(Ordering::SeqCst);
+    assert!(
+        last > healed.duration_since(since).as_micros() as u64,
+        "host 1 never counted again after the network came back:\n{}",
+        counters[0].log_text()
+    );
+    for counter in &counters {
+        assert_eq!(counter_tally(counter.addr("counter")).await, total);
+    }
+}
+
 both_backends!(
+    two_hosts_share_one_count_through_a_partition,
     two_counters_on_one_database_read_one_exact_total,
     a_database_restart_under_load_loses_no_200_and_counts_nothing_twice,
     a_database_down_longer_than_settling_still_counts_nothing_twice,

@@ -6,6 +6,7 @@
 //! by [`both_backends!`].
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader};

@@ -5,6 +5,7 @@
 //! it say so and skip, unless `GATEWAY_REQUIRE_POSTGRES` is set (as
 //! `.ci/run` sets it, having installed it): then they fail.
 
+use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,9 @@ pub struct Postgres {
     bin: PathBuf,
     /// The account the server runs as, when the tests run as root.
     account: Option<(u32, u32)>,
+    /// The network namespace it runs in, if not the tests'.
+    namespace: Option<String>,
+    pub addr: Ipv4Addr,
     pub port: u16,
 }
 
@@ -43,9 +47,15 @@ fn id(flag: &str, user: &str) -> Option<u32> {
 }
 
 impl Postgres {
-    /// A fresh server, or `None` (after saying why) when PostgreSQL is not
-    /// installed and the run does not require it.
+    /// A fresh server on loopback, or `None` (after saying why) when
+    /// PostgreSQL is not installed and the run does not require it.
     pub fn start() -> Option<Self> {
+        Self::start_in(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// A fresh server in network namespace `namespace` (when given),
+    /// listening on `addr`.
+    pub fn start_in(namespace: Option<&str>, addr: Ipv4Addr) -> Option<Self> {
         let Some(bin) = find_bin() else {
             let why = "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin \
                        or $GATEWAY_TEST_PG_BIN; `apt-get install postgresql`)";
@@ -76,6 +86,8 @@ impl Postgres {
             folder,
             bin,
             account,
+            namespace: namespace.map(str::to_owned),
+            addr,
             port,
         };
         let data = server.data();
@@ -92,6 +104,15 @@ impl Postgres {
                 "UTF8",
             ],
         );
+        if addr != Ipv4Addr::LOCALHOST {
+            // initdb trusts loopback only; these hosts are on the bridge.
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .and_then(|mut hba| hba.write_all(b"host all all samenet trust\n"))
+                .expect("trust the test network");
+        }
         server.start_server();
         Some(server)
     }
@@ -100,12 +121,35 @@ impl Postgres {
         self.folder.path().join("data")
     }
 
+    /// `program` of PostgreSQL's, to be run as the server's account in its
+    /// namespace.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        let mut command = match (&self.namespace, self.account) {
+            (Some(namespace), Some((uid, gid))) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace, "setpriv"]);
+                command
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"));
+                command.arg("--clear-groups").arg(program);
+                command
+            }
+            (_, account) => {
+                let mut command = Command::new(program);
+                if let Some((uid, gid)) = account {
+                    command.uid(uid).gid(gid);
+                }
+                command
+            }
+        };
+        command.current_dir(self.folder.path());
+        command
+    }
+
     fn run(&self, program: &str, args: &[&str]) {
-        let mut command = Command::new(self.bin.join(program));
-        command.args(args).current_dir(self.folder.path());
-        if let Some((uid, gid)) = self.account {
-            command.uid(uid).gid(gid);
-        }
+        let mut command = self.command(program);
+        command.args(args);
         let out = command
             .output()
             .unwrap_or_else(|e| panic!("run {program}: {e}"));
@@ -120,16 +164,17 @@ impl Postgres {
 
     /// The URL the counter is given.
     pub fn url(&self) -> String {
-        format!("postgres://gateway@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://gateway@{}:{}/postgres", self.addr, self.port)
     }
 
     /// Starts the server and returns once it accepts connections.
     pub fn start_server(&self) -> Instant {
         let data = self.data();
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses={}",
             self.port,
-            self.folder.path().display()
+            self.folder.path().display(),
+            self.addr
         );
         let log = self.folder.path().join("server.log");
         self.run(
