@@ -47,6 +47,7 @@ install -D -m 0644 "$repo/config.toml" "$root/etc/gateway/config.toml"
 install -D -m 0644 "$repo/systemd/gateway.service" "$root/etc/systemd/system/gateway.service"
 install -D -m 0644 "$repo/systemd/gateway.socket" "$root/etc/systemd/system/gateway.socket"
 install -D -m 0644 "$repo/README.md" "$root/usr/local/share/doc/gateway/README.md"
+install -D -m 0644 -t "$root/usr/local/share/doc/gateway/docs" "$repo"/docs/*.md
 echo gateway-ci > "$root/etc/hostname"
 
 echo "== boot"
