@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use backends::{Runtime, Threading};
 use gateway::config::Backend;
 use gateway::daemon::{OnRuntime, on_backend};
-use gateway::exchange::{Connection, Exchange};
+use gateway::upstream::exchange::{Connection, Exchange};
 use gateway::time::timeout_at;
 use libfuzzer_sys::fuzz_target;
 

@@ -11,7 +11,7 @@
 //! - [`service`]: the `Request` → `Response` seam the server drives.
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
-//!   [`exchange`], one request and answer on one of its connections.
+//!   [`upstream::exchange`], one request and answer on one of its connections.
 //! - [`counter`]: the built-in counter, the reference upstream.
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`.
@@ -26,7 +26,6 @@ pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod daemon;
-pub mod exchange;
 pub mod forward;
 pub mod metrics;
 pub mod request_rules;

@@ -7,13 +7,15 @@
 //! answered 503 without touching the upstream. The queue is first come,
 //! first served: a connection coming back, or a slot freed, is handed to
 //! the visit that has waited longest. The exchange itself runs in
-//! the visitor's own task ([`crate::exchange`]); a connection is just a
+//! the visitor's own task ([`exchange`]); a connection is just a
 //! stream, its buffer, and its slot under the cap.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
 //! before writing, or the very first write failed — and only once, on a
 //! fresh connection.
+
+pub mod exchange;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -27,7 +29,7 @@ use backends::Runtime;
 use event_listener::Event;
 
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
-use crate::exchange::{Connection, Exchange};
+use self::exchange::{Connection, Exchange};
 use crate::time::{Elapsed, timeout_at};
 
 /// How a visit's upstream exchange ended.
