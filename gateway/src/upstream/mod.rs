@@ -1,35 +1,32 @@
 //! The upstream client: a pool of kept-alive HTTP/1.1 connections to the
 //! counter, written once over the runtime trait.
 //!
-//! A visit takes the most recently used idle connection, else dials a new
-//! one if the cap (`upstream.max_connections`, counting those being
-//! dialled) allows, else queues for either until its deadline and is then
-//! answered 503 without touching the upstream. The queue is first come,
-//! first served: a connection coming back, or a slot freed, is handed to
-//! the visit that has waited longest. The exchange itself runs in
-//! the visitor's own task ([`exchange`]); a connection is just a
-//! stream, its buffer, and its slot under the cap.
+//! A visit takes a pooled connection, else dials a new one if the cap
+//! (`upstream.max_connections`) allows, else queues for either until its
+//! deadline and is then answered 503 without touching the upstream
+//! ([`pool`] has the rules). The exchange itself runs in the visitor's own
+//! task ([`exchange`]); a connection is just a stream, its buffer, and its
+//! slot under the cap. [`dial`] resolves and connects.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
 //! before writing, or the very first write failed — and only once, on a
 //! fresh connection.
 
+mod dial;
 pub mod exchange;
+mod pool;
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
-use event_listener::Event;
 
-use crate::config::{UpstreamConfig, UpstreamTarget, ms};
+use self::dial::Dialer;
 use self::exchange::{Connection, Exchange};
+use self::pool::{Found, Handoff, Pool, Queued, Slot};
+use crate::config::{UpstreamConfig, UpstreamTarget, ms};
 use crate::time::{Elapsed, timeout_at};
 
 /// How a visit's upstream exchange ended.
@@ -45,175 +42,23 @@ pub enum Outcome {
     Overloaded,
 }
 
+/// What the pool holds: an upstream connection on the runtime's stream.
+type Pooled<R> = Connection<<R as Runtime>::Stream>;
 /// An open upstream connection and its slot under the cap.
-struct Conn<R: Runtime> {
-    connection: Connection<R::Stream>,
-    slot: Slot<R>,
-}
-
-impl<R: Runtime> Conn<R> {
-    /// Closes the connection, keeping its place under the cap.
-    fn into_slot(self) -> Slot<R> {
-        self.slot
-    }
-}
-
-/// An idle connection and when it went idle.
-struct Idle<R: Runtime> {
-    conn: Conn<R>,
-    since: Instant,
-}
+type Conn<R> = pool::Conn<Pooled<R>>;
+/// A future kept off the visit's own (see [`Upstream::connect`]).
+type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The upstream client and its connection pool; one per process, or one
 /// per worker with `runtime.threading = "per-core"`.
 pub struct Upstream<R: Runtime> {
-    target: UpstreamTarget,
     /// `POST … HTTP/1.1`, `host`, `content-length: 0` and the
     /// `x-forwarded-for: ` name: every visit's request up to its one
     /// varying value.
     request_head: Vec<u8>,
-    connect_timeout: Duration,
     request_timeout: Duration,
-    idle_timeout: Duration,
-    max_connections: usize,
-    /// Idle connections and the visits queued for one.
-    pool: Mutex<Pool<R>>,
-    /// Connections open or being dialled; never above the cap. Changed
-    /// under the `pool` lock, read without it.
-    open: AtomicUsize,
-    /// The resolved upstream addresses; replaced by a re-resolution after
-    /// a failed connect.
-    addrs: RwLock<Arc<[SocketAddr]>>,
-    /// Round-robin index into `addrs`.
-    next_addr: AtomicUsize,
-    resolving: AtomicBool,
-}
-
-/// What the pool's lock guards.
-struct Pool<R: Runtime> {
-    /// Idle connections, most recently used last (reused first: the least
-    /// likely to have been closed by the upstream).
-    idle: Vec<Idle<R>>,
-    /// Visits waiting for a connection, longest first. Never non-empty
-    /// while `idle` is, or while a slot is free.
-    queue: VecDeque<Arc<Waiter<R>>>,
-}
-
-impl<R: Runtime> Pool<R> {
-    /// Puts a new waiter at the back of the queue.
-    fn enqueue(&mut self) -> Arc<Waiter<R>> {
-        let waiter = Arc::new(Waiter {
-            handoff: Mutex::new(None),
-            handed: Event::new(),
-        });
-        self.queue.push_back(waiter.clone());
-        waiter
-    }
-}
-
-/// A queued visit: what it was handed, and the event that says so.
-struct Waiter<R: Runtime> {
-    handoff: Mutex<Option<Handoff<R>>>,
-    handed: Event,
-}
-
-/// What [`Upstream::checkout`] found under the lock.
-enum Found<R: Runtime> {
-    Pooled(Conn<R>),
-    Slot(Slot<R>),
-    Queued(Arc<Waiter<R>>),
-}
-
-/// What a queued visit is handed.
-enum Handoff<R: Runtime> {
-    /// A connection that just finished an exchange.
-    Pooled(Conn<R>),
-    /// A slot under the cap, to dial a new connection with.
-    Slot(Slot<R>),
-}
-
-impl<R: Runtime> Waiter<R> {
-    fn give(&self, handoff: Handoff<R>) {
-        *lock(&self.handoff) = Some(handoff);
-        self.handed.notify(1);
-    }
-
-    fn take(&self) -> Option<Handoff<R>> {
-        lock(&self.handoff).take()
-    }
-
-    async fn handed(&self) {
-        loop {
-            let listener = self.handed.listen();
-            if lock(&self.handoff).is_some() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
-/// A visit in the pool's queue. Dropped (its deadline passed, or its
-/// connection was closed at the shutdown deadline), it leaves the queue, and
-/// passes on what it was handed and did not take.
-struct Queued<R: Runtime> {
-    upstream: &'static Upstream<R>,
-    waiter: Arc<Waiter<R>>,
-    /// Handed something and took it: already out of the queue, so
-    /// dropping has nothing to search for.
-    served: bool,
-}
-
-impl<R: Runtime> Drop for Queued<R> {
-    fn drop(&mut self) {
-        if self.served {
-            return;
-        }
-        let still_queued = {
-            let mut pool = self.upstream.pool();
-            let at = pool.queue.iter().position(|w| Arc::ptr_eq(w, &self.waiter));
-            at.and_then(|at| pool.queue.remove(at)).is_some()
-        };
-        if still_queued {
-            return;
-        }
-        // Dequeued by a hand-off: pass on what it brought. (One still on
-        // its way lands in the dropped waiter: a connection is closed, a
-        // slot goes to the next in line.)
-        match self.waiter.take() {
-            Some(Handoff::Pooled(conn)) => self.upstream.check_in(conn),
-            Some(Handoff::Slot(slot)) => drop(slot),
-            None => {}
-        }
-    }
-}
-
-/// Every critical section in this module is a push, pop, take or filter:
-/// a panic elsewhere cannot leave what a lock guards inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One slot of the cap; on drop, handed to the longest-waiting visit, or
-/// given back.
-struct Slot<R: Runtime> {
-    upstream: &'static Upstream<R>,
-}
-
-impl<R: Runtime> Drop for Slot<R> {
-    fn drop(&mut self) {
-        let upstream = self.upstream;
-        let mut pool = upstream.pool();
-        match pool.queue.pop_front() {
-            Some(waiter) => {
-                drop(pool);
-                waiter.give(Handoff::Slot(Slot { upstream }));
-            }
-            None => {
-                upstream.open.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
+    pool: Pool<Pooled<R>>,
+    dialer: Dialer,
 }
 
 /// The result of one attempt on one connection.
@@ -227,38 +72,22 @@ impl<R: Runtime> Upstream<R> {
     /// Builds the client and resolves the upstream's name.
     pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
         let target = UpstreamTarget::parse(&config.url)?;
-        let addrs = resolve(&target)
-            .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
         let request_head = format!(
             "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
             target.path_and_query, target.authority
         )
         .into_bytes();
         Ok(Self {
-            target,
             request_head,
-            connect_timeout: ms(config.connect_timeout_ms),
             request_timeout: ms(config.request_timeout_ms),
-            idle_timeout: ms(config.pool_idle_timeout_ms),
-            max_connections: config.max_connections,
-            pool: Mutex::new(Pool {
-                idle: Vec::new(),
-                queue: VecDeque::new(),
-            }),
-            open: AtomicUsize::new(0),
-            addrs: RwLock::new(addrs.into()),
-            next_addr: AtomicUsize::new(0),
-            resolving: AtomicBool::new(false),
+            pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
+            dialer: Dialer::new(target, ms(config.connect_timeout_ms))?,
         })
     }
 
     /// Connections open now (idle or busy).
     pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    fn pool(&self) -> MutexGuard<'_, Pool<R>> {
-        lock(&self.pool)
+        self.pool.open()
     }
 
     /// The POST that registers a visit, whose `x-forwarded-for` value
@@ -353,35 +182,15 @@ impl<R: Runtime> Upstream<R> {
     /// An idle pooled connection, else a new one if the cap allows, else
     /// queues for either until `deadline`. The flag is true for a pooled
     /// one.
-    ///
-    /// The queue is what makes waiting fair. Before it, a woken waiter
-    /// raced for the freed connection with every visit arriving meanwhile,
-    /// among them the one whose answer had just freed it (its client's
-    /// next request, on the same task), and mostly lost: with 1,024
-    /// clients and a cap of 256, p50 9 ms and p99 1.5 s on smol.
     async fn checkout(
         &'static self,
         deadline: Instant,
         now: Instant,
     ) -> Result<(Conn<R>, bool), Outcome> {
-        let (found, expired) = {
-            let mut pool = self.pool();
-            let expired = self.take_expired(&mut pool, now);
-            let found = if let Some(idle) = pool.idle.pop() {
-                Found::Pooled(idle.conn)
-            } else if let Some(slot) = self.take_slot() {
-                Found::Slot(slot)
-            } else {
-                Found::Queued(pool.enqueue())
-            };
-            (found, expired)
-        };
-        // Closed outside the lock; their slots go to the queue.
-        drop(expired);
-        match found {
+        match self.pool.checkout(now) {
             Found::Pooled(conn) => Ok((conn, true)),
             Found::Slot(slot) => self.connect(slot, deadline).await.map(|c| (c, false)),
-            Found::Queued(waiter) => match self.wait_in_queue(waiter, deadline).await {
+            Found::Queued(queued) => match self.wait_in_queue(queued, deadline).await {
                 Some(Handoff::Pooled(conn)) => Ok((conn, true)),
                 Some(Handoff::Slot(slot)) => self.connect(slot, deadline).await.map(|c| (c, false)),
                 None => Err(Outcome::Overloaded),
@@ -389,84 +198,35 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 
-    /// What `waiter`, queued, is handed by `deadline`; out of the queue
-    /// either way, and out of it too if this is dropped while waiting.
+    /// What `queued` is handed by `deadline`; out of the queue either way,
+    /// and out of it too if this is dropped while waiting.
     ///
     /// Boxed, like [`Upstream::connect`]: only visits that find the pool
     /// at its cap wait, and the others should not carry the room.
     fn wait_in_queue(
         &'static self,
-        waiter: Arc<Waiter<R>>,
+        mut queued: Queued<Pooled<R>>,
         deadline: Instant,
-    ) -> Pin<Box<dyn Future<Output = Option<Handoff<R>>> + Send>> {
-        Box::pin(self.wait_in_queue_unboxed(waiter, deadline))
+    ) -> Boxed<Option<Handoff<Pooled<R>>>> {
+        Box::pin(async move {
+            timeout_at::<R, _>(deadline, queued.handed())
+                .await
+                .ok()
+                .flatten()
+        })
     }
 
-    async fn wait_in_queue_unboxed(
-        &'static self,
-        waiter: Arc<Waiter<R>>,
-        deadline: Instant,
-    ) -> Option<Handoff<R>> {
-        let mut queued = Queued {
-            upstream: self,
-            waiter,
-            served: false,
-        };
-        timeout_at::<R, _>(deadline, queued.waiter.handed())
-            .await
-            .ok()?;
-        queued.served = true;
-        queued.waiter.take()
-    }
-
-    /// A new connection, for a retry: on a free slot, else on the slot of
-    /// the least recently used idle connection (closed for it), else on
-    /// the first slot or connection handed over in the queue (the
-    /// connection closed for it).
+    /// A new connection, for a retry (see [`Pool::slot_for_retry`]).
     async fn dial(&'static self, deadline: Instant) -> Result<Conn<R>, Outcome> {
-        let found = {
-            let mut pool = self.pool();
-            if let Some(slot) = self.take_slot() {
-                Found::Slot(slot)
-            } else if !pool.idle.is_empty() {
-                Found::Pooled(pool.idle.remove(0).conn)
-            } else {
-                Found::Queued(pool.enqueue())
-            }
-        };
-        let slot = match found {
-            Found::Slot(slot) => slot,
-            Found::Pooled(conn) => conn.into_slot(),
-            Found::Queued(waiter) => match self.wait_in_queue(waiter, deadline).await {
+        let slot = match self.pool.slot_for_retry() {
+            Ok(slot) => slot,
+            Err(queued) => match self.wait_in_queue(queued, deadline).await {
                 Some(Handoff::Slot(slot)) => slot,
                 Some(Handoff::Pooled(conn)) => conn.into_slot(),
                 None => return Err(Outcome::Overloaded),
             },
         };
         self.connect(slot, deadline).await
-    }
-
-    /// Takes every idle connection out of the pool if the freshest has
-    /// outlived `pool_idle_timeout_ms` (then all have), for the caller to
-    /// close once the lock is released. (Whether the upstream closed one
-    /// is checked just before use.)
-    fn take_expired(&self, pool: &mut Pool<R>, now: Instant) -> Vec<Idle<R>> {
-        match pool.idle.last() {
-            Some(fresh) if now.saturating_duration_since(fresh.since) >= self.idle_timeout => {
-                std::mem::take(&mut pool.idle)
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    /// A slot under the cap, if there is one. Called with the pool locked.
-    fn take_slot(&'static self) -> Option<Slot<R>> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < self.max_connections).then_some(open + 1)
-            })
-            .ok()
-            .map(|_| Slot { upstream: self })
     }
 
     /// Dials the upstream within the connect timeout and the deadline.
@@ -480,30 +240,13 @@ impl<R: Runtime> Upstream<R> {
     /// (callgrind's cache model). A connect is rare; its allocation is not.
     fn connect(
         &'static self,
-        slot: Slot<R>,
+        slot: Slot<Pooled<R>>,
         deadline: Instant,
-    ) -> Pin<Box<dyn Future<Output = Result<Conn<R>, Outcome>> + Send>> {
-        Box::pin(self.connect_unboxed(slot, deadline))
-    }
-
-    async fn connect_unboxed(
-        &'static self,
-        slot: Slot<R>,
-        deadline: Instant,
-    ) -> Result<Conn<R>, Outcome> {
-        let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
-        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let first = self.next_addr.fetch_add(1, Ordering::Relaxed);
-        match connect_any::<R>(&addrs, first, connect_deadline).await {
-            Ok(stream) => Ok(Conn {
-                connection: Connection::new(stream),
-                slot,
-            }),
-            Err(outcome) => {
-                self.re_resolve();
-                Err(outcome)
-            }
-        }
+    ) -> Boxed<Result<Conn<R>, Outcome>> {
+        Box::pin(async move {
+            let stream = self.dialer.connect::<R>(deadline).await?;
+            Ok(Conn::<R>::new(Connection::new(stream), slot))
+        })
     }
 
     /// Returns a connection that just finished an exchange cleanly: to the
@@ -512,146 +255,17 @@ impl<R: Runtime> Upstream<R> {
         // Armed before taking the lock (on smol it is a syscall). A visit
         // handed the connection replaces the watch with its own read.
         conn.connection.watch_while_idle();
-        let mut pool = self.pool();
-        if let Some(waiter) = pool.queue.pop_front() {
-            drop(pool);
-            waiter.give(Handoff::Pooled(conn));
-            return;
-        }
-        pool.idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.pool.check_in(conn, Instant::now());
     }
 
-    /// Looks the upstream's name up again after a failed connect, on a
-    /// plain thread (the resolver blocks), one lookup at a time. An IP
-    /// literal needs none.
-    fn re_resolve(&'static self) {
-        if self.target.host.parse::<std::net::IpAddr>().is_ok()
-            || self.resolving.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("gateway-resolve".to_owned())
-            .spawn(move || {
-                match resolve(&self.target) {
-                    Ok(addrs) => {
-                        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs.into();
-                    }
-                    Err(error) => {
-                        tracing::warn!(host = ?self.target.host, %error, "upstream re-resolution failed");
-                    }
-                }
-                self.resolving.store(false, Ordering::Release);
-            });
-        if spawned.is_err() {
-            self.resolving.store(false, Ordering::Release);
-        }
-    }
-
-    /// Closes connections idle longer than `pool_idle_timeout_ms`, or
-    /// closed by the upstream; runs for the life of the process.
+    /// Closes connections idle longer than `pool_idle_timeout_ms`; runs
+    /// for the life of the process. (Whether the upstream closed one is
+    /// checked just before use.)
     pub async fn reap_idle(&'static self) {
-        let period = (self.idle_timeout / 2).max(Duration::from_millis(100));
+        let period = (self.pool.idle_timeout() / 2).max(Duration::from_millis(100));
         loop {
             R::sleep_until(Instant::now() + period).await;
-            let expired: Vec<Idle<R>> = {
-                let mut pool = self.pool();
-                let now = Instant::now();
-                let (kept, expired) = std::mem::take(&mut pool.idle)
-                    .into_iter()
-                    .partition(|i| now.saturating_duration_since(i.since) < self.idle_timeout);
-                pool.idle = kept;
-                expired
-            };
-            // Closed outside the lock; each frees its slot.
-            drop(expired);
-        }
-    }
-}
-
-/// Connects to the first of `addrs`, taken in turn from `first`, that
-/// accepts before `deadline`. A name can resolve to addresses the upstream
-/// does not listen on (`localhost` to `::1` and `127.0.0.1`, with a counter
-/// on one of them); a visit must not fail while another address would
-/// do. A refusal moves on at once; an address that does not answer takes
-/// what is left of the deadline.
-async fn connect_any<R: Runtime>(
-    addrs: &[SocketAddr],
-    first: usize,
-    deadline: Instant,
-) -> Result<R::Stream, Outcome> {
-    for i in 0..addrs.len() {
-        let addr = addrs[first.wrapping_add(i) % addrs.len()];
-        match timeout_at::<R, _>(deadline, R::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(error)) => tracing::debug!(%addr, %error, "upstream connect failed"),
-            Err(Elapsed) => {
-                tracing::debug!(%addr, "upstream connect timed out");
-                return Err(Outcome::TimedOut);
-            }
-        }
-    }
-    Err(Outcome::Failed)
-}
-
-fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()?
-        .collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::other("the name resolved to no address"));
-    }
-    Ok(addrs)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{SocketAddr, TcpListener};
-    use std::time::{Duration, Instant};
-
-    use backends::{Runtime, Threading};
-
-    use super::{Outcome, connect_any};
-    use crate::config::Backend;
-    use crate::daemon::{OnRuntime, on_backend};
-
-    /// An address nothing listens on (bound, then let go).
-    fn refusing() -> SocketAddr {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-    }
-
-    struct ConnectPastARefusal;
-
-    impl OnRuntime for ConnectPastARefusal {
-        type Output = ();
-        fn run<R: Runtime>(self) {
-            let listening = TcpListener::bind("127.0.0.1:0").unwrap();
-            let open = listening.local_addr().unwrap();
-            let closed = refusing();
-            let (past, none) = R::block_on(1, Threading::Shared, async move {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                let past = connect_any::<R>(&[closed, open], 0, deadline).await;
-                let none = connect_any::<R>(&[closed, closed], 1, deadline).await;
-                (past.map(drop), none.map(drop))
-            })
-            .unwrap();
-            assert_eq!(past, Ok(()), "{}", R::NAME);
-            assert_eq!(none, Err(Outcome::Failed), "{}", R::NAME);
-            // The connection made is the listener's.
-            listening.set_nonblocking(true).unwrap();
-            assert!(listening.accept().is_ok(), "{}", R::NAME);
-        }
-    }
-
-    #[test]
-    fn a_connect_moves_past_an_address_that_refuses() {
-        for backend in [Backend::Tokio, Backend::Smol] {
-            on_backend(backend, ConnectPastARefusal);
+            self.pool.reap(Instant::now());
         }
     }
 }
