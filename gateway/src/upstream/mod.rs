@@ -5,8 +5,9 @@
 //! (`upstream.max_connections`) allows, else queues for either until its
 //! deadline and is then answered 503 without touching the upstream
 //! ([`pool`] has the rules). The exchange itself runs in the visitor's own
-//! task ([`exchange`]); a connection is just a stream, its buffer, and its
-//! slot under the cap. [`dial`] resolves and connects.
+//! task ([`exchange`], which reads the answer as [`framing`] says); a
+//! connection is just a stream, its buffer, and its slot under the cap.
+//! [`dial`] resolves and connects.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
@@ -15,6 +16,7 @@
 
 mod dial;
 pub mod exchange;
+mod framing;
 mod pool;
 
 use std::future::Future;
