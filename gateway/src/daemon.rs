@@ -204,7 +204,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let metrics = forever(Metrics::new(
                 R::NAME,
                 workers,
-                connections,
+                Box::new(|| connections.open()),
                 Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));

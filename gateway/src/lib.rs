@@ -15,7 +15,7 @@
 //! - [`counter`]: the built-in counter, the reference upstream.
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`.
-//! - [`stats`]: per-thread counters summed when read.
+//! - [`stats`]: per-thread counters and histograms summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
 //! The runtime itself lives in the `backends` crate; nothing here uses
