@@ -230,9 +230,14 @@ pub async fn serve<R: Runtime, S: Service>(
     }
 }
 
+/// Out of file descriptors (the process's or the system's), socket
+/// buffers or memory: an accept that fails so fails again at once.
 fn is_resource_exhaustion(error: &io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM
-    matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12))
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(error),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+    )
 }
 
 /// Where a connection is in its request cycle; decides which timeout runs.
@@ -524,4 +529,21 @@ pub fn spawn_with_latch<R: Runtime>(
         future.await;
         done.set();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::is_resource_exhaustion;
+
+    #[test]
+    fn running_out_of_descriptors_buffers_or_memory_is_resource_exhaustion() {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM on Linux; then ECONNABORTED.
+        for errno in [24, 23, 105, 12] {
+            assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(103)));
+        assert!(!is_resource_exhaustion(&io::ErrorKind::WouldBlock.into()));
+    }
 }
