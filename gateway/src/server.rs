@@ -33,7 +33,7 @@ use hyper::server::conn::http1;
 use crate::metrics::Metrics;
 use crate::request_rules;
 use crate::service::{Service, status_only};
-use crate::shutdown::{Latch, Stop};
+use crate::shutdown::{Latch, Stop, wait_until};
 use http::StatusCode;
 use http::header::{CONNECTION, HeaderValue};
 
@@ -76,16 +76,7 @@ impl Connections {
     }
 
     async fn wait_until_none_open(&self) {
-        loop {
-            if self.open() == 0 {
-                return;
-            }
-            let listener = self.closed.listen();
-            if self.open() == 0 {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.closed, || (self.open() == 0).then_some(())).await
     }
 }
 

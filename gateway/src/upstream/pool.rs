@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
+use crate::shutdown::wait_until;
+
 /// Idle connections, the visits queued for one, and the count under the cap.
 pub(super) struct Pool<C: 'static> {
     max_connections: usize,
@@ -98,13 +100,7 @@ impl<C> Waiter<C> {
     }
 
     async fn handed(&self) {
-        loop {
-            let listener = self.handed.listen();
-            if lock(&self.handoff).is_some() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.handed, || lock(&self.handoff).is_some().then_some(())).await
     }
 }
 
