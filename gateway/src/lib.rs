@@ -37,3 +37,11 @@ pub mod store;
 pub mod systemd;
 pub mod time;
 pub mod upstream;
+
+/// Leaks `value` for the rest of the process: services, settings, latches
+/// and texts live that long anyway, and every task shares them without
+/// reference counting. A `Vec` or `String` so leaked derefs to a
+/// `'static` slice or `str`.
+pub(crate) fn forever<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}

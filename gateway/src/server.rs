@@ -30,6 +30,7 @@ use hyper::body::Body as _;
 use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::http1;
 
+use crate::forever;
 use crate::metrics::Metrics;
 use crate::request_rules;
 use crate::service::{Service, status_only};
@@ -127,7 +128,7 @@ pub async fn serve<R: Runtime, S: Service>(
         // 13,190 -> 12,770 on tokio, `bench/instructions.py`), and it is
         // still one syscall.
         .writev(false);
-    let builder: &'static http1::Builder = Box::leak(Box::new(builder));
+    let builder: &'static http1::Builder = forever(builder);
 
     let mut stopped = pin!(stop.latch().wait());
     let mut next_worker = 0;

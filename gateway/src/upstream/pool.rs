@@ -315,12 +315,13 @@ mod tests {
     use futures_lite::future::{block_on, poll_once};
 
     use super::{Conn, Found, Handoff, Pool, Queued};
+    use crate::forever;
 
     const IDLE: Duration = Duration::from_secs(60);
 
     /// A pool of numbered connections, for the rest of the test process.
     fn pool(cap: usize) -> &'static Pool<u32> {
-        Box::leak(Box::new(Pool::new(cap, IDLE)))
+        forever(Pool::new(cap, IDLE))
     }
 
     /// What a checkout found, in a form tests compare.
