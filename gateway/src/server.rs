@@ -123,10 +123,9 @@ pub async fn serve<R: Runtime, S: Service>(
         .half_close(true)
         .max_buf_size(settings.max_header_bytes)
         // Every answer is a small head and a small body: copying the body
-        // behind the head and writing one buffer costs less than hyper's
-        // queue of buffers for `writev` (420 fewer instructions a visit,
-        // 13,190 -> 12,770 on tokio, `bench/instructions.py`), and it is
-        // still one syscall.
+        // behind the head and writing one buffer costs fewer instructions
+        // than hyper's queue of buffers for `writev` (`bench/instructions.py`),
+        // and it is still one syscall.
         .writev(false);
     let builder: &'static http1::Builder = forever(builder);
 
@@ -442,9 +441,9 @@ async fn serve_connection<R: Runtime, S: Service>(
     let mut armed = first_deadline;
     let mut stop_listener = Some(stop.listener());
     // The waker the stop listener holds. Polling the listener locks the
-    // latch's list, which every connection shares (profiled at 0.5 µs a
-    // visit at 1,024 connections), so it is only polled again when the
-    // task's waker changes; the flag itself is checked on every poll.
+    // latch's list, which every connection shares (it showed in profiles
+    // with many connections), so it is only polled again when the task's
+    // waker changes; the flag itself is checked on every poll.
     let mut stop_waker: Option<Waker> = None;
     let mut draining = false;
 

@@ -237,9 +237,10 @@ impl<R: Runtime> Upstream<R> {
     /// as large as the rest of a visit's, and a visit's future reserves
     /// room for it even on the common path, which takes a pooled
     /// connection. hyper moves each request's future into the client
-    /// connection's own memory, so every visit would copy that room: with
-    /// 1,024 connections taking turns, some 30 cache lines written cold
-    /// (callgrind's cache model). A connect is rare; its allocation is not.
+    /// connection's own memory, so every visit would copy that room, and
+    /// with many connections taking turns it is written cold (callgrind's
+    /// cache model; bench/README.md). A connect is rare; its allocation is
+    /// not.
     fn connect(
         &'static self,
         slot: Slot<Pooled<R>>,

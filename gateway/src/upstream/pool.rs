@@ -10,7 +10,8 @@
 //! Before the queue, a woken waiter raced for the freed connection with
 //! every visit arriving meanwhile, among them the one whose answer had just
 //! freed it (its client's next request, on the same task), and mostly lost:
-//! under more clients than the cap, a tail of seconds (bench/README.md).
+//! with more clients than the cap, a few visits waited far longer than the
+//! rest (the runs are in bench/README.md).
 //!
 //! Generic over what a connection is, so that these rules are tested with
 //! plain values; the upstream pools [`super::exchange::Connection`]s.
