@@ -10,6 +10,10 @@
 //! cost more than the whole exchange here (profiled with callgrind).
 //! What it must keep is the never-send-twice rule: [`Exchange::Unsent`]
 //! is only returned when no byte of the request can have left.
+//!
+//! Where an answer's parts begin and end is `framing`'s to say; this
+//! module does the reads. [`InMemory`] lets the same reads run on bytes
+//! in memory, for tests and the fuzzer.
 
 use std::io;
 use std::pin::Pin;
