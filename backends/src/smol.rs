@@ -59,10 +59,11 @@ impl Future for SmolSleep {
 ///
 /// async-io's own `poll_read` tries the read syscall on every poll, and
 /// hyper polls a connection's read side each time its task wakes (for
-/// the next request, or to notice a client that left mid-visit): profiled
-/// at 8 `recvfrom` per visit, 6 of them `EAGAIN`. Like tokio, this adapter
-/// remembers when a read has drained the socket (a short read) and then
-/// waits for the reactor's next readable event before reading again.
+/// the next request, or to notice a client that left mid-visit): in
+/// profiles most of a visit's `recvfrom` calls came back `EAGAIN`
+/// (bench/README.md). Like tokio, this adapter remembers when a read has
+/// drained the socket (a short read) and then waits for the reactor's next
+/// readable event before reading again.
 pub struct SmolStream {
     io: Async<TcpStream>,
     /// False once a read came back short or would block, until async-io
@@ -214,11 +215,11 @@ impl hyper::rt::Write for SmolStream {
 /// async-io's fallback thread wakes every 50 µs (backing off to 10 ms
 /// while it sees the reactor ticking) and takes the reactor itself when no
 /// one polled it since its last look; its wake-ups then preempt the worker
-/// and the worker parks whenever it finds the reactor taken. At 64 tasks a
-/// batch, 1,024 connections made batches longer than 50 µs and the
-/// fallback thread stayed in charge: 0.74 context switches a visit and
-/// 18k requests/s, against 0.02 and 31k at 16 tasks, which costs 0.6 more
-/// syscalls a visit at 64 connections (profiled on one core).
+/// and the worker parks whenever it finds the reactor taken. With larger
+/// batches, many connections made a batch outlast that wake-up and the
+/// fallback thread stayed in charge: a context switch for most visits, and
+/// fewer requests a second. Smaller batches cost slightly more syscalls a
+/// visit under light load (the runs are in bench/README.md).
 const TASKS_PER_REACTOR_POLL: usize = 16;
 
 /// A worker's loop: run tasks, and every few let `smol::block_on` poll the

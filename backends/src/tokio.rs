@@ -124,11 +124,10 @@ impl crate::Stream for TokioIo<tokio::net::TcpStream> {
 ///
 /// One worker has no one to steal from, and the multi-thread scheduler's
 /// split between a 256-task local queue and a shared overflow queue, which
-/// it visits once every 31 tasks, made it unfair under load: at 1,024
-/// busy connections most requests took 4 ms and one in a hundred 170 ms,
-/// the connections that spilled into the overflow queue waiting their
-/// turn. The single-threaded scheduler keeps one FIFO queue (p99 35-40 ms,
-/// nginx's 36-80 ms, at the same or a higher request rate; README).
+/// it visits once every 31 tasks, made it unfair under load: with many
+/// busy connections, those that spilled into the overflow queue waited
+/// far longer than the rest for their turn. The single-threaded scheduler
+/// keeps one FIFO queue, and a tail like nginx's (bench/README.md).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tokio;
 

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use backends::{Runtime, Threading};
 use gateway::config::Backend;
 use gateway::daemon::{OnRuntime, on_backend};
-use gateway::exchange::{Connection, Exchange};
 use gateway::time::timeout_at;
+use gateway::upstream::exchange::{Connection, Exchange};
 use libfuzzer_sys::fuzz_target;
 
 /// What the upstream answers the second request on a reused connection.

@@ -57,7 +57,7 @@ pub enum Threading {
     Shared,
     /// One scheduler and upstream pool per worker; new connections are
     /// handed to the workers in turn and stay on theirs. The default: it
-    /// served 1.04–1.49x the requests of shared on four and eight cores.
+    /// served more than shared on four and eight cores (bench/README.md).
     #[default]
     PerCore,
 }

@@ -18,6 +18,7 @@ use futures_lite::StreamExt;
 use crate::admin::Admin;
 use crate::config::{Backend, Config, Escaped, Threading, ms};
 use crate::counter::Counter;
+use crate::forever;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
@@ -96,12 +97,6 @@ pub fn on_backend<W: OnRuntime>(backend: Backend, work: W) -> W::Output {
         Backend::Tokio => work.run::<backends::Tokio>(),
         Backend::Smol => work.run::<backends::Smol>(),
     }
-}
-
-/// Leaks a value that lives as long as the process: services, settings
-/// and latches are shared by every task without reference counting.
-fn forever<T>(value: T) -> &'static T {
-    Box::leak(Box::new(value))
 }
 
 fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
@@ -193,7 +188,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
             // are spread over them like the public ones.
-            let services = Box::leak(vec![service; shards].into_boxed_slice());
+            let services = forever(vec![service; shards]);
             counter.serve::<R, _>(listener, services, counter_settings, connections);
         }
 
@@ -204,7 +199,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let metrics = forever(Metrics::new(
                 R::NAME,
                 workers,
-                connections,
+                Box::new(|| connections.open()),
                 Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
@@ -223,12 +218,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let services: Vec<&'static Forward<R>> = (0..shards)
                 .map(|worker| forwards[worker % forwards.len()])
                 .collect();
-            public.serve::<R, _>(
-                listener,
-                Box::leak(services.into_boxed_slice()),
-                public_settings,
-                connections,
-            );
+            public.serve::<R, _>(listener, forever(services), public_settings, connections);
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
@@ -349,7 +339,7 @@ fn upstream_pools<R: Runtime>(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Upstream)?;
-    Ok(Box::leak(pools.into_boxed_slice()))
+    Ok(forever(pools))
 }
 
 /// Splits `max_connections` over up to `shards` pools, so that together

@@ -13,6 +13,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::ResponsesConfig;
+use crate::forever;
 use crate::metrics::Metrics;
 use crate::service::{Body, Service, get_or_head, method_not_allowed, status_only, text};
 use crate::upstream::{Outcome, Upstream};
@@ -21,7 +22,8 @@ use crate::upstream::{Outcome, Upstream};
 pub struct Forward<R: Runtime> {
     upstream: &'static Upstream<R>,
     metrics: &'static Metrics,
-    /// Response bodies, fixed for the life of the process.
+    /// Response bodies, fixed for the life of the process: every response
+    /// borrows them for free.
     welcome: &'static str,
     error: &'static str,
 }
@@ -35,8 +37,8 @@ impl<R: Runtime> Forward<R> {
         Self {
             upstream,
             metrics,
-            welcome: leak(&responses.welcome),
-            error: leak(&responses.error),
+            welcome: forever(responses.welcome.clone()),
+            error: forever(responses.error.clone()),
         }
     }
 
@@ -136,11 +138,6 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
             let _ = write!(out, "{v6}");
         }
     }
-}
-
-/// Process-lifetime text, so that every response can borrow it for free.
-fn leak(text: &str) -> &'static str {
-    Box::leak(text.to_owned().into_boxed_str())
 }
 
 #[cfg(test)]

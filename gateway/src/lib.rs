@@ -11,11 +11,11 @@
 //! - [`service`]: the `Request` → `Response` seam the server drives.
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
-//!   [`exchange`], one request and answer on one of its connections.
+//!   [`upstream::exchange`], one request and answer on one of its connections.
 //! - [`counter`]: the built-in counter, the reference upstream.
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`.
-//! - [`stats`]: per-thread counters summed when read.
+//! - [`stats`]: per-thread counters and histograms summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
 //! The runtime itself lives in the `backends` crate; nothing here uses
@@ -26,7 +26,6 @@ pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod daemon;
-pub mod exchange;
 pub mod forward;
 pub mod metrics;
 pub mod request_rules;
@@ -38,3 +37,11 @@ pub mod store;
 pub mod systemd;
 pub mod time;
 pub mod upstream;
+
+/// Leaks `value` for the rest of the process: services, settings, latches
+/// and texts live that long anyway, and every task shares them without
+/// reference counting. A `Vec` or `String` so leaked derefs to a
+/// `'static` slice or `str`.
+pub(crate) fn forever<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}

@@ -30,10 +30,11 @@ use hyper::body::Body as _;
 use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::http1;
 
+use crate::forever;
 use crate::metrics::Metrics;
 use crate::request_rules;
 use crate::service::{Service, status_only};
-use crate::shutdown::{Latch, Stop};
+use crate::shutdown::{Latch, Stop, wait_until};
 use http::StatusCode;
 use http::header::{CONNECTION, HeaderValue};
 
@@ -76,16 +77,7 @@ impl Connections {
     }
 
     async fn wait_until_none_open(&self) {
-        loop {
-            if self.open() == 0 {
-                return;
-            }
-            let listener = self.closed.listen();
-            if self.open() == 0 {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.closed, || (self.open() == 0).then_some(())).await
     }
 }
 
@@ -131,12 +123,11 @@ pub async fn serve<R: Runtime, S: Service>(
         .half_close(true)
         .max_buf_size(settings.max_header_bytes)
         // Every answer is a small head and a small body: copying the body
-        // behind the head and writing one buffer costs less than hyper's
-        // queue of buffers for `writev` (420 fewer instructions a visit,
-        // 13,190 -> 12,770 on tokio, `bench/instructions.py`), and it is
-        // still one syscall.
+        // behind the head and writing one buffer costs fewer instructions
+        // than hyper's queue of buffers for `writev` (`bench/instructions.py`),
+        // and it is still one syscall.
         .writev(false);
-    let builder: &'static http1::Builder = Box::leak(Box::new(builder));
+    let builder: &'static http1::Builder = forever(builder);
 
     let mut stopped = pin!(stop.latch().wait());
     let mut next_worker = 0;
@@ -230,9 +221,14 @@ pub async fn serve<R: Runtime, S: Service>(
     }
 }
 
+/// Out of file descriptors (the process's or the system's), socket
+/// buffers or memory: an accept that fails so fails again at once.
 fn is_resource_exhaustion(error: &io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM
-    matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12))
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(error),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+    )
 }
 
 /// Where a connection is in its request cycle; decides which timeout runs.
@@ -445,9 +441,9 @@ async fn serve_connection<R: Runtime, S: Service>(
     let mut armed = first_deadline;
     let mut stop_listener = Some(stop.listener());
     // The waker the stop listener holds. Polling the listener locks the
-    // latch's list, which every connection shares (profiled at 0.5 µs a
-    // visit at 1,024 connections), so it is only polled again when the
-    // task's waker changes; the flag itself is checked on every poll.
+    // latch's list, which every connection shares (it showed in profiles
+    // with many connections), so it is only polled again when the task's
+    // waker changes; the flag itself is checked on every poll.
     let mut stop_waker: Option<Waker> = None;
     let mut draining = false;
 
@@ -524,4 +520,21 @@ pub fn spawn_with_latch<R: Runtime>(
         future.await;
         done.set();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::is_resource_exhaustion;
+
+    #[test]
+    fn running_out_of_descriptors_buffers_or_memory_is_resource_exhaustion() {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM on Linux; then ECONNABORTED.
+        for errno in [24, 23, 105, 12] {
+            assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(103)));
+        assert!(!is_resource_exhaustion(&io::ErrorKind::WouldBlock.into()));
+    }
 }

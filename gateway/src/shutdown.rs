@@ -2,6 +2,8 @@
 //! "drained", "committed". A [`Latch`] is set once and stays set; any
 //! number of tasks can wait for it. A [`Stop`] is the latch that tells a listener to stop
 //! accepting, with the deadline its connections must be gone by.
+//! [`wait_until`] is the one way anything here waits on an [`Event`]: the
+//! latch, a listener's drain, a visit queued in the upstream pool.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,21 +38,28 @@ impl Latch {
 
     /// Completes once the latch is set.
     pub async fn wait(&self) {
-        loop {
-            if self.is_set() {
-                return;
-            }
-            let listener = self.listener();
-            if self.is_set() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.event, || self.is_set().then_some(())).await
     }
 
     /// A listener to poll by hand; check [`Latch::is_set`] after making it.
     pub fn listener(&self) -> EventListener {
         self.event.listen()
+    }
+}
+
+/// Waits until `ready` gives a value, asking it again each time `event`
+/// is notified. The listener is made before `ready` is asked a second
+/// time, so a notification between a first miss and the wait is not lost.
+pub async fn wait_until<T>(event: &Event, mut ready: impl FnMut() -> Option<T>) -> T {
+    loop {
+        if let Some(value) = ready() {
+            return value;
+        }
+        let listener = event.listen();
+        if let Some(value) = ready() {
+            return value;
+        }
+        listener.await;
     }
 }
 

@@ -1,0 +1,166 @@
+//! Reaching the upstream: its name resolved at start and again after a
+//! failed connect, and its addresses tried in turn.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use backends::Runtime;
+
+use super::Outcome;
+use crate::config::UpstreamTarget;
+use crate::time::{Elapsed, timeout_at};
+
+/// Where the upstream is, and how to open a connection to it.
+pub(super) struct Dialer {
+    target: UpstreamTarget,
+    connect_timeout: Duration,
+    /// The resolved upstream addresses; replaced by a re-resolution after
+    /// a failed connect.
+    addrs: RwLock<Arc<[SocketAddr]>>,
+    /// Round-robin index into `addrs`.
+    next_addr: AtomicUsize,
+    resolving: AtomicBool,
+}
+
+impl Dialer {
+    /// Resolves `target`'s name; an error names the upstream.
+    pub(super) fn new(target: UpstreamTarget, connect_timeout: Duration) -> Result<Self, String> {
+        let addrs = resolve(&target)
+            .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
+        Ok(Self {
+            target,
+            connect_timeout,
+            addrs: RwLock::new(addrs.into()),
+            next_addr: AtomicUsize::new(0),
+            resolving: AtomicBool::new(false),
+        })
+    }
+
+    /// Dials the upstream within the connect timeout and `deadline`.
+    pub(super) async fn connect<R: Runtime>(
+        &'static self,
+        deadline: Instant,
+    ) -> Result<R::Stream, Outcome> {
+        let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
+        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let first = self.next_addr.fetch_add(1, Ordering::Relaxed);
+        let connected = connect_any::<R>(&addrs, first, connect_deadline).await;
+        if connected.is_err() {
+            self.re_resolve();
+        }
+        connected
+    }
+
+    /// Looks the upstream's name up again after a failed connect, on a
+    /// plain thread (the resolver blocks), one lookup at a time. An IP
+    /// literal needs none.
+    fn re_resolve(&'static self) {
+        if self.target.host.parse::<std::net::IpAddr>().is_ok()
+            || self.resolving.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("gateway-resolve".to_owned())
+            .spawn(move || {
+                match resolve(&self.target) {
+                    Ok(addrs) => {
+                        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs.into();
+                    }
+                    Err(error) => {
+                        tracing::warn!(host = ?self.target.host, %error, "upstream re-resolution failed");
+                    }
+                }
+                self.resolving.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.resolving.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Connects to the first of `addrs`, taken in turn from `first`, that
+/// accepts before `deadline`. A name can resolve to addresses the upstream
+/// does not listen on (`localhost` to `::1` and `127.0.0.1`, with a counter
+/// on one of them); a visit must not fail while another address would
+/// do. A refusal moves on at once; an address that does not answer takes
+/// what is left of the deadline.
+async fn connect_any<R: Runtime>(
+    addrs: &[SocketAddr],
+    first: usize,
+    deadline: Instant,
+) -> Result<R::Stream, Outcome> {
+    for i in 0..addrs.len() {
+        let addr = addrs[first.wrapping_add(i) % addrs.len()];
+        match timeout_at::<R, _>(deadline, R::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(error)) => tracing::debug!(%addr, %error, "upstream connect failed"),
+            Err(Elapsed) => {
+                tracing::debug!(%addr, "upstream connect timed out");
+                return Err(Outcome::TimedOut);
+            }
+        }
+    }
+    Err(Outcome::Failed)
+}
+
+fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
+        .to_socket_addrs()?
+        .collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::other("the name resolved to no address"));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::time::{Duration, Instant};
+
+    use backends::{Runtime, Threading};
+
+    use super::{Outcome, connect_any};
+    use crate::config::Backend;
+    use crate::daemon::{OnRuntime, on_backend};
+
+    /// An address nothing listens on (bound, then let go).
+    fn refusing() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+    }
+
+    struct ConnectPastARefusal;
+
+    impl OnRuntime for ConnectPastARefusal {
+        type Output = ();
+        fn run<R: Runtime>(self) {
+            let listening = TcpListener::bind("127.0.0.1:0").unwrap();
+            let open = listening.local_addr().unwrap();
+            let closed = refusing();
+            let (past, none) = R::block_on(1, Threading::Shared, async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let past = connect_any::<R>(&[closed, open], 0, deadline).await;
+                let none = connect_any::<R>(&[closed, closed], 1, deadline).await;
+                (past.map(drop), none.map(drop))
+            })
+            .unwrap();
+            assert_eq!(past, Ok(()), "{}", R::NAME);
+            assert_eq!(none, Err(Outcome::Failed), "{}", R::NAME);
+            // The connection made is the listener's.
+            listening.set_nonblocking(true).unwrap();
+            assert!(listening.accept().is_ok(), "{}", R::NAME);
+        }
+    }
+
+    #[test]
+    fn a_connect_moves_past_an_address_that_refuses() {
+        for backend in [Backend::Tokio, Backend::Smol] {
+            on_backend(backend, ConnectPastARefusal);
+        }
+    }
+}

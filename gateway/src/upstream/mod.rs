@@ -1,0 +1,274 @@
+//! The upstream client: a pool of kept-alive HTTP/1.1 connections to the
+//! counter, written once over the runtime trait.
+//!
+//! A visit takes a pooled connection, else dials a new one if the cap
+//! (`upstream.max_connections`) allows, else queues for either until its
+//! deadline and is then answered 503 without touching the upstream
+//! ([`pool`] has the rules). The exchange itself runs in the visitor's own
+//! task ([`exchange`], which reads the answer as [`framing`] says); a
+//! connection is just a stream, its buffer, and its slot under the cap.
+//! [`dial`] resolves and connects.
+//!
+//! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
+//! byte of it can have left — the pooled connection was found closed
+//! before writing, or the very first write failed — and only once, on a
+//! fresh connection.
+
+mod dial;
+pub mod exchange;
+mod framing;
+mod pool;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use backends::Runtime;
+
+use self::dial::Dialer;
+use self::exchange::{Connection, Exchange};
+use self::pool::{Found, Handoff, Pool, Queued, Slot};
+use crate::config::{UpstreamConfig, UpstreamTarget, ms};
+use crate::time::{Elapsed, timeout_at};
+
+/// How a visit's upstream exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered 2xx and its body was read to the end.
+    Counted,
+    /// Refused, reset, non-2xx or garbage: answer 502.
+    Failed,
+    /// The deadline passed while connecting or awaiting the answer: 504.
+    TimedOut,
+    /// The deadline passed waiting for a connection at the cap: 503.
+    Overloaded,
+}
+
+/// What the pool holds: an upstream connection on the runtime's stream.
+type Pooled<R> = Connection<<R as Runtime>::Stream>;
+/// An open upstream connection and its slot under the cap.
+type Conn<R> = pool::Conn<Pooled<R>>;
+/// A future kept off the visit's own (see [`Upstream::connect`]).
+type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The upstream client and its connection pool; one per process, or one
+/// per worker with `runtime.threading = "per-core"`.
+pub struct Upstream<R: Runtime> {
+    /// `POST … HTTP/1.1`, `host`, `content-length: 0` and the
+    /// `x-forwarded-for: ` name: every visit's request up to its one
+    /// varying value.
+    request_head: Vec<u8>,
+    request_timeout: Duration,
+    pool: Pool<Pooled<R>>,
+    dialer: Dialer,
+}
+
+/// The result of one attempt on one connection.
+enum Attempt<R: Runtime> {
+    Done(Outcome, Option<Conn<R>>),
+    /// Not a byte left: the request may go out on another connection.
+    Unsent(Vec<u8>),
+}
+
+impl<R: Runtime> Upstream<R> {
+    /// Builds the client and resolves the upstream's name.
+    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+        let target = UpstreamTarget::parse(&config.url)?;
+        let request_head = format!(
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
+            target.path_and_query, target.authority
+        )
+        .into_bytes();
+        Ok(Self {
+            request_head,
+            request_timeout: ms(config.request_timeout_ms),
+            pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
+            dialer: Dialer::new(target, ms(config.connect_timeout_ms))?,
+        })
+    }
+
+    /// Connections open now (idle or busy).
+    pub fn open_connections(&self) -> usize {
+        self.pool.open()
+    }
+
+    /// The POST that registers a visit, whose `x-forwarded-for` value
+    /// `forwarded_for` writes; for [`Upstream::register_visit`].
+    pub fn visit_request(&self, forwarded_for: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut request = Vec::with_capacity(self.request_head.len() + 64);
+        request.extend_from_slice(&self.request_head);
+        forwarded_for(&mut request);
+        request.extend_from_slice(b"\r\n\r\n");
+        request
+    }
+
+    /// Registers one visit, which began at `started`, by sending `request`
+    /// (from [`Upstream::visit_request`]), unless the pool is saturated.
+    pub async fn register_visit(&'static self, mut request: Vec<u8>, started: Instant) -> Outcome {
+        let deadline = started + self.request_timeout;
+        let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
+        };
+        loop {
+            // Boxed so that, past the deadline, the attempt can move to a
+            // task of its own and finish there (see `finish_late`).
+            let mut attempt = Box::pin(self.attempt(conn, request, from_pool));
+            match timeout_at::<R, _>(deadline, attempt.as_mut()).await {
+                Err(Elapsed) => {
+                    self.finish_late(attempt);
+                    return Outcome::TimedOut;
+                }
+                Ok(Attempt::Done(outcome, reusable)) => {
+                    if let Some(conn) = reusable {
+                        self.check_in(conn);
+                    }
+                    return outcome;
+                }
+                Ok(Attempt::Unsent(returned)) if from_pool => {
+                    // The pooled connection was dead before a byte of this
+                    // request left: replace it, once.
+                    request = returned;
+                    from_pool = false;
+                    conn = match self.dial(deadline).await {
+                        Ok(conn) => conn,
+                        Err(outcome) => return outcome,
+                    };
+                }
+                Ok(Attempt::Unsent(_)) => return Outcome::Failed,
+            }
+        }
+    }
+
+    /// One request and answer on `conn`.
+    async fn attempt(&self, mut conn: Conn<R>, request: Vec<u8>, from_pool: bool) -> Attempt<R> {
+        if from_pool && !conn.connection.is_usable() {
+            return Attempt::Unsent(request);
+        }
+        match conn.connection.exchange(&request).await {
+            Exchange::Answered { status, reusable } => {
+                let outcome = if (200..300).contains(&status) {
+                    Outcome::Counted
+                } else {
+                    tracing::debug!(status, "upstream answered non-2xx");
+                    Outcome::Failed
+                };
+                Attempt::Done(outcome, reusable.then_some(conn))
+            }
+            Exchange::Unsent(error) => {
+                tracing::debug!(%error, "upstream connection failed before the request left");
+                Attempt::Unsent(request)
+            }
+            Exchange::Failed(error) => {
+                tracing::debug!(%error, "upstream exchange failed");
+                Attempt::Done(Outcome::Failed, None)
+            }
+        }
+    }
+
+    /// Lets an attempt whose visit was already answered 504 run on for
+    /// another `request_timeout`. Dropping it would close the connection
+    /// and free its slot at once, and the next waiter would send another
+    /// POST to an upstream that is already too slow; finishing it keeps
+    /// the slot busy for as long as the upstream really is (so waiters at
+    /// the cap get 503 without adding load) and keeps the connection.
+    fn finish_late(&'static self, attempt: impl Future<Output = Attempt<R>> + Send + 'static) {
+        R::spawn(async move {
+            let grace = Instant::now() + self.request_timeout;
+            if let Ok(Attempt::Done(_, Some(conn))) = timeout_at::<R, _>(grace, attempt).await {
+                self.check_in(conn);
+            }
+        });
+    }
+
+    /// An idle pooled connection, else a new one if the cap allows, else
+    /// queues for either until `deadline`. The flag is true for a pooled
+    /// one.
+    async fn checkout(
+        &'static self,
+        deadline: Instant,
+        now: Instant,
+    ) -> Result<(Conn<R>, bool), Outcome> {
+        match self.pool.checkout(now) {
+            Found::Pooled(conn) => Ok((conn, true)),
+            Found::Slot(slot) => self.connect(slot, deadline).await.map(|c| (c, false)),
+            Found::Queued(queued) => match self.wait_in_queue(queued, deadline).await {
+                Some(Handoff::Pooled(conn)) => Ok((conn, true)),
+                Some(Handoff::Slot(slot)) => self.connect(slot, deadline).await.map(|c| (c, false)),
+                None => Err(Outcome::Overloaded),
+            },
+        }
+    }
+
+    /// What `queued` is handed by `deadline`; out of the queue either way,
+    /// and out of it too if this is dropped while waiting.
+    ///
+    /// Boxed, like [`Upstream::connect`]: only visits that find the pool
+    /// at its cap wait, and the others should not carry the room.
+    fn wait_in_queue(
+        &'static self,
+        mut queued: Queued<Pooled<R>>,
+        deadline: Instant,
+    ) -> Boxed<Option<Handoff<Pooled<R>>>> {
+        Box::pin(async move {
+            timeout_at::<R, _>(deadline, queued.handed())
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+
+    /// A new connection, for a retry (see [`Pool::slot_for_retry`]).
+    async fn dial(&'static self, deadline: Instant) -> Result<Conn<R>, Outcome> {
+        let slot = match self.pool.slot_for_retry() {
+            Ok(slot) => slot,
+            Err(queued) => match self.wait_in_queue(queued, deadline).await {
+                Some(Handoff::Slot(slot)) => slot,
+                Some(Handoff::Pooled(conn)) => conn.into_slot(),
+                None => return Err(Outcome::Overloaded),
+            },
+        };
+        self.connect(slot, deadline).await
+    }
+
+    /// Dials the upstream within the connect timeout and the deadline.
+    ///
+    /// Boxed: a connect future (the runtime's, with its timeout) is about
+    /// as large as the rest of a visit's, and a visit's future reserves
+    /// room for it even on the common path, which takes a pooled
+    /// connection. hyper moves each request's future into the client
+    /// connection's own memory, so every visit would copy that room, and
+    /// with many connections taking turns it is written cold (callgrind's
+    /// cache model; bench/README.md). A connect is rare; its allocation is
+    /// not.
+    fn connect(
+        &'static self,
+        slot: Slot<Pooled<R>>,
+        deadline: Instant,
+    ) -> Boxed<Result<Conn<R>, Outcome>> {
+        Box::pin(async move {
+            let stream = self.dialer.connect::<R>(deadline).await?;
+            Ok(Conn::<R>::new(Connection::new(stream), slot))
+        })
+    }
+
+    /// Returns a connection that just finished an exchange cleanly: to the
+    /// longest-waiting visit, else to the pool.
+    fn check_in(&self, mut conn: Conn<R>) {
+        // Armed before taking the lock (on smol it is a syscall). A visit
+        // handed the connection replaces the watch with its own read.
+        conn.connection.watch_while_idle();
+        self.pool.check_in(conn, Instant::now());
+    }
+
+    /// Closes connections idle longer than `pool_idle_timeout_ms`; runs
+    /// for the life of the process. (Whether the upstream closed one is
+    /// checked just before use.)
+    pub async fn reap_idle(&'static self) {
+        let period = (self.pool.idle_timeout() / 2).max(Duration::from_millis(100));
+        loop {
+            R::sleep_until(Instant::now() + period).await;
+            self.pool.reap(Instant::now());
+        }
+    }
+}
