@@ -62,44 +62,88 @@ impl Answers {
     }
 }
 
-/// `clients` keep-alive clients POSTing to `counter` until `stop`.
-fn post_until(
+/// Eight keep-alive clients per counter POSTing until stopped, tallying
+/// what each counter answered.
+struct Load {
+    stop: Arc<AtomicBool>,
+    since: Instant,
+    answers: Vec<Arc<Answers>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    fn start(counters: &[Process]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let since = Instant::now();
+        let answers: Vec<Arc<Answers>> = counters.iter().map(|_| Arc::default()).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (counter, answers) in counters.iter().zip(&answers) {
+            let counter = counter.addr("counter");
+            for _ in 0..8 {
+                let (stop, answers) = (stop.clone(), answers.clone());
+                tasks.spawn(post_until(counter, stop, answers, since));
+            }
+        }
+        Self {
+            stop,
+            since,
+            answers,
+            tasks,
+        }
+    }
+
+    /// Microseconds from the start to `at`.
+    fn us(&self, at: Instant) -> u64 {
+        at.duration_since(self.since).as_micros() as u64
+    }
+
+    /// Stops the clients once their POSTs in flight are answered; returns
+    /// the 200s, 503s and 504s of all counters.
+    async fn stop(&mut self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        while let Some(result) = self.tasks.join_next().await {
+            result.expect("client");
+        }
+        let sum = |field: fn(&Answers) -> &AtomicU64| -> u64 {
+            self.answers
+                .iter()
+                .map(|a| field(a).load(Ordering::SeqCst))
+                .sum()
+        };
+        (sum(|a| &a.ok), sum(|a| &a.refused), sum(|a| &a.unknown))
+    }
+}
+
+/// One keep-alive client POSTing to `counter` until `stop`.
+async fn post_until(
     counter: SocketAddr,
-    clients: usize,
     stop: Arc<AtomicBool>,
     answers: Arc<Answers>,
     since: Instant,
-) -> tokio::task::JoinSet<()> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
-        let (stop, answers) = (stop.clone(), answers.clone());
-        tasks.spawn(async move {
-            let mut client = Client::connect(counter).await;
-            while !stop.load(Ordering::SeqCst) {
-                let answer = client
-                    .send(request("POST", "/counter"))
-                    .await
-                    .expect("an answer");
-                match answer.status {
-                    StatusCode::OK => {
-                        answers.ok.fetch_add(1, Ordering::SeqCst);
-                        let at = since.elapsed().as_micros() as u64;
-                        answers.last_ok_us.fetch_max(at, Ordering::SeqCst);
-                    }
-                    StatusCode::SERVICE_UNAVAILABLE => {
-                        answers.refused.fetch_add(1, Ordering::SeqCst);
-                        // As the retry-after asks, a little.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    StatusCode::GATEWAY_TIMEOUT => {
-                        answers.unknown.fetch_add(1, Ordering::SeqCst);
-                    }
-                    status => panic!("unexpected {status}"),
-                }
+) {
+    let mut client = Client::connect(counter).await;
+    while !stop.load(Ordering::SeqCst) {
+        let answer = client
+            .send(request("POST", "/counter"))
+            .await
+            .expect("an answer");
+        match answer.status {
+            StatusCode::OK => {
+                answers.ok.fetch_add(1, Ordering::SeqCst);
+                let at = since.elapsed().as_micros() as u64;
+                answers.last_ok_us.fetch_max(at, Ordering::SeqCst);
             }
-        });
+            StatusCode::SERVICE_UNAVAILABLE => {
+                answers.refused.fetch_add(1, Ordering::SeqCst);
+                // As the retry-after asks, a little.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            StatusCode::GATEWAY_TIMEOUT => {
+                answers.unknown.fetch_add(1, Ordering::SeqCst);
+            }
+            status => panic!("unexpected {status}"),
+        }
     }
-    tasks
 }
 
 async fn two_counters_on_one_database_read_one_exact_total(backend: Backend) {
@@ -124,7 +168,7 @@ async fn two_counters_on_one_database_read_one_exact_total(backend: Backend) {
     }
     assert_eq!(counter_tally(a).await, 2 * 16 * 40);
     assert_eq!(counter_tally(b).await, 2 * 16 * 40);
-    assert_eq!(db.query("SELECT total FROM gateway_counter"), "1280");
+    assert_eq!(db.total(), 1280);
     // One writer row per counter process.
     assert_eq!(
         db.query("SELECT count(*) FROM gateway_counter_writers"),
@@ -151,16 +195,9 @@ async fn restart_under_load(backend: Backend, outage: Duration) {
         start_counter(backend, &url),
         start_counter(other(backend), &url),
     ];
-    let stop = Arc::new(AtomicBool::new(false));
-    let since = Instant::now();
-    let answers: Vec<Arc<Answers>> = counters.iter().map(|_| Arc::default()).collect();
-    let mut load: Vec<_> = counters
-        .iter()
-        .zip(&answers)
-        .map(|(c, a)| post_until(c.addr("counter"), 8, stop.clone(), a.clone(), since))
-        .collect();
+    let mut load = Load::start(&counters);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let before: u64 = answers.iter().map(|a| a.ok()).sum();
+    let before: u64 = load.answers.iter().map(|a| a.ok()).sum();
     assert!(before > 0, "no 200 before the restart");
 
     let db = tokio::task::spawn_blocking(move || {
@@ -170,28 +207,9 @@ async fn restart_under_load(backend: Backend, outage: Duration) {
         (db, back)
     });
     let (db, back) = db.await.expect("the restart");
-    let back_us = back.duration_since(since).as_micros() as u64;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::SeqCst);
-    for tasks in &mut load {
-        while let Some(result) = tasks.join_next().await {
-            result.expect("client");
-        }
-    }
-
-    let total: u64 = db
-        .query("SELECT total FROM gateway_counter")
-        .parse()
-        .unwrap();
-    let ok: u64 = answers.iter().map(|a| a.ok()).sum();
-    let refused: u64 = answers
-        .iter()
-        .map(|a| a.refused.load(Ordering::SeqCst))
-        .sum();
-    let unknown: u64 = answers
-        .iter()
-        .map(|a| a.unknown.load(Ordering::SeqCst))
-        .sum();
+    let (ok, refused, unknown) = load.stop().await;
+    let total = db.total();
     eprintln!("restart: {ok} × 200, {refused} × 503, {unknown} × 504; database total {total}");
     assert!(
         counters
@@ -203,11 +221,11 @@ async fn restart_under_load(backend: Backend, outage: Duration) {
         ok <= total && total <= ok + unknown,
         "200s {ok}, 504s {unknown}, counted {total}"
     );
-    for (counter, answers) in counters.iter().zip(&answers) {
+    for (counter, answers) in counters.iter().zip(&load.answers) {
         // 200s resumed: the last one came well after the database was back.
         let last = answers.last_ok_us.load(Ordering::SeqCst);
         assert!(
-            last > back_us + 1_000_000,
+            last > load.us(back) + 1_000_000,
             "no 200 in the second after the database came back:\n{}",
             counter.log_text()
         );
@@ -249,7 +267,7 @@ async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend
     eprintln!("first 200 {resumed:?} after the database was back");
     assert!(resumed < Duration::from_secs(1), "{resumed:?}");
     assert_eq!(counter_tally(addr).await, 1);
-    assert_eq!(db.query("SELECT total FROM gateway_counter"), "1");
+    assert_eq!(db.total(), 1);
 }
 
 async fn a_database_that_refuses_the_counter_stops_its_start(backend: Backend) {
@@ -322,40 +340,19 @@ async fn two_hosts_share_one_count_through_a_partition(backend: Backend) {
             Process::start_command(command, 1)
         })
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let since = Instant::now();
-    let answers: Vec<Arc<Answers>> = counters.iter().map(|_| Arc::default()).collect();
-    let mut load: Vec<_> = counters
-        .iter()
-        .zip(&answers)
-        .map(|(c, a)| post_until(c.addr("counter"), 8, stop.clone(), a.clone(), since))
-        .collect();
+    let mut load = Load::start(&counters);
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     network.cut(1, 0);
-    let host2_before = answers[1].ok();
+    let host2_before = load.answers[1].ok();
     tokio::time::sleep(Duration::from_millis(6500)).await;
-    let host2_during = answers[1].ok() - host2_before;
+    let host2_during = load.answers[1].ok() - host2_before;
     network.heal(1, 0);
     let healed = Instant::now();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    stop.store(true, Ordering::SeqCst);
-    for tasks in &mut load {
-        while let Some(result) = tasks.join_next().await {
-            result.expect("client");
-        }
-    }
-
-    let total: u64 = db
-        .query("SELECT total FROM gateway_counter")
-        .parse()
-        .unwrap();
-    let ok: u64 = answers.iter().map(|a| a.ok()).sum();
-    let unknown: u64 = answers
-        .iter()
-        .map(|a| a.unknown.load(Ordering::SeqCst))
-        .sum();
-    let refused = answers[0].refused.load(Ordering::SeqCst);
+    let (ok, _, unknown) = load.stop().await;
+    let total = db.total();
+    let refused = load.answers[0].refused.load(Ordering::SeqCst);
     eprintln!(
         "partition: {ok} × 200 ({host2_during} on host 2 during the cut), host 1 {refused} × 503, \
          {unknown} × 504; database total {total}"
@@ -373,9 +370,9 @@ async fn two_hosts_share_one_count_through_a_partition(backend: Backend) {
         "the partition went unnoticed:\n{}",
         counters[0].log_text()
     );
-    let last = answers[0].last_ok_us.load(Ordering::SeqCst);
+    let last = load.answers[0].last_ok_us.load(Ordering::SeqCst);
     assert!(
-        last > healed.duration_since(since).as_micros() as u64,
+        last > load.us(healed),
         "host 1 never counted again after the network came back:\n{}",
         counters[0].log_text()
     );

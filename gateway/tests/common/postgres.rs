@@ -226,6 +226,14 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// The count in the database.
+    pub fn total(&self) -> u64 {
+        let total = self.query("SELECT total FROM gateway_counter");
+        total
+            .parse()
+            .unwrap_or_else(|_| panic!("a total, not {total:?}"))
+    }
+
     pub fn folder(&self) -> &Path {
         self.folder.path()
     }
