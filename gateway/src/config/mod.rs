@@ -1,0 +1,319 @@
+//! The configuration file: its shape, its defaults, and errors that point
+//! at the offending line.
+//!
+//! Every key has a default (README, "Configuration"), so an empty file is valid. Unknown
+//! keys are errors. A [`ConfigError`] names the file, the line and column,
+//! the key and what was expected; `serde_path_to_error` supplies the key
+//! path and toml's span-preserving parser the position.
+//!
+//! This module holds the types and their defaults; `load` reads a file and
+//! checks what the types cannot, `error` tells what is wrong and where, and
+//! `upstream_url` splits `upstream.url` into what a connection needs.
+
+mod error;
+mod load;
+mod upstream_url;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use self::error::{ConfigError, Escaped};
+pub use self::load::locate;
+pub use self::upstream_url::UpstreamTarget;
+
+/// The whole configuration, as read from `config.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub responses: ResponsesConfig,
+    pub admin: Option<AdminConfig>,
+    pub counter: Option<CounterConfig>,
+    pub log: LogConfig,
+    /// What a relative `counter.path` is taken from: `$STATE_DIRECTORY`
+    /// when systemd sets it, else the configuration file's folder (set by
+    /// [`Config::load`]; the working directory otherwise).
+    #[serde(skip)]
+    pub state_base: PathBuf,
+}
+
+/// Which async runtime runs the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Tokio,
+    Smol,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tokio => "tokio",
+            Backend::Smol => "smol",
+        }
+    }
+}
+
+/// How the worker threads share the work (`runtime.threading`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threading {
+    /// One scheduler for all workers; connections move to idle workers.
+    Shared,
+    /// One scheduler and upstream pool per worker; new connections are
+    /// handed to the workers in turn and stay on theirs. The default: it
+    /// served more than shared on four and eight cores (bench/README.md).
+    #[default]
+    PerCore,
+}
+
+impl Threading {
+    pub fn name(self) -> &'static str {
+        match self {
+            Threading::Shared => "shared",
+            Threading::PerCore => "per-core",
+        }
+    }
+}
+
+impl From<Threading> for backends::Threading {
+    fn from(threading: Threading) -> Self {
+        match threading {
+            Threading::Shared => backends::Threading::Shared,
+            Threading::PerCore => backends::Threading::PerCore,
+        }
+    }
+}
+
+/// The largest configuration file read (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The most worker threads `runtime.workers` (and `gateway counter
+/// --workers`) may ask for. More would not run faster on any host this
+/// serves, and far more failed at start: `usize::MAX` overflowed a vector
+/// (a panic), 100,000 had the OS refuse threads.
+pub const MAX_WORKERS: usize = 1024;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub backend: Backend,
+    /// Worker threads, at most [`MAX_WORKERS`]; 0 means one per CPU this
+    /// process may run on.
+    pub workers: usize,
+    pub threading: Threading,
+}
+
+impl RuntimeConfig {
+    /// The number of worker threads to start: never more than
+    /// [`MAX_WORKERS`], also when counted from the CPUs.
+    pub fn worker_count(&self) -> usize {
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        workers.min(MAX_WORKERS)
+    }
+}
+
+/// The most connections `server.max_connections` and
+/// `upstream.max_connections` may allow: no Linux process can hold more
+/// descriptors (`fs.nr_open` tops out just below 2^31), so a larger cap
+/// only means "none", and the descriptor count the start-up check adds up
+/// from them would overflow.
+pub const MAX_CONNECTIONS: usize = 1 << 31;
+
+/// What `server.max_header_bytes` may be. hyper needs at least 8 KiB. It
+/// is also what each connection may buffer of a request head, and hyper
+/// sets no ceiling of its own: a huge value took 32 MiB heads (each
+/// connection, times `server.max_connections`) and never answered 431.
+/// 1 MiB is Go's `net/http` default, 64 times the default here.
+pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            max_connections: 65536,
+            header_read_timeout_ms: 5000,
+            idle_timeout_ms: 60000,
+            max_header_bytes: 16384,
+            shutdown_timeout_ms: 10000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_connections: usize,
+    pub pool_idle_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3001/counter".to_owned(),
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 2000,
+            max_connections: 1024,
+            pool_idle_timeout_ms: 30000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponsesConfig {
+    pub welcome: String,
+    pub error: String,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self {
+            welcome: "Welcome to my site!".to_owned(),
+            error: "Error registering your visit".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CounterConfig {
+    pub listen: SocketAddr,
+    pub store: StoreKind,
+    /// The state file of `store = "file"`; see [`CounterConfig::state_path`].
+    pub path: Option<PathBuf>,
+    /// The database of `store = "postgres"`: a `postgres://` URL (or
+    /// libpq's `key=value` form).
+    pub postgres_url: Option<String>,
+}
+
+impl Default for CounterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
+            store: StoreKind::File,
+            path: None,
+            postgres_url: None,
+        }
+    }
+}
+
+/// The state file's name when `counter.path` is not given.
+pub const DEFAULT_STATE_FILE: &str = "counter.state";
+
+impl CounterConfig {
+    /// Whether the store's keys fit the store: a wrong one is named.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.path.is_some() && self.store != StoreKind::File {
+            return Err((
+                "counter.path",
+                "a state file is only for store = \"file\"; remove it, or set store = \"file\""
+                    .to_owned(),
+            ));
+        }
+        if let Some(path) = &self.path
+            && path.as_os_str().is_empty()
+        {
+            return Err((
+                "counter.path",
+                "expected a file name, got an empty path".to_owned(),
+            ));
+        }
+        match (&self.postgres_url, self.store) {
+            (Some(url), StoreKind::Postgres) => crate::store::postgres::parse_url(url)
+                .map(drop)
+                .map_err(|why| ("counter.postgres_url", Escaped(&why).to_string())),
+            (None, StoreKind::Postgres) => Err((
+                "counter.store",
+                "store = \"postgres\" needs counter.postgres_url (e.g. \"postgres://gateway@127.0.0.1/gateway\")".to_owned(),
+            )),
+            (Some(_), _) => Err((
+                "counter.postgres_url",
+                "a database is only for store = \"postgres\"; remove it, or set store = \"postgres\"".to_owned(),
+            )),
+            (None, _) => Ok(()),
+        }
+    }
+
+    /// The state file of the file store: `counter.path`, else
+    /// [`DEFAULT_STATE_FILE`]; a relative one is taken from `base`.
+    pub fn state_path(&self, base: &Path) -> PathBuf {
+        let path = self
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+        base.join(path)
+    }
+}
+
+/// Where the built-in counter keeps its count (`counter.store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A file on this machine, synced before each answer (the default).
+    #[default]
+    File,
+    /// Memory only: lost at every restart. For benchmarks and tests.
+    Memory,
+    /// A PostgreSQL database, committed before each answer: one count for
+    /// every counter pointed at it.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            access: false,
+        }
+    }
+}
+
+/// Milliseconds from the config as a [`Duration`].
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
