@@ -3,13 +3,11 @@
 //! own task, enforce the header-read and idle timeouts, and drain on
 //! shutdown.
 //!
-//! Timeouts are kept here rather than by hyper because hyper (since 1.6)
-//! starts its header-read timer as soon as a keep-alive connection goes
-//! idle, which would close idle connections after `header_read_timeout_ms`
-//! instead of `idle_timeout_ms`. Each connection instead tracks its
-//! [`Phase`]: reading a head (from its first byte, or from the accept),
-//! busy in the service, or idle between requests; one resettable timer per
-//! connection, re-armed lazily, enforces the phase's deadline.
+//! The timeouts are kept here rather than by hyper: each connection tracks
+//! its [`Phase`], and one resettable timer per connection, re-armed lazily,
+//! enforces the phase's deadline (the `phase` module says why).
+
+mod phase;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,9 +15,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_lock::{Semaphore, SemaphoreGuardArc};
@@ -27,9 +24,10 @@ use backends::Runtime;
 use event_listener::Event;
 use futures_lite::future::{self, poll_fn};
 use hyper::body::Body as _;
-use hyper::rt::{Read, ReadBufCursor, Timer, Write};
+use hyper::rt::Timer;
 use hyper::server::conn::http1;
 
+use self::phase::{Activity, Phase, WatchedIo};
 use crate::forever;
 use crate::metrics::Metrics;
 use crate::request_rules;
@@ -114,7 +112,7 @@ pub async fn serve<R: Runtime, S: Service>(
     let mut builder = http1::Builder::new();
     builder
         .timer(R::timer())
-        // The phases below do the header-read timeout; see the module doc.
+        // The phases do the header-read timeout; see the `phase` module's doc.
         .header_read_timeout(None)
         .keep_alive(true)
         // A client may shut down its sending side once its request is out
@@ -229,128 +227,6 @@ fn is_resource_exhaustion(error: &io::Error) -> bool {
         Errno::from_io_error(error),
         Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
     )
-}
-
-/// Where a connection is in its request cycle; decides which timeout runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Phase {
-    /// Reading a request head: `header_read_timeout` from its first byte
-    /// (or from the accept, for a connection's first request).
-    Head = 0,
-    /// The service is answering: no timeout here (the service has its own).
-    Busy = 1,
-    /// Between requests on a keep-alive connection: `idle_timeout`.
-    Idle = 2,
-}
-
-/// A connection's phase and when it began, shared between the IO wrapper,
-/// the service wrapper and the connection task (all on the same task; the
-/// atomics are only there to make it `Sync`).
-struct Activity {
-    phase: AtomicU8,
-    /// Nanoseconds since [`epoch`].
-    since: AtomicU64,
-}
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn nanos_since_epoch(at: Instant) -> u64 {
-    at.saturating_duration_since(epoch()).as_nanos() as u64
-}
-
-impl Activity {
-    fn new(phase: Phase, at: Instant) -> Self {
-        Self {
-            phase: AtomicU8::new(phase as u8),
-            since: AtomicU64::new(nanos_since_epoch(at)),
-        }
-    }
-
-    fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Relaxed) {
-            0 => Phase::Head,
-            1 => Phase::Busy,
-            _ => Phase::Idle,
-        }
-    }
-
-    fn enter(&self, phase: Phase, at: Instant) {
-        self.since.store(nanos_since_epoch(at), Ordering::Relaxed);
-        self.phase.store(phase as u8, Ordering::Relaxed);
-    }
-
-    /// Bytes arrived: an idle connection starts reading a head.
-    fn on_read(&self) {
-        if self.phase() == Phase::Idle {
-            self.enter(Phase::Head, Instant::now());
-        }
-    }
-
-    /// When the current phase times out, if it can.
-    fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
-        let since = epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed));
-        match self.phase() {
-            Phase::Head => Some(since + settings.header_read_timeout),
-            Phase::Busy => None,
-            Phase::Idle => Some(since + settings.idle_timeout),
-        }
-    }
-}
-
-/// The client stream, reporting reads to the connection's [`Activity`].
-struct WatchedIo<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: Read + Unpin> Read for WatchedIo<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        // Ready(Ok) is either bytes or end of stream; at end of stream
-        // hyper closes the connection, so both count as activity.
-        if let Poll::Ready(Ok(())) = polled {
-            self.activity.on_read();
-        }
-        polled
-    }
-}
-
-impl<S: Write + Unpin> Write for WatchedIo<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
 }
 
 /// How a connection ended, for the debug log.
