@@ -188,7 +188,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
             // are spread over them like the public ones.
-            let services = forever(vec![service; shards]);
+            let services: &'static [_] = vec![service; shards].leak();
             counter.serve::<R, _>(listener, services, counter_settings, connections);
         }
 
@@ -218,7 +218,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             let services: Vec<&'static Forward<R>> = (0..shards)
                 .map(|worker| forwards[worker % forwards.len()])
                 .collect();
-            public.serve::<R, _>(listener, forever(services), public_settings, connections);
+            public.serve::<R, _>(listener, services.leak(), public_settings, connections);
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None);
@@ -339,7 +339,7 @@ fn upstream_pools<R: Runtime>(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Upstream)?;
-    Ok(forever(pools))
+    Ok(pools.leak())
 }
 
 /// Splits `max_connections` over up to `shards` pools, so that together

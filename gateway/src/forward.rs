@@ -13,7 +13,6 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::ResponsesConfig;
-use crate::forever;
 use crate::metrics::Metrics;
 use crate::service::{Body, Service, get_or_head, method_not_allowed, status_only, text};
 use crate::upstream::{Outcome, Upstream};
@@ -37,8 +36,8 @@ impl<R: Runtime> Forward<R> {
         Self {
             upstream,
             metrics,
-            welcome: forever(responses.welcome.clone()),
-            error: forever(responses.error.clone()),
+            welcome: responses.welcome.clone().leak(),
+            error: responses.error.clone().leak(),
         }
     }
 
