@@ -113,7 +113,13 @@ impl PostgresStore {
             unsettled: None,
         };
         let total = match store.connect().and_then(read_total) {
-            Ok(total) => total,
+            Ok(Ok(total)) => total,
+            Ok(Err(unreadable)) => {
+                return Err(io::Error::other(format!(
+                    "{}: {unreadable}",
+                    store.describe()
+                )));
+            }
             Err(error) if error.as_db_error().is_some() => {
                 return Err(io::Error::other(format!(
                     "{}: {}",
@@ -183,12 +189,14 @@ impl PostgresStore {
     }
 
     fn read(&mut self) -> Result<u64, CommitError> {
-        let answer = read_total(self.connected()?);
-        answer.map_err(|error| {
-            let refused = CommitError::Refused(io::Error::other(explain(&error)));
-            self.lost(error);
-            refused
-        })
+        match read_total(self.connected()?) {
+            Ok(answer) => answer.map_err(CommitError::Refused),
+            Err(error) => {
+                let refused = CommitError::Refused(io::Error::other(explain(&error)));
+                self.lost(error);
+                Err(refused)
+            }
+        }
     }
 
     /// Whether the unsettled batch committed, asked on a new connection.
@@ -333,13 +341,15 @@ pub fn describe(config: &Config) -> String {
     line
 }
 
-/// The total in the database (0 if the row is not there yet).
-fn read_total(client: &mut Client) -> Result<u64, postgres::Error> {
-    let rows = client.query("SELECT total FROM gateway_counter WHERE id = 1", &[])?;
-    Ok(rows
-        .first()
-        .map(|row| row.get::<_, i64>(0))
-        .map_or(0, |total| total.max(0).unsigned_abs()))
+/// The total in the database (0 if its row is not there yet): the outer
+/// error is the connection's or the server's, the inner one an answer that
+/// is not a count.
+fn read_total(client: &mut Client) -> Result<io::Result<u64>, postgres::Error> {
+    let messages = client.simple_query("SELECT total FROM gateway_counter WHERE id = 1")?;
+    Ok(first_row(&messages, 1).and_then(|row| match row {
+        Some(values) => parse_number(values[0].as_deref()),
+        None => Ok(0),
+    }))
 }
 
 /// The values of the first row in a simple query's answer, which must have
