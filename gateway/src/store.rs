@@ -70,7 +70,10 @@ pub enum CommitError {
     /// The outcome is unknown and a retry would not settle it (an
     /// `fdatasync` failed: the kernel may have dropped the data while
     /// reporting the error once). The process ends; under systemd it is
-    /// restarted and reads what really reached the disk.
+    /// restarted and reads the file again (where the kernel still caches
+    /// the slot that was not synced, it may read that count: never one a
+    /// 200 was sent for and lost, at worst visits counted that were not
+    /// answered 200).
     Fatal(io::Error),
 }
 
@@ -176,7 +179,9 @@ impl Store {
     /// the store (with the next commit).
     pub async fn total(&self) -> Result<u64, NotCounted> {
         if self.read_through {
-            self.join(0).wait().await
+            // A read shares its batch's fate, but an unknown commit says
+            // nothing about the total read: it was not read.
+            self.join(0).wait().await.map_err(|_| NotCounted::Refused)
         } else {
             Ok(self.last_total())
         }

@@ -381,7 +381,117 @@ async fn two_hosts_share_one_count_through_a_partition(backend: Backend) {
     }
 }
 
+/// A TCP relay to the database whose client-side sockets the test can
+/// reset while their database-side halves stay open, so that the server
+/// goes on with a transaction whose client is gone: what a dead proxy or
+/// pooler between them does.
+struct Relay {
+    addr: SocketAddr,
+    /// The counter-side sockets of the relayed connections so far.
+    clients: Arc<std::sync::Mutex<Vec<std::os::fd::OwnedFd>>>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = clients.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(to).await.unwrap();
+                let client = client.into_std().unwrap();
+                kept.lock()
+                    .unwrap()
+                    .push(std::os::fd::OwnedFd::from(client.try_clone().unwrap()));
+                let client = tokio::net::TcpStream::from_std(client).unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    // The server side stays open: its session goes on.
+                    std::future::pending::<()>().await;
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                });
+            }
+        });
+        Self { addr, clients }
+    }
+
+    /// Resets every relayed connection on the counter's side.
+    fn reset_clients(&self) {
+        for fd in self.clients.lock().unwrap().drain(..) {
+            let socket = socket2::Socket::from(fd);
+            let _ = socket.set_linger(Some(Duration::ZERO));
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The connection is lost while the commit waits for a lock held
+/// elsewhere, and the server, which never noticed, commits it after the
+/// counter has reconnected: settling waits for that transaction and
+/// answers the visit 200, counted once.
+async fn a_commit_that_ends_after_its_connection_was_lost_is_settled_as_counted(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], db.port))).await;
+    let url = format!("postgres://gateway@{}/postgres", relay.addr);
+    let counter = start_counter(backend, &url);
+    let addr = counter.addr("counter");
+    assert_eq!(counter_tally(addr).await, 0);
+
+    // Another session holds the total's row for 1.5 s.
+    let holder = db.spawn_query(
+        "BEGIN; SELECT FROM gateway_counter WHERE id = 1 FOR UPDATE; SELECT pg_sleep(1.5); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let visit = tokio::spawn(async move { Client::connect(addr).await.post("/counter").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.reset_clients();
+
+    let answer = visit.await.expect("the visit");
+    holder.wait_with_output().expect("the holding session");
+    assert_eq!(answer.status, StatusCode::OK, "{}", counter.log_text());
+    assert_eq!(db.total(), 1);
+    assert!(
+        counter.log_text().contains("had committed"),
+        "{}",
+        counter.log_text()
+    );
+}
+
+/// A lock held elsewhere for longer than a statement may wait: the server
+/// cancels the commit (an error, so nothing of it committed), the visit
+/// is answered 503 instead of hanging, and the next one counts.
+async fn a_commit_stuck_behind_a_lock_is_refused_not_held(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let counter = start_counter(backend, &db.url());
+    let addr = counter.addr("counter");
+    let holder = db.spawn_query(
+        "BEGIN; SELECT FROM gateway_counter WHERE id = 1 FOR UPDATE; SELECT pg_sleep(7); COMMIT;",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = Client::connect(addr).await;
+    // Refused, not answered 200 once the lock was released at 7 s.
+    let answer = client.post("/counter").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        counter.log_text()
+    );
+    holder.wait_with_output().expect("the holding session");
+    assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+    assert_eq!(db.total(), 1);
+}
+
 both_backends!(
+    a_commit_stuck_behind_a_lock_is_refused_not_held,
+    a_commit_that_ends_after_its_connection_was_lost_is_settled_as_counted,
     two_hosts_share_one_count_through_a_partition,
     two_counters_on_one_database_read_one_exact_total,
     a_database_restart_under_load_loses_no_200_and_counts_nothing_twice,

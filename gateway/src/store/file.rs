@@ -182,7 +182,17 @@ fn create(path: &Path) -> io::Result<()> {
     file.write_all_at(&bytes, 0)
         .and_then(|()| file.sync_all())
         .map_err(|e| context(&temporary, "cannot write it", e))?;
-    std::fs::rename(&temporary, path).map_err(|e| context(path, "cannot create it", e))?;
+    // Never over a file that appeared meanwhile (another process creating
+    // it too): that one may already be open, locked and counting.
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, &temporary, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            return std::fs::remove_file(&temporary)
+                .map_err(|e| context(&temporary, "cannot remove it", e));
+        }
+        Err(errno) => return Err(context(path, "cannot create it", errno.into())),
+    }
     File::open(folder)
         .and_then(|folder| folder.sync_all())
         .map_err(|e| context(folder, "cannot sync the folder", e))
@@ -196,10 +206,10 @@ impl Durable for FileStore {
         let total = self.newest.total.checked_add(increments).ok_or_else(|| {
             CommitError::Refused(io::Error::other("the count would pass 2^64 - 1"))
         })?;
-        let next = Slot {
-            sequence: self.newest.sequence + 1,
-            total,
-        };
+        let sequence = self.newest.sequence.checked_add(1).ok_or_else(|| {
+            CommitError::Refused(io::Error::other("the state file's sequence is at its end"))
+        })?;
+        let next = Slot { sequence, total };
         // The slot the newest good one is not; after a refused write the
         // same one again, so the good slot is never the one overwritten.
         let offset = (next.sequence % 2) * SLOT as u64;

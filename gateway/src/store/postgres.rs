@@ -25,7 +25,7 @@ use std::io::{self, Read as _};
 use std::time::{Duration, Instant};
 
 use postgres::config::Host;
-use postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use postgres::{Client, Config, NoTls, SimpleQueryMessage, SimpleQueryRow};
 
 use super::{CommitError, Durable};
 
@@ -39,18 +39,36 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// the connection counts as lost (a database host that vanished).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(5);
-/// The advisory lock's key is "gwcount" in ASCII.
-const SCHEMA: &str = "BEGIN;
-SELECT pg_advisory_xact_lock(29123191556632180);
-CREATE TABLE IF NOT EXISTS gateway_counter (
-    id smallint PRIMARY KEY CHECK (id = 1),
-    total bigint NOT NULL CHECK (total >= 0));
-CREATE TABLE IF NOT EXISTS gateway_counter_writers (
-    writer text PRIMARY KEY,
-    last_batch bigint NOT NULL,
-    updated timestamptz NOT NULL);
-DELETE FROM gateway_counter_writers WHERE updated < now() - interval '7 days';
-COMMIT;";
+/// How long any statement may run, or wait for a lock, before the server
+/// cancels it (an error: nothing of it committed). Without it a lock held
+/// elsewhere would hold every visit. Not the `COMMIT`: cancelling its
+/// wait for a synchronous standby would leave it committed locally only,
+/// and answered as if replicated.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The session's limits, then the schema, created if absent (the advisory
+/// lock's key is "gwcount" in ASCII), with the total's row in place so
+/// that settling always has a row to lock. Writers idle for a week are
+/// forgotten, never this one (`{writer}`).
+fn schema(writer: &str) -> String {
+    let timeout = STATEMENT_TIMEOUT.as_millis();
+    format!(
+        "SET statement_timeout = '{timeout}ms'; SET lock_timeout = '{timeout}ms';
+         BEGIN;
+         SELECT pg_advisory_xact_lock(29123191556632180);
+         CREATE TABLE IF NOT EXISTS gateway_counter (
+             id smallint PRIMARY KEY CHECK (id = 1),
+             total bigint NOT NULL CHECK (total >= 0));
+         CREATE TABLE IF NOT EXISTS gateway_counter_writers (
+             writer text PRIMARY KEY,
+             last_batch bigint NOT NULL,
+             updated timestamptz NOT NULL);
+         INSERT INTO gateway_counter (id, total) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+         DELETE FROM gateway_counter_writers
+           WHERE updated < now() - interval '7 days' AND writer <> '{writer}';
+         COMMIT;"
+    )
+}
 
 /// A count kept in PostgreSQL.
 pub struct PostgresStore {
@@ -75,6 +93,28 @@ fn explain(error: &postgres::Error) -> String {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
         None => error.to_string(),
     }
+}
+
+/// A server error that says "not now" rather than "no": starting up or
+/// shutting down (57P0x), out of connections or resources (53), a
+/// connection failure (08). At start these are waited out like an
+/// unreachable database.
+fn transient(error: &postgres::Error) -> bool {
+    error
+        .code()
+        .map(postgres::error::SqlState::code)
+        .is_some_and(|code| {
+            code.starts_with("57P") || code.starts_with("53") || code.starts_with("08")
+        })
+}
+
+/// An ERROR the server answered for a statement (as opposed to FATAL or
+/// PANIC, which end the session, or a lost connection): the transaction
+/// was rolled back.
+fn is_statement_error(error: &postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| db.parsed_severity() == Some(postgres::error::Severity::Error))
 }
 
 /// `postgres_url` parsed, as the configuration checks it: an error says why.
@@ -102,7 +142,9 @@ impl PostgresStore {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_user_timeout(NETWORK_TIMEOUT)
             .keepalives(true)
-            .keepalives_idle(NETWORK_TIMEOUT);
+            .keepalives_idle(NETWORK_TIMEOUT)
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
         let mut store = Self {
             config,
             client: None,
@@ -120,7 +162,7 @@ impl PostgresStore {
                     store.describe()
                 )));
             }
-            Err(error) if error.as_db_error().is_some() => {
+            Err(error) if error.as_db_error().is_some() && !transient(&error) => {
                 return Err(io::Error::other(format!(
                     "{}: {}",
                     store.describe(),
@@ -144,7 +186,7 @@ impl PostgresStore {
     fn connect(&mut self) -> Result<&mut Client, postgres::Error> {
         self.client = None;
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(SCHEMA)?;
+        client.batch_execute(&schema(&self.writer))?;
         if let Some(since) = self.lost_since.take() {
             tracing::info!(store = self.describe(), after = ?since.elapsed(), "database reconnected");
         }
@@ -202,12 +244,15 @@ impl PostgresStore {
     /// Whether the unsettled batch committed, asked on a new connection.
     fn ask(&mut self, batch: u64) -> Result<Option<u64>, io::Error> {
         // The row lock waits for the lost transaction to end, if the
-        // server still holds it; then its record is there or it never
-        // will be.
+        // server still holds it; the read after it, a statement of its own
+        // and so a snapshot taken after the wait, then sees its record or
+        // never will. (Read in the locking statement, the writer's row
+        // would be as it was before the wait.)
         let query = format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms';
+             SELECT FROM gateway_counter WHERE id = 1 FOR UPDATE;
              SELECT c.total, (SELECT w.last_batch FROM gateway_counter_writers w WHERE w.writer = '{}')
-               FROM gateway_counter c WHERE c.id = 1 FOR UPDATE;
+               FROM gateway_counter c WHERE c.id = 1;
              COMMIT;",
             LOCK_WAIT.as_millis(),
             self.writer
@@ -225,17 +270,21 @@ impl PostgresStore {
             self.lost(error);
             why
         })?;
-        let (total, last) = match first_row(&messages, 2)? {
-            Some(values) => (
-                parse_number(values[0].as_deref())?,
-                values[1]
-                    .as_deref()
-                    .map(|v| parse_number(Some(v)))
-                    .transpose()?,
-            ),
-            None => (0, None),
+        let Some(values) = last_row(&messages, 2)? else {
+            return Err(io::Error::other("the counter's row is missing"));
         };
-        Ok((last == Some(batch)).then_some(total))
+        let total = parse_number(values[0].as_deref())?;
+        let last = values[1]
+            .as_deref()
+            .map(|v| parse_number(Some(v)))
+            .transpose()?;
+        match last {
+            Some(last) if last == batch => Ok(Some(total)),
+            Some(last) if last > batch => Err(io::Error::other(format!(
+                "this counter's last batch is {last}, past the lost {batch}: another process with the same id?"
+            ))),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -256,7 +305,10 @@ impl Durable for PostgresStore {
                ON CONFLICT (id) DO UPDATE SET total = gateway_counter.total + EXCLUDED.total
                RETURNING total;
              INSERT INTO gateway_counter_writers (writer, last_batch, updated) VALUES ('{writer}', {batch}, now())
-               ON CONFLICT (writer) DO UPDATE SET last_batch = EXCLUDED.last_batch, updated = EXCLUDED.updated;
+               ON CONFLICT (writer) DO UPDATE
+               SET last_batch = GREATEST(gateway_counter_writers.last_batch, EXCLUDED.last_batch),
+                   updated = EXCLUDED.updated;
+             SET LOCAL statement_timeout = 0;
              COMMIT;"
         );
         let answer = self.connected()?.simple_query(&query);
@@ -275,6 +327,13 @@ impl Durable for PostgresStore {
                     Err(CommitError::Unsettled(error))
                 }
             },
+            // An ERROR (not FATAL) aborted the transaction: nothing of
+            // it committed. The session is left in the aborted
+            // transaction, so it is not used again.
+            Err(error) if is_statement_error(&error) => {
+                self.client = None;
+                Err(CommitError::Refused(io::Error::other(explain(&error))))
+            }
             Err(error) => {
                 let why = io::Error::other(format!(
                     "the connection was lost during the commit: {}",
@@ -358,10 +417,29 @@ fn first_row(
     messages: &[SimpleQueryMessage],
     columns: usize,
 ) -> io::Result<Option<Vec<Option<String>>>> {
-    let Some(row) = messages.iter().find_map(|m| match m {
+    row_values(rows(messages).next(), columns)
+}
+
+/// The values of the last row, which must have `columns` columns.
+fn last_row(
+    messages: &[SimpleQueryMessage],
+    columns: usize,
+) -> io::Result<Option<Vec<Option<String>>>> {
+    row_values(rows(messages).last(), columns)
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> impl Iterator<Item = &SimpleQueryRow> {
+    messages.iter().filter_map(|m| match m {
         SimpleQueryMessage::Row(row) => Some(row),
         _ => None,
-    }) else {
+    })
+}
+
+fn row_values(
+    row: Option<&SimpleQueryRow>,
+    columns: usize,
+) -> io::Result<Option<Vec<Option<String>>>> {
+    let Some(row) = row else {
         return Ok(None);
     };
     if row.len() != columns {
@@ -370,11 +448,14 @@ fn first_row(
             row.len()
         )));
     }
-    Ok(Some(
-        (0..columns)
-            .map(|i| row.get(i).map(str::to_owned))
-            .collect(),
-    ))
+    (0..columns)
+        .map(|i| {
+            row.try_get(i)
+                .map(|value| value.map(str::to_owned))
+                .map_err(|e| io::Error::other(format!("an unreadable answer: {e}")))
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map(Some)
 }
 
 fn parse_number(value: Option<&str>) -> io::Result<u64> {

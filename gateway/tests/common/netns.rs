@@ -56,7 +56,10 @@ impl Network {
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}{n}", std::process::id() % 100_000);
+        // Unique among live processes (the pid) and within this one (n);
+        // the x keeps pid 12 with n 34 apart from pid 123 with n 4.
+        // Interface names stay within 15 bytes.
+        let id = format!("{}x{n}", std::process::id());
         let subnet = [10, 200 + (std::process::id() % 50) as u8, (n % 250) as u8];
         let mut network = Self {
             bridge: format!("gwb{id}"),

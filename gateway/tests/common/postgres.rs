@@ -226,6 +226,15 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Starts `psql` running `sql` in the background.
+    pub fn spawn_query(&self, sql: &str) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql, &self.url()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run psql")
+    }
+
     /// The count in the database.
     pub fn total(&self) -> u64 {
         let total = self.query("SELECT total FROM gateway_counter");
