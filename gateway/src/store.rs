@@ -77,6 +77,15 @@ pub enum CommitError {
     Fatal(io::Error),
 }
 
+impl CommitError {
+    /// What went wrong, whatever it means for the batch.
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Self::Refused(error) | Self::Unsettled(error) | Self::Fatal(error) => error,
+        }
+    }
+}
+
 /// Why an increment is not answered as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotCounted {

@@ -28,17 +28,8 @@ fn other(backend: Backend) -> Backend {
 }
 
 fn counter_command(backend: Backend, url: &str) -> Command {
-    let mut command = Command::new(common::gateway_binary());
-    command
-        .args([
-            "counter",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            backend.name(),
-        ])
-        .args(["--store", "postgres", "--postgres-url", url])
-        .env_remove("RUST_LOG");
+    let mut command = common::counter_command(backend);
+    command.args(["--store", "postgres", "--postgres-url", url]);
     command
 }
 

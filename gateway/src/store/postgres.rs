@@ -259,11 +259,7 @@ impl PostgresStore {
         );
         let answer = match self.connected() {
             Ok(client) => client.simple_query(&query),
-            Err(
-                CommitError::Refused(error)
-                | CommitError::Unsettled(error)
-                | CommitError::Fatal(error),
-            ) => return Err(error),
+            Err(error) => return Err(error.into_io()),
         };
         let messages = answer.map_err(|error| {
             let why = io::Error::other(explain(&error));
@@ -296,8 +292,7 @@ impl Durable for PostgresStore {
         let increments = i64::try_from(increments).map_err(|_| {
             CommitError::Refused(io::Error::other("more increments than a bigint holds"))
         })?;
-        let writer = self.writer.clone();
-        let batch = self.batch + 1;
+        let (writer, batch) = (&self.writer, self.batch + 1);
         // Numbers and the hex writer id only: nothing here needs quoting.
         let query = format!(
             "BEGIN;

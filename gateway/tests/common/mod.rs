@@ -351,6 +351,14 @@ pub fn start_counter(backend: Backend) -> Process {
 /// Starts `gateway counter` on an ephemeral port with the state file
 /// `path` and `extra` arguments.
 pub fn start_counter_on(backend: Backend, path: &std::path::Path, extra: &[&str]) -> Process {
+    let mut command = counter_command(backend);
+    command.arg("--path").arg(path).args(extra);
+    Process::start(command, 1, None)
+}
+
+/// `gateway counter` on an ephemeral port, on `backend`: add the store's
+/// arguments.
+pub fn counter_command(backend: Backend) -> Command {
     let mut command = Command::new(gateway_binary());
     command
         .args([
@@ -359,12 +367,9 @@ pub fn start_counter_on(backend: Backend, path: &std::path::Path, extra: &[&str]
             "127.0.0.1:0",
             "--backend",
             backend.name(),
-            "--path",
         ])
-        .arg(path)
-        .args(extra)
         .env_remove("RUST_LOG");
-    Process::start(command, 1, None)
+    command
 }
 
 /// A keep-alive HTTP/1.1 client connection (hyper).
