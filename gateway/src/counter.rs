@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use http::header::{HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -97,17 +97,63 @@ impl Counter {
         }
     }
 
-    async fn increment(&self) -> Response<Body> {
+    /// Counts `visits` at once (with a durable store, in one commit).
+    async fn add(&self, visits: u64) -> Response<Body> {
         match &self.count {
-            Count::Memory(count) => count.increment(),
+            Count::Memory(count) => count.add(visits),
             Count::Durable(store) => {
-                if let Err(not_counted) = store.increment().await {
+                if let Err(not_counted) = store.add(visits).await {
                     return failure(not_counted);
                 }
             }
         }
         text(StatusCode::OK, "", true)
     }
+}
+
+/// The most visits one POST may carry.
+pub const MAX_VISITS_PER_POST: u64 = 1 << 20;
+
+/// The longest body a count can have: its digits.
+const MAX_COUNT_BODY: usize = 7;
+
+/// The visits a POST carries: one when it has no body; else its body, the
+/// decimal number of visits (1 to [`MAX_VISITS_PER_POST`], digits only).
+/// `None` for any other body: a 400, nothing counted.
+async fn visits(body: Incoming) -> Option<u64> {
+    use http_body_util::BodyExt;
+    if hyper::body::Body::is_end_stream(&body) {
+        return Some(1);
+    }
+    let bytes = http_body_util::Limited::new(body, MAX_COUNT_BODY)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    parse_visits(&bytes)
+}
+
+fn parse_visits(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) || bytes[0] == b'0' {
+        return None;
+    }
+    let visits: u64 = std::str::from_utf8(bytes).ok()?.parse().ok()?;
+    (visits <= MAX_VISITS_PER_POST).then_some(visits)
+}
+
+/// A POST whose body is not a count: nothing counted, and the connection
+/// closes (the rest of a body too long to read is never taken for a
+/// request).
+fn bad_count() -> Response<Body> {
+    let mut response = text(
+        StatusCode::BAD_REQUEST,
+        "the body must be the number of visits, 1 to 1048576, in decimal digits\n",
+        true,
+    );
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// The answer to a visit the store did not confirm: 503 (try again soon)
@@ -126,8 +172,9 @@ fn failure(not_counted: NotCounted) -> Response<Body> {
 }
 
 impl Service for Counter {
-    /// Not an `async fn`: the request is read and dropped before the
-    /// increment waits, so the future hyper keeps holds only the counter.
+    /// Not an `async fn`: the request's head is read and dropped before
+    /// the increment waits, so the future hyper keeps holds the counter
+    /// and, for a POST, its body.
     fn call(
         &'static self,
         request: Request<Incoming>,
@@ -137,18 +184,55 @@ impl Service for Counter {
             Err(status_only(StatusCode::NOT_FOUND))
         } else {
             match *request.method() {
-                Method::POST => Ok(true),
-                Method::GET => Ok(false),
+                Method::POST => Ok(Some(request.into_body())),
+                Method::GET => Ok(None),
                 _ => Err(method_not_allowed("GET, POST")),
             }
         };
-        drop(request);
         async move {
             match answered {
                 Err(response) => response,
-                Ok(true) => self.increment().await,
-                Ok(false) => self.read().await,
+                Ok(Some(body)) => match visits(body).await {
+                    Some(visits) => self.add(visits).await,
+                    None => bad_count(),
+                },
+                Ok(None) => self.read().await,
             }
+        }
+    }
+
+    fn reads_bodies(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_is_digits_from_1_to_the_limit() {
+        for (body, visits) in [
+            (&b"1"[..], Some(1)),
+            (b"37", Some(37)),
+            (b"1048576", Some(1 << 20)),
+        ] {
+            assert_eq!(parse_visits(body), visits, "{body:?}");
+        }
+        for body in [
+            &b""[..],
+            b"0",
+            b"007",
+            b"-1",
+            b"+1",
+            b"1e3",
+            b" 1",
+            b"1\n",
+            b"1048577",
+            b"9999999",
+            b"x",
+        ] {
+            assert_eq!(parse_visits(body), None, "{body:?}");
         }
     }
 }

@@ -25,6 +25,13 @@ pub trait Service: Send + Sync + 'static {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send + 'static;
+
+    /// Whether this service reads request bodies. One that does not is
+    /// never sent a body's bytes: the server answers and closes the
+    /// connection after a request that has one (see the server loop).
+    fn reads_bodies(&self) -> bool {
+        false
+    }
 }
 
 static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");

@@ -179,9 +179,10 @@ impl Store {
         })
     }
 
-    /// Adds one to the count; returns once that is durable.
-    pub async fn increment(&self) -> Result<(), NotCounted> {
-        self.join(1).wait().await.map(drop)
+    /// Adds `visits` to the count (in the next commit, whole); returns
+    /// once that is durable.
+    pub async fn add(&self, visits: u64) -> Result<(), NotCounted> {
+        self.join(visits).wait().await.map(drop)
     }
 
     /// The durable total: for a store other processes add to, read from

@@ -266,12 +266,14 @@ async fn serve_connection<R: Runtime, S: Service>(
             if let Some(violation) = violation {
                 tracing::debug!(%peer, violation, "request refused");
             }
-            // No service reads a request body. One is never waited for or
-            // read: the answer goes out at once, and the connection closes
-            // after it, so nothing behind a body is ever taken for a request
-            // (whether a body that already arrived would be skipped depends on
-            // hyper's buffering, and bodies on GET are a desync vector).
-            let carries_body = !request.body().is_end_stream();
+            // A service that does not read bodies never waits for one or
+            // reads it: the answer goes out at once, and the connection
+            // closes after it, so nothing behind a body is ever taken for a
+            // request (whether a body that already arrived would be skipped
+            // depends on hyper's buffering, and bodies on GET are a desync
+            // vector). One that reads them (the counter, for a batch's
+            // count) reads each whole or closes the connection itself.
+            let carries_body = !request.body().is_end_stream() && !service.reads_bodies();
             let response = violation.is_none().then(|| service.call(request, peer));
             async move {
                 let refused = response.is_none();
