@@ -6,8 +6,12 @@
 //! reads the durable total (from the database, with PostgreSQL).
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use backends::Runtime;
 
 use http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
@@ -23,9 +27,12 @@ use crate::store::{NotCounted, Store};
 /// The path the counter serves.
 pub const PATH: &str = "/counter";
 
-/// Counts visits.
-pub struct Counter {
+/// Counts visits, serving on the runtime `R`.
+pub struct Counter<R> {
     count: Count,
+    /// How long a POST's body may take to arrive once its head has.
+    body_timeout: Duration,
+    runtime: PhantomData<fn() -> R>,
 }
 
 // The counter lives for the process (leaked once at start) and is never
@@ -38,25 +45,32 @@ enum Count {
     Durable(Store),
 }
 
-impl Counter {
-    /// A counter kept in memory only.
-    pub fn in_memory() -> Self {
-        Self {
-            count: Count::Memory(ShardedCounter::default()),
-        }
+impl<R: Runtime> Counter<R> {
+    /// The counter `config` describes, its store opened (a relative state
+    /// file taken from `state_base`): an error names the file and why. A
+    /// POST's body must arrive within `body_timeout` of its head.
+    pub fn open(
+        config: &CounterConfig,
+        state_base: &Path,
+        body_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let count = Self::open_count(config, state_base)?;
+        Ok(Self {
+            count,
+            body_timeout,
+            runtime: PhantomData,
+        })
     }
 
-    /// The counter `config` describes, its store opened (a relative state
-    /// file taken from `state_base`): an error names the file and why.
-    pub fn open(config: &CounterConfig, state_base: &Path) -> std::io::Result<Self> {
+    fn open_count(config: &CounterConfig, state_base: &Path) -> std::io::Result<Count> {
         match config.store {
-            StoreKind::Memory => Ok(Self::in_memory()),
+            StoreKind::Memory => Ok(Count::Memory(ShardedCounter::default())),
             StoreKind::File => {
                 let path = config.state_path(state_base);
                 let file = FileStore::open(&path)?;
                 let total = file.total();
                 tracing::info!(path = ?path, count = total, "counter state file open");
-                Ok(Self::durable(Store::start(file, total)?))
+                Ok(Count::Durable(Store::start(file, total)?))
             }
             StoreKind::Postgres => {
                 let url = config.postgres_url.as_deref().unwrap_or_default();
@@ -66,14 +80,8 @@ impl Counter {
                     count = total,
                     "counter database open"
                 );
-                Ok(Self::durable(Store::start(database, total)?))
+                Ok(Count::Durable(Store::start(database, total)?))
             }
-        }
-    }
-
-    fn durable(store: Store) -> Self {
-        Self {
-            count: Count::Durable(store),
         }
     }
 
@@ -118,16 +126,18 @@ pub const MAX_VISITS_PER_POST: u64 = 1 << 20;
 const MAX_COUNT_BODY: usize = 7;
 
 /// The visits a POST carries: one when it has no body; else its body, the
-/// decimal number of visits (1 to [`MAX_VISITS_PER_POST`], digits only).
-/// `None` for any other body: a 400, nothing counted.
-async fn visits(body: Incoming) -> Option<u64> {
+/// decimal number of visits (1 to [`MAX_VISITS_PER_POST`], digits only),
+/// read by `deadline`. `None` for any other body, or one that is late: a
+/// 400, nothing counted.
+async fn visits<R: Runtime>(body: Incoming, deadline: Instant) -> Option<u64> {
     use http_body_util::BodyExt;
     if hyper::body::Body::is_end_stream(&body) {
         return Some(1);
     }
-    let bytes = http_body_util::Limited::new(body, MAX_COUNT_BODY)
-        .collect()
+    let read = http_body_util::Limited::new(body, MAX_COUNT_BODY).collect();
+    let bytes = crate::time::timeout_at::<R, _>(deadline, read)
         .await
+        .ok()?
         .ok()?
         .to_bytes();
     parse_visits(&bytes)
@@ -141,9 +151,9 @@ fn parse_visits(bytes: &[u8]) -> Option<u64> {
     (visits <= MAX_VISITS_PER_POST).then_some(visits)
 }
 
-/// A POST whose body is not a count: nothing counted, and the connection
-/// closes (the rest of a body too long to read is never taken for a
-/// request).
+/// A POST whose body is not a count (or did not arrive in time): nothing
+/// counted, and the connection closes (the rest of a body too long to
+/// read is never taken for a request).
 fn bad_count() -> Response<Body> {
     let mut response = text(
         StatusCode::BAD_REQUEST,
@@ -171,7 +181,7 @@ fn failure(not_counted: NotCounted) -> Response<Body> {
     }
 }
 
-impl Service for Counter {
+impl<R: Runtime> Service for Counter<R> {
     /// Not an `async fn`: the request's head is read and dropped before
     /// the increment waits, so the future hyper keeps holds the counter
     /// and, for a POST, its body.
@@ -184,7 +194,10 @@ impl Service for Counter {
             Err(status_only(StatusCode::NOT_FOUND))
         } else {
             match *request.method() {
-                Method::POST => Ok(Some(request.into_body())),
+                Method::POST => Ok(Some((
+                    request.into_body(),
+                    Instant::now() + self.body_timeout,
+                ))),
                 Method::GET => Ok(None),
                 _ => Err(method_not_allowed("GET, POST")),
             }
@@ -192,7 +205,7 @@ impl Service for Counter {
         async move {
             match answered {
                 Err(response) => response,
-                Ok(Some(body)) => match visits(body).await {
+                Ok(Some((body, deadline))) => match visits::<R>(body, deadline).await {
                     Some(visits) => self.add(visits).await,
                     None => bad_count(),
                 },

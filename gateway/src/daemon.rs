@@ -20,7 +20,7 @@ use crate::config::{Backend, Config, Escaped, Threading, ms};
 use crate::counter::Counter;
 use crate::forever;
 use crate::forward::Forward;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
 use crate::shutdown::{Latch, Stop};
@@ -125,7 +125,10 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
     // process stops the start before anything listens.
     let counter_listener = match &config.counter {
         Some(counter) => {
-            let service = Counter::open(counter, &config.state_base).map_err(Fatal::Store)?;
+            // A batch's count must come as fast as the head before it.
+            let body_timeout = ms(config.server.header_read_timeout_ms);
+            let service = Counter::<R>::open(counter, &config.state_base, body_timeout)
+                .map_err(Fatal::Store)?;
             Some((bind("counter", counter.listen)?, forever(service)))
         }
         None => None,
@@ -146,7 +149,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         Threading::PerCore => workers,
     };
     let upstreams = match mode {
-        Mode::Gateway => Some(upstream_pools::<R>(&config, shards)?),
+        Mode::Gateway => Some(upstream_pools::<R>(&config, workers, shards)?),
         Mode::CounterOnly => None,
     };
     tracing::info!(
@@ -194,11 +197,13 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
 
         let mut public = Stage::new();
         let mut admin = Stage::new();
-        if let (Some(listener), Some(upstreams)) = (public_listener, upstreams) {
+        if let (Some(listener), Some((upstreams, upstream_metrics))) = (public_listener, upstreams)
+        {
             let connections = forever(Connections::new(server.max_connections));
             let metrics = forever(Metrics::new(
                 R::NAME,
                 workers,
+                upstream_metrics,
                 Box::new(|| connections.open()),
                 Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
@@ -210,7 +215,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
             // count, on one of the pools they share).
             let forwards: Vec<&'static Forward<R>> = upstreams
                 .iter()
-                .map(|&upstream| forever(Forward::new(upstream, metrics, &config.responses)))
+                .map(|&upstream| forever(Forward::new(upstream, &config.responses)))
                 .collect();
             for (worker, &upstream) in upstreams.iter().enumerate() {
                 R::spawn_on(worker, upstream.reap_idle());
@@ -326,20 +331,27 @@ impl Stage {
 
 /// The upstream pools: one, or one per worker (fewer under a cap below
 /// the worker count), each with its share of `upstream.max_connections`.
+/// The upstream pools, and what they record (for the metrics).
+type UpstreamPools<R> = (&'static [&'static Upstream<R>], &'static UpstreamMetrics);
+
 fn upstream_pools<R: Runtime>(
     config: &Config,
+    workers: usize,
     shards: usize,
-) -> Result<&'static [&'static Upstream<R>], Fatal> {
-    let pools = pool_shares(config.upstream.max_connections, shards)
+) -> Result<UpstreamPools<R>, Fatal> {
+    let metrics = forever(UpstreamMetrics::default());
+    let shares = pool_shares(config.upstream.max_connections, shards);
+    let workers_per_pool = workers.div_ceil(shares.len().max(1));
+    let pools = shares
         .into_iter()
         .map(|max_connections| {
             let mut share = config.upstream.clone();
             share.max_connections = max_connections;
-            Upstream::<R>::new(&share).map(forever)
+            Upstream::<R>::new(&share, workers_per_pool, metrics).map(forever)
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Upstream)?;
-    Ok(pools.leak())
+    Ok((pools.leak(), metrics))
 }
 
 /// Splits `max_connections` over up to `shards` pools, so that together

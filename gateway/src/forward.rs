@@ -13,14 +13,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::ResponsesConfig;
-use crate::metrics::Metrics;
 use crate::service::{Body, Service, get_or_head, method_not_allowed, status_only, text};
 use crate::upstream::{Outcome, Upstream};
 
 /// Forwards visits to the upstream counter.
 pub struct Forward<R: Runtime> {
     upstream: &'static Upstream<R>,
-    metrics: &'static Metrics,
     /// Response bodies, fixed for the life of the process: every response
     /// borrows them for free.
     welcome: &'static str,
@@ -28,14 +26,9 @@ pub struct Forward<R: Runtime> {
 }
 
 impl<R: Runtime> Forward<R> {
-    pub fn new(
-        upstream: &'static Upstream<R>,
-        metrics: &'static Metrics,
-        responses: &ResponsesConfig,
-    ) -> Self {
+    pub fn new(upstream: &'static Upstream<R>, responses: &ResponsesConfig) -> Self {
         Self {
             upstream,
-            metrics,
             welcome: responses.welcome.clone().leak(),
             error: responses.error.clone().leak(),
         }
@@ -92,7 +85,6 @@ impl<R: Runtime> Service for Forward<R> {
                 .upstream
                 .register_visit(upstream_request, started)
                 .await;
-            self.metrics.record_upstream(outcome, started.elapsed());
             self.answer(outcome, with_body)
         }
     }

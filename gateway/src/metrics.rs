@@ -38,9 +38,8 @@ pub struct Metrics {
     by_status: [ShardedCounter; STATUSES.len()],
     other_status: ShardedCounter,
     bad_requests: ShardedCounter,
-    upstream_outcomes: [ShardedCounter; OUTCOMES.len()],
+    upstream: &'static UpstreamMetrics,
     request_duration: ShardedHistogram,
-    upstream_duration: ShardedHistogram,
     connections_open: Gauge,
     upstream_open: Gauge,
 }
@@ -56,10 +55,37 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// What the upstream client records, per POST: a POST's outcome, how long
+/// it took, and how many visits it carried (one, unless batching is on),
+/// so that visits over POSTs is the batching factor.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    posts: [ShardedCounter; OUTCOMES.len()],
+    visits: [ShardedCounter; OUTCOMES.len()],
+    duration: ShardedHistogram,
+}
+
+impl UpstreamMetrics {
+    /// A POST (or the attempt at one) that carried `visits` and ended with
+    /// `outcome` after `duration`.
+    #[inline]
+    pub fn record(&self, outcome: Outcome, visits: u64, duration: Duration) {
+        if cfg!(gateway_no_metrics) {
+            return;
+        }
+        if let Some(index) = OUTCOMES.iter().position(|(o, _)| *o == outcome) {
+            self.posts[index].increment();
+            self.visits[index].add(visits);
+        }
+        self.duration.observe(duration);
+    }
+}
+
 impl Metrics {
     pub fn new(
         backend: &'static str,
         workers: usize,
+        upstream: &'static UpstreamMetrics,
         connections_open: Gauge,
         upstream_open: Gauge,
     ) -> Self {
@@ -69,9 +95,8 @@ impl Metrics {
             by_status: std::array::from_fn(|_| ShardedCounter::new()),
             other_status: ShardedCounter::new(),
             bad_requests: ShardedCounter::new(),
-            upstream_outcomes: std::array::from_fn(|_| ShardedCounter::new()),
+            upstream,
             request_duration: ShardedHistogram::new(),
-            upstream_duration: ShardedHistogram::new(),
             connections_open,
             upstream_open,
         }
@@ -96,18 +121,6 @@ impl Metrics {
             return;
         }
         self.bad_requests.increment();
-    }
-
-    /// How one visit's upstream exchange ended, and how long it took.
-    #[inline]
-    pub fn record_upstream(&self, outcome: Outcome, duration: Duration) {
-        if cfg!(gateway_no_metrics) {
-            return;
-        }
-        if let Some(index) = OUTCOMES.iter().position(|(o, _)| *o == outcome) {
-            self.upstream_outcomes[index].increment();
-        }
-        self.upstream_duration.observe(duration);
     }
 
     /// Requests the service has answered, all statuses.
@@ -170,14 +183,20 @@ impl Collector for MetricsCollector {
             None,
             MetricType::Counter,
         )?)?;
-        {
-            let mut family = encoder.encode_descriptor(
+        for (name, help, counters) in [
+            (
                 "gateway_upstream_requests",
-                "Upstream exchanges, by outcome: ok, error (502), timeout (504), overloaded (503, never sent).",
-                None,
-                MetricType::Counter,
-            )?;
-            for ((_, outcome), counter) in OUTCOMES.iter().zip(&m.upstream_outcomes) {
+                "Upstream POSTs, by outcome: ok, error (502), timeout (504), overloaded (503, never sent).",
+                &m.upstream.posts,
+            ),
+            (
+                "gateway_upstream_visits",
+                "Visits the upstream POSTs carried, by their POST's outcome (more than one a POST with batching).",
+                &m.upstream.visits,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((_, outcome), counter) in OUTCOMES.iter().zip(counters) {
                 let labels = [("outcome", *outcome)];
                 Value(counter.get()).encode(family.encode_family(&labels)?)?;
             }
@@ -190,8 +209,8 @@ impl Collector for MetricsCollector {
             ),
             (
                 "gateway_upstream_duration_seconds",
-                "Upstream round trip of a visit, pool wait included.",
-                &m.upstream_duration,
+                "Upstream round trip of a POST, pool wait included.",
+                &m.upstream.duration,
             ),
         ] {
             let (buckets, count, sum) = histogram.snapshot();

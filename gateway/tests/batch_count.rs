@@ -2,13 +2,17 @@
 //! decimal count adds that many visits at once (in one commit with a
 //! durable store) on a connection that stays open; a POST with no body is
 //! one visit; a body that is not a count is a 400, nothing counted, and
-//! the connection closes.
+//! the connection closes, as does a body that does not arrive in time.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Process, counter_tally, raw_exchange, start_counter};
+use common::{
+    Backend, GatewayConfig, Process, TestUpstream, counter_tally, raw_exchange, read_until_close,
+    start_counter,
+};
+use tokio::io::AsyncWriteExt;
 
 fn post(body: &str) -> String {
     format!(
@@ -58,7 +62,26 @@ async fn a_post_carries_a_count_of_visits_durably(backend: Backend) {
     counts_in_bodies(&counter).await;
 }
 
+/// A count announced and never finished holds no connection: it is
+/// answered 400 within the header-read timeout and nothing is counted.
+async fn a_count_that_never_arrives_is_refused_in_time(backend: Backend) {
+    let unused = TestUpstream::closed_port().await;
+    let mut config = GatewayConfig::new(backend, unused).server("header_read_timeout_ms = 300");
+    config.counter = true;
+    let gateway = config.start();
+    let addr = gateway.addr("counter");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"POST /counter HTTP/1.1\r\nhost: c\r\ncontent-length: 3\r\n\r\n1")
+        .await
+        .expect("write");
+    let answer = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(counter_tally(addr).await, 0);
+}
+
 both_backends!(
     a_post_carries_a_count_of_visits_in_memory,
     a_post_carries_a_count_of_visits_durably,
+    a_count_that_never_arrives_is_refused_in_time,
 );

@@ -13,6 +13,7 @@ use super::{
     Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
     StoreKind, UpstreamTarget,
 };
+use crate::counter::MAX_VISITS_PER_POST;
 
 impl Config {
     /// Reads and validates the configuration at `path`.
@@ -123,6 +124,13 @@ impl Config {
                     format!("expected at most {MAX_CONNECTIONS}, got {value}"),
                 ));
             }
+        }
+        let batch_max = self.upstream.batch_max as u64;
+        if !(1..=MAX_VISITS_PER_POST).contains(&batch_max) {
+            return Err((
+                "upstream.batch_max",
+                format!("expected 1 (a POST per visit) to {MAX_VISITS_PER_POST}, got {batch_max}"),
+            ));
         }
         if !HEADER_BYTES.contains(&self.server.max_header_bytes) {
             return Err((
@@ -419,6 +427,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.request_timeout_ms"), "{err}");
+        for bad in ["0", "1048577"] {
+            let err = parse(&format!("[upstream]\nbatch_max = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("test.toml:2:13: upstream.batch_max") && err.contains(bad),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            parse("[upstream]\nbatch_max = 64\n")
+                .unwrap()
+                .upstream
+                .batch_max,
+            64
+        );
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     pub max_connections: usize,
     pub pool_idle_timeout_ms: u64,
+    /// The most visits one POST carries; 1 sends a POST per visit.
+    pub batch_max: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -178,6 +180,7 @@ impl Default for UpstreamConfig {
             request_timeout_ms: 2000,
             max_connections: 1024,
             pool_idle_timeout_ms: 30000,
+            batch_max: 1,
         }
     }
 }

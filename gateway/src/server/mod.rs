@@ -117,8 +117,10 @@ pub async fn serve<R: Runtime, S: Service>(
         .keep_alive(true)
         // A client may shut down its sending side once its request is out
         // (`nc -N`, some HTTP/1.0 clients): the request is still answered,
-        // and the connection closes after the answer.
-        .half_close(true)
+        // and the connection closes after the answer. `WatchedIo` does
+        // that, so that hyper can still notice a client that reset its
+        // connection mid-visit (the `phase` module says how).
+        .half_close(false)
         .max_buf_size(settings.max_header_bytes)
         // Every answer is a small head and a small body: copying the body
         // behind the head and writing one buffer costs fewer instructions
@@ -288,6 +290,16 @@ async fn serve_connection<R: Runtime, S: Service>(
                 }
                 let answered = Instant::now();
                 activity.enter(Phase::Idle, answered);
+                if activity.eof_held() {
+                    // The client half-closed while this request was busy:
+                    // wake the connection (this task) to read that end
+                    // once the answer is out, and close.
+                    poll_fn(|cx| {
+                        cx.waker().wake_by_ref();
+                        Poll::Ready(())
+                    })
+                    .await;
+                }
                 if let Some(metrics) = settings.metrics {
                     if refused {
                         metrics.record_bad_request();

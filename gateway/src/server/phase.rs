@@ -11,12 +11,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
 
 use super::ServerSettings;
 
@@ -40,6 +40,9 @@ pub(super) struct Activity {
     phase: AtomicU8,
     /// Nanoseconds since [`epoch`].
     since: AtomicU64,
+    /// The client's end of stream was read while busy and is held back
+    /// until the answer is out (see [`WatchedIo`]).
+    eof_held: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -56,6 +59,7 @@ impl Activity {
         Self {
             phase: AtomicU8::new(phase as u8),
             since: AtomicU64::new(nanos_since_epoch(at)),
+            eof_held: AtomicBool::new(false),
         }
     }
 
@@ -70,6 +74,13 @@ impl Activity {
     pub(super) fn enter(&self, phase: Phase, at: Instant) {
         self.since.store(nanos_since_epoch(at), Ordering::Relaxed);
         self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Whether an end of stream is held back: then the connection task
+    /// must be woken once the answer is out, for hyper to read it (the
+    /// held read registered no waker).
+    pub(super) fn eof_held(&self) -> bool {
+        self.eof_held.load(Ordering::Relaxed)
     }
 
     /// Bytes arrived: an idle connection starts reading a head.
@@ -91,6 +102,17 @@ impl Activity {
 }
 
 /// The client stream, reporting reads to the connection's [`Activity`].
+///
+/// It also keeps a half-close apart from a departure while the service is
+/// busy. hyper reads a busy connection only to notice a client that left,
+/// and takes the end of the stream for one; but a client may shut down its
+/// sending side once its request is out (`nc -N`, some HTTP/1.0 clients)
+/// and still wait for its answer. So an end of stream read while busy is
+/// held back until the answer is out; a reset or another error is passed
+/// on, and hyper ends the connection, dropping the visit's future (a visit
+/// waiting for a batch then leaves it). hyper's own `half_close` would not
+/// read a busy connection at all, and a client that reset it would stay
+/// in its batch.
 pub(super) struct WatchedIo<S> {
     pub(super) inner: S,
     pub(super) activity: Arc<Activity>,
@@ -102,11 +124,49 @@ impl<S: Read + Unpin> Read for WatchedIo<S> {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
+        let busy = self.activity.phase() == Phase::Busy;
+        if self.activity.eof_held() {
+            // Nothing more can arrive; the end is reported once the answer
+            // is out, and until then there is nothing to wait for here.
+            return if busy {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            };
+        }
+        if busy {
+            return self.poll_read_while_busy(cx, buf);
+        }
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         // Ready(Ok) is either bytes or end of stream; at end of stream
         // hyper closes the connection, so both count as activity.
         if let Poll::Ready(Ok(())) = polled {
             self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<S: Read + Unpin> WatchedIo<S> {
+    /// A read while the service is busy, through a small buffer of its own
+    /// so that an end of stream can be told from bytes and held back.
+    /// (hyper reads a busy connection only when its own buffer is empty,
+    /// and such reads are rare: pipelined requests, a close, a reset.)
+    fn poll_read_while_busy(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut local = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+        let room = buf.remaining().min(local.len());
+        let mut read = ReadBuf::uninit(&mut local[..room]);
+        let polled = Pin::new(&mut self.inner).poll_read(cx, read.unfilled());
+        if let Poll::Ready(Ok(())) = polled {
+            if read.filled().is_empty() && room > 0 {
+                self.activity.eof_held.store(true, Ordering::Relaxed);
+                return Poll::Pending;
+            }
+            buf.put_slice(read.filled());
         }
         polled
     }

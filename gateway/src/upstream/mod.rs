@@ -7,13 +7,16 @@
 //! ([`pool`] has the rules). The exchange itself runs in the visitor's own
 //! task ([`exchange`], which reads the answer as [`framing`] says); a
 //! connection is just a stream, its buffer, and its slot under the cap.
-//! [`dial`] resolves and connects.
+//! [`dial`] resolves and connects. With `upstream.batch_max` above 1,
+//! [`batch`] gathers the visits that arrive while POSTs are in flight into
+//! one POST that carries their number.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
 //! before writing, or the very first write failed — and only once, on a
 //! fresh connection.
 
+mod batch;
 mod dial;
 pub mod exchange;
 mod framing;
@@ -25,10 +28,12 @@ use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
+use self::batch::{Batcher, Joined, Sealed};
 use self::dial::Dialer;
 use self::exchange::{Connection, Exchange};
 use self::pool::{Found, Handoff, Pool, Queued, Slot};
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
+use crate::metrics::UpstreamMetrics;
 use crate::time::{Elapsed, timeout_at};
 
 /// How a visit's upstream exchange ended.
@@ -51,6 +56,12 @@ type Conn<R> = pool::Conn<Pooled<R>>;
 /// A future kept off the visit's own (see [`Upstream::connect`]).
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// How many POSTs each worker's batches keep in flight. One would leave
+/// the upstream idle while a POST's answer travels back and the next batch
+/// goes out; two keep it busy, and a waiting visit still waits for at most
+/// one POST to come back before its own is sent.
+const POSTS_IN_FLIGHT_PER_WORKER: usize = 2;
+
 /// The upstream client and its connection pool; one per process, or one
 /// per worker with `runtime.threading = "per-core"`.
 pub struct Upstream<R: Runtime> {
@@ -58,9 +69,15 @@ pub struct Upstream<R: Runtime> {
     /// `x-forwarded-for: ` name: every visit's request up to its one
     /// varying value.
     request_head: Vec<u8>,
+    /// `POST … HTTP/1.1`, `host`, `content-type` and the `content-length: `
+    /// name: a batch's request up to its length and its count.
+    batch_head: Vec<u8>,
     request_timeout: Duration,
     pool: Pool<Pooled<R>>,
     dialer: Dialer,
+    /// `None` when `batch_max` is 1: every visit is its own POST.
+    batcher: Option<Batcher<Vec<u8>>>,
+    metrics: &'static UpstreamMetrics,
 }
 
 /// The result of one attempt on one connection.
@@ -71,19 +88,38 @@ enum Attempt<R: Runtime> {
 }
 
 impl<R: Runtime> Upstream<R> {
-    /// Builds the client and resolves the upstream's name.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+    /// Builds the client for `workers` worker threads and resolves the
+    /// upstream's name.
+    pub fn new(
+        config: &UpstreamConfig,
+        workers: usize,
+        metrics: &'static UpstreamMetrics,
+    ) -> Result<Self, String> {
         let target = UpstreamTarget::parse(&config.url)?;
         let request_head = format!(
             "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
             target.path_and_query, target.authority
         )
         .into_bytes();
+        let batch_head = format!(
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: text/plain\r\ncontent-length: ",
+            target.path_and_query, target.authority
+        )
+        .into_bytes();
+        let batcher = (config.batch_max > 1).then(|| {
+            Batcher::new(
+                config.batch_max,
+                POSTS_IN_FLIGHT_PER_WORKER * workers.max(1),
+            )
+        });
         Ok(Self {
             request_head,
+            batch_head,
             request_timeout: ms(config.request_timeout_ms),
             pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
             dialer: Dialer::new(target, ms(config.connect_timeout_ms))?,
+            batcher,
+            metrics,
         })
     }
 
@@ -102,9 +138,81 @@ impl<R: Runtime> Upstream<R> {
         request
     }
 
-    /// Registers one visit, which began at `started`, by sending `request`
-    /// (from [`Upstream::visit_request`]), unless the pool is saturated.
-    pub async fn register_visit(&'static self, mut request: Vec<u8>, started: Instant) -> Outcome {
+    /// The POST that carries `visits` visits at once: the count is its body.
+    fn batch_request(&self, visits: usize) -> Vec<u8> {
+        let count = visits.to_string();
+        let mut request = Vec::with_capacity(self.batch_head.len() + 16);
+        request.extend_from_slice(&self.batch_head);
+        request.extend_from_slice(count.len().to_string().as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        request.extend_from_slice(count.as_bytes());
+        request
+    }
+
+    /// Registers one visit, which began at `started`: `request` (from
+    /// [`Upstream::visit_request`]) is its own POST, or, with batching, it
+    /// joins a batch. Either way it is answered by its deadline.
+    pub async fn register_visit(&'static self, request: Vec<u8>, started: Instant) -> Outcome {
+        match &self.batcher {
+            None => self.post(request, 1, started).await,
+            Some(batcher) => self.register_in_batch(batcher, request, started).await,
+        }
+    }
+
+    /// A visit's way through the batcher: sent at once in a batch of its
+    /// own, or waiting for a POST in flight to end and its batch to go.
+    async fn register_in_batch(
+        &'static self,
+        batcher: &'static Batcher<Vec<u8>>,
+        request: Vec<u8>,
+        started: Instant,
+    ) -> Outcome {
+        let deadline = started + self.request_timeout;
+        let mut ticket = match batcher.join(request) {
+            Joined::Send(batch, ticket) => {
+                R::spawn(self.send_batches(batcher, batch));
+                ticket
+            }
+            Joined::Wait(ticket) => ticket,
+        };
+        match timeout_at::<R, _>(deadline, ticket.outcome()).await {
+            Ok(outcome) => outcome,
+            Err(Elapsed) => ticket.give_up(),
+        }
+    }
+
+    /// Sends `batch`, then every batch that is waiting when a POST ends,
+    /// until none is.
+    async fn send_batches(
+        &'static self,
+        batcher: &'static Batcher<Vec<u8>>,
+        mut batch: Sealed<Vec<u8>>,
+    ) {
+        loop {
+            let request = match batch.alone.take() {
+                Some(request) if batch.visits == 1 => request,
+                _ => self.batch_request(batch.visits),
+            };
+            let outcome = self
+                .post(request, batch.visits as u64, Instant::now())
+                .await;
+            batch.reply.set(outcome);
+            match batcher.next() {
+                Some(next) => batch = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Sends `request`, which carries `visits`, started at `started`,
+    /// unless the pool is saturated; records it.
+    async fn post(&'static self, request: Vec<u8>, visits: u64, started: Instant) -> Outcome {
+        let outcome = self.exchange(request, started).await;
+        self.metrics.record(outcome, visits, started.elapsed());
+        outcome
+    }
+
+    async fn exchange(&'static self, mut request: Vec<u8>, started: Instant) -> Outcome {
         let deadline = started + self.request_timeout;
         let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {
             Ok(found) => found,

@@ -512,6 +512,11 @@ pub enum Behaviour {
     Hang,
     /// Answers after a delay.
     Delay(Duration),
+    /// Answers this status after a delay.
+    Slow(Duration, u16),
+    /// Reads a whole request, waits, then resets the connection without
+    /// an answer: the visits may or may not count, and nothing says which.
+    ResetAfterRead(Duration),
     /// Writes bytes that are not HTTP, then closes.
     Garbage,
     /// Answers 200 while announcing keep-alive, then closes the connection
@@ -552,6 +557,21 @@ struct UpstreamState {
     connections: AtomicUsize,
     /// Requests that reached a connection after a `Trap` answer.
     trapped: AtomicU64,
+    /// Visits the POSTs carried (a POST's body is its count, or it is one).
+    received_visits: AtomicU64,
+    /// Visits in POSTs that were answered 2xx: the upstream's own tally.
+    accepted_visits: AtomicU64,
+}
+
+/// The visits a POST's body says it carries: none is one.
+pub fn visits_in(body: &[u8]) -> u64 {
+    if body.is_empty() {
+        return 1;
+    }
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("a POST body that is not a count: {body:?}"))
 }
 
 /// An upstream counter in the test process whose behaviour the test sets,
@@ -574,6 +594,8 @@ impl TestUpstream {
             posts: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             trapped: AtomicU64::new(0),
+            received_visits: AtomicU64::new(0),
+            accepted_visits: AtomicU64::new(0),
         });
         let mut upstream = Self {
             addr,
@@ -624,6 +646,10 @@ impl TestUpstream {
                     if let Behaviour::Raw(reply) | Behaviour::Trap(reply) = behaviour {
                         let trap = matches!(behaviour, Behaviour::Trap(_));
                         serve_scripted(stream, &state, reply, trap).await;
+                        return;
+                    }
+                    if let Behaviour::ResetAfterRead(delay) = behaviour {
+                        reset_after_read(stream, &state, delay).await;
                         return;
                     }
                     if behaviour == Behaviour::CloseMidResponse {
@@ -698,6 +724,25 @@ impl TestUpstream {
     pub fn requests(&self) -> Vec<Seen> {
         self.state.requests.lock().unwrap().clone()
     }
+
+    /// Visits carried by the POSTs received, answered or not.
+    pub fn received_visits(&self) -> u64 {
+        self.state.received_visits.load(Ordering::SeqCst)
+    }
+
+    /// Visits in POSTs answered 2xx.
+    pub fn accepted_visits(&self) -> u64 {
+        self.state.accepted_visits.load(Ordering::SeqCst)
+    }
+
+    /// The most visits one POST carried.
+    pub fn largest_batch(&self) -> u64 {
+        self.requests()
+            .iter()
+            .map(|seen| visits_in(&seen.body))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for TestUpstream {
@@ -715,8 +760,10 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let visits = visits_in(&body);
     if parts.method == http::Method::POST {
         state.posts.fetch_add(1, Ordering::SeqCst);
+        state.received_visits.fetch_add(visits, Ordering::SeqCst);
     }
     state.requests.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
@@ -736,16 +783,60 @@ async fn answer(state: &UpstreamState, request: Request<Incoming>) -> Response<F
             tokio::time::sleep(delay).await;
             200
         }
-        Behaviour::Garbage
+        Behaviour::Slow(delay, status) => {
+            tokio::time::sleep(delay).await;
+            status
+        }
+        Behaviour::ResetAfterRead(_)
+        | Behaviour::Garbage
         | Behaviour::CloseAfterAnswer
         | Behaviour::Flaky
         | Behaviour::CloseMidResponse
         | Behaviour::Raw(_)
         | Behaviour::Trap(_) => 200,
     };
+    if (200..300).contains(&status) && parts.method == http::Method::POST {
+        state.accepted_visits.fetch_add(visits, Ordering::SeqCst);
+    }
     let mut response = Response::new(Full::new(Bytes::from_static(b"upstream says hi")));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     response
+}
+
+/// [`Behaviour::ResetAfterRead`]: each request, body included, is read and
+/// tallied as received; then, after `delay`, the connection is reset.
+async fn reset_after_read(mut stream: TcpStream, state: &UpstreamState, delay: Duration) {
+    let mut buffer = Vec::new();
+    let Some(head_end) = read_head(&mut stream, &mut buffer).await else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    let body_start = head_end + 4;
+    while buffer.len() < body_start + length {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = Bytes::copy_from_slice(&buffer[body_start..body_start + length]);
+    state.posts.fetch_add(1, Ordering::SeqCst);
+    state
+        .received_visits
+        .fetch_add(visits_in(&body), Ordering::SeqCst);
+    state.requests.lock().unwrap().push(Seen {
+        method: "POST".to_owned(),
+        path: head.split(' ').nth(1).unwrap_or("").to_owned(),
+        headers: HeaderMap::new(),
+        body,
+    });
+    tokio::time::sleep(delay).await;
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Reads a request, counts it, answers `reply` (whatever it is) and closes.

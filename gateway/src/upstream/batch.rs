@@ -1,0 +1,387 @@
+//! Visit batching (`upstream.batch_max` above 1): the visits that arrive
+//! while a worker's POSTs are all in flight wait for the next POST, which
+//! carries their number, and each is answered from that POST's one
+//! outcome.
+//!
+//! This is group commit, as in the durable store: no timer. A visit that
+//! finds fewer than [`Batcher::posts_in_flight`] POSTs in flight is sent at
+//! once, alone, as the very request it would be without batching. Others
+//! join the newest waiting batch (a new one when it is full); whenever a
+//! POST ends, the task that sent it takes the oldest waiting batch and
+//! sends it, so a waiting visit waits for at most one POST to come back
+//! before its own leaves.
+//!
+//! The POSTs are sent by tasks of their own, not by a visitor's: a visitor
+//! may disconnect or reach its deadline at any time. One that does before
+//! its batch is sent leaves it (and is not counted); once sent, its visit
+//! is in the POST's count whatever happens to the visitor.
+//!
+//! Generic over what a batch's first visit brings (its own request), so
+//! that these rules are tested with plain values.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_listener::Event;
+
+use super::Outcome;
+
+/// The waiting batches and how many POSTs are in flight.
+pub(super) struct Batcher<T> {
+    batch_max: usize,
+    posts_in_flight: usize,
+    state: Mutex<State<T>>,
+}
+
+struct State<T> {
+    in_flight: usize,
+    /// Oldest first. Not empty only while `in_flight` is at its most.
+    waiting: VecDeque<Waiting<T>>,
+    next_id: u64,
+}
+
+/// A batch not yet sent.
+struct Waiting<T> {
+    id: u64,
+    visits: usize,
+    /// The first visit's own request while it is the batch's only visit:
+    /// a batch of one goes out as the request it would be unbatched.
+    alone: Option<T>,
+    reply: Arc<Reply>,
+}
+
+/// A batch to send now: the visits it carries (every one still waiting
+/// for the outcome, or gone after it was sealed), and the first visit's
+/// own request when it is the only one.
+pub(super) struct Sealed<T> {
+    pub(super) visits: usize,
+    pub(super) alone: Option<T>,
+    pub(super) reply: Arc<Reply>,
+}
+
+/// A visit's place in a batch, until it has its answer or leaves.
+pub(super) struct Ticket<'a, T> {
+    batcher: &'a Batcher<T>,
+    id: u64,
+    /// Only a batch's first visit can have brought its request.
+    first: bool,
+    reply: Arc<Reply>,
+    /// Answered, left, or sent: nothing to undo when dropped.
+    settled: bool,
+}
+
+/// What a visit got from [`Batcher::join`].
+pub(super) enum Joined<'a, T> {
+    /// A POST could leave at once: send this batch (of this one visit),
+    /// then the ones [`Batcher::next`] gives.
+    Send(Sealed<T>, Ticket<'a, T>),
+    /// Wait for the batch's outcome; a task already in flight sends it.
+    Wait(Ticket<'a, T>),
+}
+
+/// The outcome of one batch's POST, for every visit in it.
+#[derive(Default)]
+pub(super) struct Reply {
+    /// 0 until the POST ends, then [`encode`] of its outcome.
+    outcome: AtomicU8,
+    ready: Event,
+}
+
+impl Reply {
+    /// Gives every visit in the batch `outcome`.
+    pub(super) fn set(&self, outcome: Outcome) {
+        self.outcome.store(encode(outcome), Ordering::Release);
+        self.ready.notify(usize::MAX);
+    }
+
+    fn get(&self) -> Option<Outcome> {
+        decode(self.outcome.load(Ordering::Acquire))
+    }
+
+    /// The outcome, once there is one.
+    async fn wait(&self) -> Outcome {
+        loop {
+            if let Some(outcome) = self.get() {
+                return outcome;
+            }
+            let listener = self.ready.listen();
+            if let Some(outcome) = self.get() {
+                return outcome;
+            }
+            listener.await;
+        }
+    }
+}
+
+fn encode(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Counted => 1,
+        Outcome::Failed => 2,
+        Outcome::TimedOut => 3,
+        Outcome::Overloaded => 4,
+    }
+}
+
+fn decode(value: u8) -> Option<Outcome> {
+    match value {
+        1 => Some(Outcome::Counted),
+        2 => Some(Outcome::Failed),
+        3 => Some(Outcome::TimedOut),
+        4 => Some(Outcome::Overloaded),
+        _ => None,
+    }
+}
+
+impl<T> Batcher<T> {
+    /// Batches of up to `batch_max` visits, up to `posts_in_flight` POSTs
+    /// at once (both at least 1).
+    pub(super) fn new(batch_max: usize, posts_in_flight: usize) -> Self {
+        Self {
+            batch_max: batch_max.max(1),
+            posts_in_flight: posts_in_flight.max(1),
+            state: Mutex::new(State {
+                in_flight: 0,
+                waiting: VecDeque::new(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic under this lock leaves counts that are still consistent
+        // (every change is one assignment); carry on with them.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Places a visit, whose unbatched request is `request`.
+    pub(super) fn join(&self, request: T) -> Joined<'_, T> {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        if state.in_flight < self.posts_in_flight {
+            state.in_flight += 1;
+            drop(state);
+            let reply = Arc::new(Reply::default());
+            let sealed = Sealed {
+                visits: 1,
+                alone: Some(request),
+                reply: reply.clone(),
+            };
+            return Joined::Send(sealed, self.ticket(id, false, reply));
+        }
+        match state.waiting.back_mut() {
+            Some(newest) if newest.visits < self.batch_max => {
+                newest.visits += 1;
+                newest.alone = None;
+                let (id, reply) = (newest.id, newest.reply.clone());
+                drop(state);
+                Joined::Wait(self.ticket(id, false, reply))
+            }
+            _ => {
+                let reply = Arc::new(Reply::default());
+                state.waiting.push_back(Waiting {
+                    id,
+                    visits: 1,
+                    alone: Some(request),
+                    reply: reply.clone(),
+                });
+                drop(state);
+                Joined::Wait(self.ticket(id, true, reply))
+            }
+        }
+    }
+
+    fn ticket(&self, id: u64, first: bool, reply: Arc<Reply>) -> Ticket<'_, T> {
+        Ticket {
+            batcher: self,
+            id,
+            first,
+            reply,
+            settled: false,
+        }
+    }
+
+    /// Called by a sender whose POST has ended: the oldest waiting batch,
+    /// sealed, for it to send next; or `None`, and it is no longer in
+    /// flight.
+    pub(super) fn next(&self) -> Option<Sealed<T>> {
+        let mut state = self.lock();
+        match state.waiting.pop_front() {
+            Some(batch) => Some(Sealed {
+                visits: batch.visits,
+                alone: batch.alone,
+                reply: batch.reply,
+            }),
+            None => {
+                state.in_flight -= 1;
+                None
+            }
+        }
+    }
+
+    /// Takes a visit out of its batch if that has not been sent: true if
+    /// it left.
+    fn leave(&self, id: u64, first: bool) -> bool {
+        let mut state = self.lock();
+        let Some(index) = state.waiting.iter().rposition(|batch| batch.id == id) else {
+            return false;
+        };
+        let batch = &mut state.waiting[index];
+        batch.visits -= 1;
+        if first {
+            batch.alone = None;
+        }
+        if batch.visits == 0 {
+            state.waiting.remove(index);
+        }
+        true
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> Vec<usize> {
+        self.lock()
+            .waiting
+            .iter()
+            .map(|batch| batch.visits)
+            .collect()
+    }
+}
+
+impl<T> Ticket<'_, T> {
+    /// The batch's outcome, once its POST has ended.
+    pub(super) async fn outcome(&mut self) -> Outcome {
+        let outcome = self.reply.wait().await;
+        self.settled = true;
+        outcome
+    }
+
+    /// The visit's deadline passed: its batch's outcome if there is one
+    /// now, else 503 if it left its batch before it was sent (nothing
+    /// counted), else 504 (sent: it may be counted).
+    pub(super) fn give_up(&mut self) -> Outcome {
+        self.settled = true;
+        if let Some(outcome) = self.reply.get() {
+            outcome
+        } else if self.batcher.leave(self.id, self.first) {
+            Outcome::Overloaded
+        } else {
+            Outcome::TimedOut
+        }
+    }
+}
+
+impl<T> Drop for Ticket<'_, T> {
+    /// A visitor gone before its answer leaves its batch if it is unsent.
+    fn drop(&mut self) {
+        if !self.settled && self.reply.get().is_none() {
+            self.batcher.leave(self.id, self.first);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent<T>(joined: Joined<'_, T>) -> (Sealed<T>, Ticket<'_, T>) {
+        match joined {
+            Joined::Send(sealed, ticket) => (sealed, ticket),
+            Joined::Wait(_) => panic!("expected to be sent at once"),
+        }
+    }
+
+    fn waits<T>(joined: Joined<'_, T>) -> Ticket<'_, T> {
+        match joined {
+            Joined::Wait(ticket) => ticket,
+            Joined::Send(..) => panic!("expected to wait"),
+        }
+    }
+
+    #[test]
+    fn a_visit_with_room_in_flight_is_sent_at_once_alone() {
+        let batcher = Batcher::new(4, 2);
+        let (first, _a) = sent(batcher.join("a"));
+        let (second, _b) = sent(batcher.join("b"));
+        assert_eq!((first.visits, first.alone), (1, Some("a")));
+        assert_eq!((second.visits, second.alone), (1, Some("b")));
+        let _c = waits(batcher.join("c"));
+        assert_eq!(batcher.waiting(), [1]);
+    }
+
+    #[test]
+    fn waiting_visits_fill_batches_up_to_the_most_then_start_another() {
+        let batcher = Batcher::new(3, 1);
+        let _sending = sent(batcher.join(0));
+        let tickets: Vec<_> = (1..=7).map(|i| waits(batcher.join(i))).collect();
+        assert_eq!(batcher.waiting(), [3, 3, 1]);
+        let next = batcher.next().expect("a waiting batch");
+        assert_eq!((next.visits, next.alone), (3, None));
+        assert_eq!(batcher.waiting(), [3, 1]);
+        batcher.next();
+        let last = batcher.next().expect("the last batch");
+        assert_eq!((last.visits, last.alone), (1, Some(7)));
+        assert!(batcher.next().is_none(), "nothing waits: out of flight");
+        // Room again: the next visit goes at once.
+        let _again = sent(batcher.join(8));
+        drop(tickets);
+    }
+
+    #[test]
+    fn a_visit_that_leaves_before_the_send_is_not_in_the_count() {
+        let batcher = Batcher::new(8, 1);
+        let _sending = sent(batcher.join("x"));
+        let first = waits(batcher.join("first"));
+        let mut second = waits(batcher.join("second"));
+        let third = waits(batcher.join("third"));
+        assert_eq!(second.give_up(), Outcome::Overloaded);
+        drop(first);
+        assert_eq!(batcher.waiting(), [1]);
+        let next = batcher.next().expect("the batch");
+        // One visit left, but not the first: not sent as the first's request.
+        assert_eq!((next.visits, next.alone), (1, None));
+        drop(third);
+        assert!(batcher.next().is_none());
+    }
+
+    #[test]
+    fn a_batch_everyone_left_is_not_sent() {
+        let batcher = Batcher::new(8, 1);
+        let _sending = sent(batcher.join(()));
+        let tickets: Vec<_> = (0..3).map(|_| waits(batcher.join(()))).collect();
+        drop(tickets);
+        assert!(batcher.waiting().is_empty());
+        assert!(batcher.next().is_none());
+    }
+
+    #[test]
+    fn once_sent_a_visit_is_counted_in_the_outcome_whatever_it_does() {
+        let batcher = Batcher::new(8, 1);
+        let (first, _a) = sent(batcher.join(1));
+        let mut late = waits(batcher.join(2));
+        let gone = waits(batcher.join(3));
+        let batch = batcher.next().expect("the batch");
+        assert_eq!(batch.visits, 2);
+        drop(gone);
+        assert_eq!(batch.visits, 2, "sealed: the count stands");
+        assert_eq!(late.give_up(), Outcome::TimedOut, "sent, no outcome yet");
+        first.reply.set(Outcome::Counted);
+        batch.reply.set(Outcome::Failed);
+        assert_eq!(batch.reply.get(), Some(Outcome::Failed));
+    }
+
+    #[test]
+    fn every_visit_in_a_batch_gets_its_outcome() {
+        let batcher = Batcher::new(8, 1);
+        let _sending = sent(batcher.join(0));
+        let mut tickets: Vec<_> = (1..=5).map(|i| waits(batcher.join(i))).collect();
+        let batch = batcher.next().expect("the batch");
+        batch.reply.set(Outcome::TimedOut);
+        for ticket in &mut tickets {
+            let outcome = futures_lite::future::block_on(ticket.outcome());
+            assert_eq!(outcome, Outcome::TimedOut);
+        }
+    }
+}
