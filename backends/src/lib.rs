@@ -136,6 +136,8 @@ pub trait Runtime: Sized + Send + Sync + 'static {
 
     /// Spawns a detached task onto the running runtime: with
     /// [`Threading::PerCore`], onto the calling worker's own scheduler.
+    /// Called where no runtime runs (a future dropped as its runtime is
+    /// torn down), the task is dropped instead: never a panic.
     fn spawn<F>(task: F)
     where
         F: Future<Output = ()> + Send + 'static;

@@ -167,7 +167,9 @@ impl Runtime for Tokio {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        tokio::spawn(task);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(task));
+        }
     }
 
     fn spawn_on<F>(worker: usize, task: F)

@@ -30,9 +30,14 @@ use crate::report::{Report, Row};
 struct Options {
     /// Backends to measure, in order; a bare name runs the gateway's
     /// default threading (per-core), `backend/shared` or
-    /// `backend/per-core` names it, e.g. `tokio,tokio/shared`.
+    /// `backend/per-core` names it, and a last `/batchN` sets
+    /// `upstream.batch_max = N`, e.g. `tokio,tokio/shared,smol/batch64`.
     #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
     backends: Vec<String>,
+    /// Also measure each backend with `upstream.batch_max = N`: a
+    /// `backend/batchN` row after each one in --backends that names none.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
     /// Concurrency levels: keep-alive connections held open by the load generator.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
     connections: Vec<usize>,
@@ -106,13 +111,11 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<bool, String> {
+    if options.batch.is_some_and(|n| n < 2) {
+        return Err("--batch: give 2 or more visits a POST (1 is the unbatched row)".to_owned());
+    }
     for target in &options.backends {
-        let (backend, threading) = target.split_once('/').unwrap_or((target, "per-core"));
-        if !matches!(backend, "tokio" | "smol") || !matches!(threading, "shared" | "per-core") {
-            return Err(format!(
-                "--backends: `{target}` is not tokio or smol, optionally with /shared or /per-core"
-            ));
-        }
+        procs::GatewayTarget::parse(target).map_err(|e| format!("--backends: {e}"))?;
     }
     if options.connections.is_empty() || options.connections.contains(&0) {
         return Err("--connections: give one or more counts above 0".to_owned());
@@ -231,7 +234,15 @@ fn measure_local(
         out,
     )?;
 
-    let mut targets: Vec<String> = options.backends.clone();
+    let mut targets: Vec<String> = Vec::new();
+    for target in &options.backends {
+        targets.push(target.clone());
+        if let Some(batch) = options.batch {
+            if !target.contains("/batch") {
+                targets.push(format!("{target}/batch{batch}"));
+            }
+        }
+    }
     if nginx.is_some() {
         targets.push("nginx".to_owned());
     }

@@ -172,19 +172,75 @@ pub fn start_gateway(
     start_logged(target.to_owned(), command)
 }
 
-/// The config.toml for `target`: a backend, or `backend/threading` (e.g.
-/// `tokio/shared`). A bare backend leaves `threading` to the gateway's
-/// default, so that the bench's default measures what ships.
+/// A gateway row's settings, from its name: `backend[/threading][/batchN]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTarget<'a> {
+    pub backend: &'a str,
+    /// `None`: the gateway's default (per-core), so that a bare backend
+    /// measures what ships.
+    pub threading: Option<&'a str>,
+    /// `upstream.batch_max`; `None` leaves the default (1).
+    pub batch_max: Option<usize>,
+}
+
+impl<'a> GatewayTarget<'a> {
+    pub fn parse(target: &'a str) -> Result<Self, String> {
+        let wrong = || {
+            format!(
+                "`{target}` is not tokio or smol, optionally with /shared or /per-core, \
+                 then optionally /batchN (N of 2 or more)"
+            )
+        };
+        let mut parts = target.split('/');
+        let backend = parts.next().filter(|b| matches!(*b, "tokio" | "smol"));
+        let backend = backend.ok_or_else(wrong)?;
+        let mut parsed = Self {
+            backend,
+            threading: None,
+            batch_max: None,
+        };
+        for part in parts {
+            if let Some(n) = part.strip_prefix("batch") {
+                let n: usize = n.parse().map_err(|_| wrong())?;
+                if n < 2 || parsed.batch_max.is_some() {
+                    return Err(wrong());
+                }
+                parsed.batch_max = Some(n);
+            } else if matches!(part, "shared" | "per-core")
+                && parsed.threading.is_none()
+                && parsed.batch_max.is_none()
+            {
+                parsed.threading = Some(part);
+            } else {
+                return Err(wrong());
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// The config.toml for `target` (see [`GatewayTarget`]).
 fn gateway_config(target: &str, workers: usize, counter: SocketAddr) -> String {
-    let (backend, threading) = match target.split_once('/') {
-        Some((backend, threading)) => (backend, format!("threading = \"{threading}\"\n")),
-        None => (target, String::new()),
-    };
+    let parsed = GatewayTarget::parse(target).unwrap_or(GatewayTarget {
+        backend: target,
+        threading: None,
+        batch_max: None,
+    });
+    let backend = parsed.backend;
+    let threading = parsed
+        .threading
+        .map(|t| format!("threading = \"{t}\"\n"))
+        .unwrap_or_default();
+    let batch = parsed
+        .batch_max
+        .map(|n| format!("batch_max = {n}\n"))
+        .unwrap_or_default();
     format!(
-        "# Written by the bench; identical for every target but `backend` and `threading`.\n\
+        "# Written by the bench; identical for every target but `backend`, `threading` \
+         and `batch_max`.\n\
          [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\n{threading}\n\
          [server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [upstream]\nurl = \"http://{counter}/counter\"\n\n\
+         [upstream]\nurl = \"http://{counter}/counter\"\n{batch}\n\
          [log]\nlevel = \"info\"\n"
     )
 }
@@ -322,7 +378,7 @@ pub fn wrk(
 
 #[cfg(test)]
 mod tests {
-    use super::gateway_config;
+    use super::{GatewayTarget, gateway_config};
     use gateway::config::{Backend, Config, Threading};
     use std::path::Path;
 
@@ -350,5 +406,23 @@ mod tests {
             parsed("tokio/per-core").runtime.threading,
             Threading::PerCore
         );
+    }
+
+    #[test]
+    fn a_batch_row_sets_batch_max_and_nothing_else() {
+        let config = parsed("smol/shared/batch64");
+        assert_eq!(config.upstream.batch_max, 64);
+        assert_eq!(config.runtime.threading, Threading::Shared);
+        assert_eq!(parsed("tokio/batch8").upstream.batch_max, 8);
+        assert_eq!(parsed("tokio").upstream.batch_max, 1);
+        for bad in [
+            "nginx",
+            "tokio/batch1",
+            "tokio/batch",
+            "tokio/batch8/shared",
+            "smol/x",
+        ] {
+            assert!(GatewayTarget::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -432,7 +432,33 @@ async fn a_head_with_many_headers_is_counted(backend: Backend) {
     assert_eq!(upstream.connections(), 2 + 1, "the connection was reused");
 }
 
+async fn a_post_in_flight_when_its_client_resets_finishes_all_the_same(backend: Backend) {
+    // A visit whose client resets its connection mid-POST is gone (hyper
+    // drops it), but its POST has left: it is finished in the background,
+    // and its connection goes back to the pool, rather than cut off.
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .workers(1)
+        .start();
+    let addr = gateway.addr("public");
+    let mut leaving = tokio::net::TcpStream::connect(addr).await.unwrap();
+    leaving
+        .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    upstream.wait_for_posts(1).await;
+    socket2::SockRef::from(&leaving)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(upstream.accepted_visits(), 1, "the POST was answered");
+    assert_eq!(common::get(addr, "/").await.status, StatusCode::OK);
+    assert_eq!(upstream.connections(), 1, "its connection was kept");
+}
+
 both_backends!(
+    a_post_in_flight_when_its_client_resets_finishes_all_the_same,
     answers_that_cannot_be_framed_give_502_and_the_connection_is_dropped,
     a_head_with_many_headers_is_counted,
     idle_pooled_connections_are_closed,

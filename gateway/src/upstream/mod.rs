@@ -62,6 +62,21 @@ type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// one POST to come back before its own is sent.
 const POSTS_IN_FLIGHT_PER_WORKER: usize = 2;
 
+/// An attempt in flight: finished in the background (see
+/// [`Upstream::finish_late`]) if it is dropped before it ends.
+struct Unfinished<R: Runtime, F: Future<Output = Attempt<R>> + Send + 'static> {
+    upstream: &'static Upstream<R>,
+    attempt: Option<Pin<Box<F>>>,
+}
+
+impl<R: Runtime, F: Future<Output = Attempt<R>> + Send + 'static> Drop for Unfinished<R, F> {
+    fn drop(&mut self) {
+        if let Some(attempt) = self.attempt.take() {
+            self.upstream.finish_late(attempt);
+        }
+    }
+}
+
 /// The upstream client and its connection pool; one per process, or one
 /// per worker with `runtime.threading = "per-core"`.
 pub struct Upstream<R: Runtime> {
@@ -220,11 +235,23 @@ impl<R: Runtime> Upstream<R> {
         };
         loop {
             // Boxed so that, past the deadline, the attempt can move to a
-            // task of its own and finish there (see `finish_late`).
-            let mut attempt = Box::pin(self.attempt(conn, request, from_pool));
-            match timeout_at::<R, _>(deadline, attempt.as_mut()).await {
+            // task of its own and finish there (see `finish_late`); so it
+            // does if this visit is dropped meanwhile (its client reset
+            // the connection), as a POST that has left is not abandoned.
+            let mut attempt = Unfinished {
+                upstream: self,
+                attempt: Some(Box::pin(self.attempt(conn, request, from_pool))),
+            };
+            let answered = match attempt.attempt.as_mut() {
+                Some(running) => timeout_at::<R, _>(deadline, running.as_mut()).await,
+                None => Err(Elapsed),
+            };
+            let attempt = attempt.attempt.take();
+            match answered {
                 Err(Elapsed) => {
-                    self.finish_late(attempt);
+                    if let Some(attempt) = attempt {
+                        self.finish_late(attempt);
+                    }
                     return Outcome::TimedOut;
                 }
                 Ok(Attempt::Done(outcome, reusable)) => {
