@@ -276,7 +276,7 @@ async fn a_visitor_gone_before_the_send_is_not_counted(backend: Backend) {
         .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     socket2::SockRef::from(&leaving)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
@@ -291,6 +291,60 @@ async fn a_visitor_gone_before_the_send_is_not_counted(backend: Backend) {
         .collect();
     assert_eq!(bodies, [1, 1, 2], "the reset visitor left its batch");
     assert_eq!(upstream.accepted_visits(), 4);
+}
+
+/// With the pool at its cap, a batch that cannot get a connection by its
+/// oldest visit's deadline is never sent: its visitors get 503 (nothing
+/// counted), as an unbatched visit would, not 504.
+async fn a_batch_that_never_gets_a_connection_is_a_503(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .upstream(BATCH)
+        .upstream("max_connections = 1\nrequest_timeout_ms = 600")
+        .workers(1)
+        .start();
+    let public = gateway.addr("public");
+    let first = tokio::spawn(common::get(public, "/"));
+    upstream.wait_for_posts(1).await;
+    let mut statuses = visit_at_once(public, 6).await;
+    statuses.push(first.await.unwrap().status);
+    statuses.sort();
+    let mut expected = vec![StatusCode::SERVICE_UNAVAILABLE; 6];
+    expected.push(StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(statuses, expected, "only the POST that left is a 504");
+    assert_eq!(upstream.posts(), 1);
+}
+
+/// A client that shuts down its sending side after its request (`nc -N`)
+/// is still in its batch, and answered.
+async fn a_half_closed_client_in_a_batch_is_answered(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .upstream(BATCH)
+        .workers(1)
+        .start();
+    let public = gateway.addr("public");
+    let first = tokio::spawn(visit_at_once(public, 2));
+    upstream.wait_for_posts(2).await;
+    let mut half_closed = JoinSet::new();
+    for _ in 0..3 {
+        half_closed.spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(public).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                .await
+                .unwrap();
+            stream.shutdown().await.unwrap();
+            common::read_until_close(&mut stream, Duration::from_secs(5)).await
+        });
+    }
+    while let Some(reply) = half_closed.join_next().await {
+        let reply = reply.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
+    }
+    assert_eq!(first.await.unwrap(), [StatusCode::OK; 2]);
+    assert_eq!(upstream.accepted_visits(), 5);
+    assert_eq!(upstream.largest_batch(), 3);
 }
 
 /// Off by default: every visit is its own POST, as without the setting.
@@ -310,5 +364,7 @@ both_backends!(
     a_counter_restarted_mid_load_loses_no_200_and_counts_none_twice,
     a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post,
     a_visitor_gone_before_the_send_is_not_counted,
+    a_batch_that_never_gets_a_connection_is_a_503,
+    a_half_closed_client_in_a_batch_is_answered,
     batching_is_off_by_default,
 );

@@ -548,7 +548,34 @@ async fn upstream_closing_mid_response_gives_502(backend: Backend) {
     assert_eq!(upstream.posts(), 1);
 }
 
+async fn a_head_begun_while_busy_is_held_to_the_header_read_timeout(backend: Backend) {
+    // The start of a next request arrives while the first is busy, and
+    // the rest never does: once the first is answered, the connection is
+    // reading a head, and is closed at the header-read timeout, not kept
+    // for the (much longer) idle one.
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("header_read_timeout_ms = 500\nidle_timeout_ms = 30000")
+        .start();
+    let mut stream = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    upstream.wait_for_posts(1).await;
+    stream.write_all(b"GET / HTTP/1.1\r\nhos").await.unwrap();
+    let started = Instant::now();
+    let reply = common::read_until_close(&mut stream, Duration::from_secs(20)).await;
+    assert_eq!(reply.matches(" 200 OK\r\n").count(), 1, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "kept open {:?}: the idle timeout ran, not the header-read one",
+        started.elapsed()
+    );
+}
+
 both_backends!(
+    a_head_begun_while_busy_is_held_to_the_header_read_timeout,
     bad_inputs_get_their_status_and_the_gateway_serves_on,
     request_bodies_are_discarded_not_buffered,
     a_request_then_a_half_close_is_answered_then_closed,

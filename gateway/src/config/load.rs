@@ -15,6 +15,9 @@ use super::{
 };
 use crate::counter::MAX_VISITS_PER_POST;
 
+/// The longest timeout a configuration may set, in milliseconds: a day.
+const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
 impl Config {
     /// Reads and validates the configuration at `path`.
     ///
@@ -103,6 +106,14 @@ impl Config {
         for (key, value) in positive {
             if value == 0 {
                 return Err((key, "expected a value greater than 0".to_owned()));
+            }
+            // A deadline is a clock reading plus the timeout: keep the sum
+            // far from where it would overflow.
+            if key.ends_with("_ms") && value > MAX_TIMEOUT_MS {
+                return Err((
+                    key,
+                    format!("expected at most {MAX_TIMEOUT_MS} (a day), got {value}"),
+                ));
             }
         }
         if self.runtime.workers > MAX_WORKERS {

@@ -289,7 +289,7 @@ async fn serve_connection<R: Runtime, S: Service>(
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 let answered = Instant::now();
-                activity.enter(Phase::Idle, answered);
+                activity.enter(activity.after_answer(), answered);
                 if activity.eof_held() {
                     // The client half-closed while this request was busy:
                     // wake the connection (this task) to read that end

@@ -43,6 +43,9 @@ pub(super) struct Activity {
     /// The client's end of stream was read while busy and is held back
     /// until the answer is out (see [`WatchedIo`]).
     eof_held: AtomicBool,
+    /// Bytes of a next request arrived while busy (pipelined): after the
+    /// answer the connection is reading a head, not idle.
+    head_begun: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -60,6 +63,7 @@ impl Activity {
             phase: AtomicU8::new(phase as u8),
             since: AtomicU64::new(nanos_since_epoch(at)),
             eof_held: AtomicBool::new(false),
+            head_begun: AtomicBool::new(false),
         }
     }
 
@@ -74,6 +78,17 @@ impl Activity {
     pub(super) fn enter(&self, phase: Phase, at: Instant) {
         self.since.store(nanos_since_epoch(at), Ordering::Relaxed);
         self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// The phase after an answer: reading a head if bytes of the next
+    /// request came while busy (its header-read timeout runs from now),
+    /// else idle.
+    pub(super) fn after_answer(&self) -> Phase {
+        if self.head_begun.swap(false, Ordering::Relaxed) {
+            Phase::Head
+        } else {
+            Phase::Idle
+        }
     }
 
     /// Whether an end of stream is held back: then the connection task
@@ -165,6 +180,9 @@ impl<S: Read + Unpin> WatchedIo<S> {
             if read.filled().is_empty() && room > 0 {
                 self.activity.eof_held.store(true, Ordering::Relaxed);
                 return Poll::Pending;
+            }
+            if !read.filled().is_empty() {
+                self.activity.head_begun.store(true, Ordering::Relaxed);
             }
             buf.put_slice(read.filled());
         }

@@ -6,10 +6,11 @@
 //! This is group commit, as in the durable store: no timer. A visit that
 //! finds fewer than [`Batcher::posts_in_flight`] POSTs in flight is sent at
 //! once, alone, as the very request it would be without batching. Others
-//! join the newest waiting batch (a new one when it is full); whenever a
-//! POST ends, the task that sent it takes the oldest waiting batch and
-//! sends it, so a waiting visit waits for at most one POST to come back
-//! before its own leaves.
+//! join the waiting batch; whenever a POST ends, the task that sent it
+//! takes the waiting batch and sends it, and a batch that fills up goes
+//! at once on a POST of its own. So a waiting visit waits for at most one
+//! POST to come back before its own leaves, and throughput is not capped
+//! by the POSTs in flight (an upstream far away gets more of them).
 //!
 //! The POSTs are sent by tasks of their own, not by a visitor's: a visitor
 //! may disconnect or reach its deadline at any time. One that does before
@@ -22,6 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use event_listener::Event;
 
@@ -36,7 +38,9 @@ pub(super) struct Batcher<T> {
 
 struct State<T> {
     in_flight: usize,
-    /// Oldest first. Not empty only while `in_flight` is at its most.
+    /// Oldest first; not empty only while `in_flight` is at least
+    /// `posts_in_flight`. Only the newest can have room (a full batch is
+    /// sent at once), so there is at most one unless `batch_max` changed.
     waiting: VecDeque<Waiting<T>>,
     next_id: u64,
 }
@@ -45,6 +49,9 @@ struct State<T> {
 struct Waiting<T> {
     id: u64,
     visits: usize,
+    /// When its first (oldest) visit arrived: the POST's deadline runs
+    /// from here, so that it ends no later than any of its visits'.
+    started: Instant,
     /// The first visit's own request while it is the batch's only visit:
     /// a batch of one goes out as the request it would be unbatched.
     alone: Option<T>,
@@ -56,6 +63,8 @@ struct Waiting<T> {
 /// own request when it is the only one.
 pub(super) struct Sealed<T> {
     pub(super) visits: usize,
+    /// When its oldest visit arrived.
+    pub(super) started: Instant,
     pub(super) alone: Option<T>,
     pub(super) reply: Arc<Reply>,
 }
@@ -73,8 +82,8 @@ pub(super) struct Ticket<'a, T> {
 
 /// What a visit got from [`Batcher::join`].
 pub(super) enum Joined<'a, T> {
-    /// A POST could leave at once: send this batch (of this one visit),
-    /// then the ones [`Batcher::next`] gives.
+    /// A POST leaves at once: send this batch (this one visit, or the
+    /// batch this visit filled), then the ones [`Batcher::next`] gives.
     Send(Sealed<T>, Ticket<'a, T>),
     /// Wait for the batch's outcome; a task already in flight sends it.
     Wait(Ticket<'a, T>),
@@ -156,8 +165,9 @@ impl<T> Batcher<T> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Places a visit, whose unbatched request is `request`.
-    pub(super) fn join(&self, request: T) -> Joined<'_, T> {
+    /// Places a visit that arrived at `started`, whose unbatched request
+    /// is `request`.
+    pub(super) fn join(&self, request: T, started: Instant) -> Joined<'_, T> {
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
@@ -167,30 +177,42 @@ impl<T> Batcher<T> {
             let reply = Arc::new(Reply::default());
             let sealed = Sealed {
                 visits: 1,
+                started,
                 alone: Some(request),
                 reply: reply.clone(),
             };
             return Joined::Send(sealed, self.ticket(id, false, reply));
         }
-        match state.waiting.back_mut() {
-            Some(newest) if newest.visits < self.batch_max => {
+        let batch_max = self.batch_max;
+        let (id, first, reply) = match state.waiting.back_mut().filter(|b| b.visits < batch_max) {
+            Some(newest) => {
                 newest.visits += 1;
                 newest.alone = None;
-                let (id, reply) = (newest.id, newest.reply.clone());
-                drop(state);
-                Joined::Wait(self.ticket(id, false, reply))
+                (newest.id, false, newest.reply.clone())
             }
-            _ => {
+            None => {
                 let reply = Arc::new(Reply::default());
                 state.waiting.push_back(Waiting {
                     id,
                     visits: 1,
+                    started,
                     alone: Some(request),
                     reply: reply.clone(),
                 });
-                drop(state);
-                Joined::Wait(self.ticket(id, true, reply))
+                (id, true, reply)
             }
+        };
+        // A batch this visit filled goes now, on a POST of its own.
+        let full = state.waiting.back().is_some_and(|b| b.visits >= batch_max);
+        let sealed = if full { state.waiting.pop_back() } else { None };
+        if sealed.is_some() {
+            state.in_flight += 1;
+        }
+        drop(state);
+        let ticket = self.ticket(id, first, reply);
+        match sealed {
+            Some(batch) => Joined::Send(batch.seal(), ticket),
+            None => Joined::Wait(ticket),
         }
     }
 
@@ -210,11 +232,7 @@ impl<T> Batcher<T> {
     pub(super) fn next(&self) -> Option<Sealed<T>> {
         let mut state = self.lock();
         match state.waiting.pop_front() {
-            Some(batch) => Some(Sealed {
-                visits: batch.visits,
-                alone: batch.alone,
-                reply: batch.reply,
-            }),
+            Some(batch) => Some(batch.seal()),
             None => {
                 state.in_flight -= 1;
                 None
@@ -240,6 +258,12 @@ impl<T> Batcher<T> {
         true
     }
 
+    /// POSTs being sent now.
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
     #[cfg(test)]
     fn waiting(&self) -> Vec<usize> {
         self.lock()
@@ -247,6 +271,17 @@ impl<T> Batcher<T> {
             .iter()
             .map(|batch| batch.visits)
             .collect()
+    }
+}
+
+impl<T> Waiting<T> {
+    fn seal(self) -> Sealed<T> {
+        Sealed {
+            visits: self.visits,
+            started: self.started,
+            alone: self.alone,
+            reply: self.reply,
+        }
     }
 }
 
@@ -258,18 +293,16 @@ impl<T> Ticket<'_, T> {
         outcome
     }
 
-    /// The visit's deadline passed: its batch's outcome if there is one
-    /// now, else 503 if it left its batch before it was sent (nothing
-    /// counted), else 504 (sent: it may be counted).
-    pub(super) fn give_up(&mut self) -> Outcome {
-        self.settled = true;
-        if let Some(outcome) = self.reply.get() {
-            outcome
-        } else if self.batcher.leave(self.id, self.first) {
-            Outcome::Overloaded
-        } else {
-            Outcome::TimedOut
+    /// The visit's deadline passed: it leaves its batch if that was not
+    /// sent (503: nothing counted), and is `None` then. A batch already
+    /// sealed keeps it: its POST's deadline is no later than this visit's,
+    /// so its outcome is due now, and is the answer.
+    pub(super) fn leave_unsent(&mut self) -> Option<Outcome> {
+        if self.reply.get().is_none() && self.batcher.leave(self.id, self.first) {
+            self.settled = true;
+            return Some(Outcome::Overloaded);
         }
+        None
     }
 }
 
@@ -300,43 +333,59 @@ mod tests {
         }
     }
 
+    fn join<T>(batcher: &Batcher<T>, request: T) -> Joined<'_, T> {
+        batcher.join(request, Instant::now())
+    }
+
     #[test]
     fn a_visit_with_room_in_flight_is_sent_at_once_alone() {
         let batcher = Batcher::new(4, 2);
-        let (first, _a) = sent(batcher.join("a"));
-        let (second, _b) = sent(batcher.join("b"));
+        let (first, _a) = sent(join(&batcher, "a"));
+        let (second, _b) = sent(join(&batcher, "b"));
         assert_eq!((first.visits, first.alone), (1, Some("a")));
         assert_eq!((second.visits, second.alone), (1, Some("b")));
-        let _c = waits(batcher.join("c"));
+        let _c = waits(join(&batcher, "c"));
         assert_eq!(batcher.waiting(), [1]);
     }
 
     #[test]
-    fn waiting_visits_fill_batches_up_to_the_most_then_start_another() {
+    fn a_batch_that_fills_up_goes_at_once_on_a_post_of_its_own() {
         let batcher = Batcher::new(3, 1);
-        let _sending = sent(batcher.join(0));
-        let tickets: Vec<_> = (1..=7).map(|i| waits(batcher.join(i))).collect();
-        assert_eq!(batcher.waiting(), [3, 3, 1]);
-        let next = batcher.next().expect("a waiting batch");
-        assert_eq!((next.visits, next.alone), (3, None));
-        assert_eq!(batcher.waiting(), [3, 1]);
-        batcher.next();
-        let last = batcher.next().expect("the last batch");
-        assert_eq!((last.visits, last.alone), (1, Some(7)));
+        let _sending = sent(join(&batcher, 0));
+        let _one = waits(join(&batcher, 1));
+        let _two = waits(join(&batcher, 2));
+        let (full, _three) = sent(join(&batcher, 3));
+        assert_eq!((full.visits, full.alone), (3, None));
+        assert_eq!(batcher.in_flight(), 2, "past the usual two in flight");
+        assert!(batcher.waiting().is_empty());
+        let _four = waits(join(&batcher, 4));
+        let next = batcher.next().expect("the waiting batch");
+        assert_eq!((next.visits, next.alone), (1, Some(4)));
         assert!(batcher.next().is_none(), "nothing waits: out of flight");
+        assert!(batcher.next().is_none());
+        assert_eq!(batcher.in_flight(), 0);
         // Room again: the next visit goes at once.
-        let _again = sent(batcher.join(8));
-        drop(tickets);
+        let _again = sent(join(&batcher, 5));
+    }
+
+    #[test]
+    fn a_batch_carries_when_its_oldest_visit_came() {
+        let batcher = Batcher::new(8, 1);
+        let _sending = sent(join(&batcher, 0));
+        let oldest = Instant::now();
+        let _a = waits(batcher.join(1, oldest));
+        let _b = waits(batcher.join(2, oldest + std::time::Duration::from_secs(1)));
+        assert_eq!(batcher.next().expect("the batch").started, oldest);
     }
 
     #[test]
     fn a_visit_that_leaves_before_the_send_is_not_in_the_count() {
         let batcher = Batcher::new(8, 1);
-        let _sending = sent(batcher.join("x"));
-        let first = waits(batcher.join("first"));
-        let mut second = waits(batcher.join("second"));
-        let third = waits(batcher.join("third"));
-        assert_eq!(second.give_up(), Outcome::Overloaded);
+        let _sending = sent(join(&batcher, "x"));
+        let first = waits(join(&batcher, "first"));
+        let mut second = waits(join(&batcher, "second"));
+        let third = waits(join(&batcher, "third"));
+        assert_eq!(second.leave_unsent(), Some(Outcome::Overloaded));
         drop(first);
         assert_eq!(batcher.waiting(), [1]);
         let next = batcher.next().expect("the batch");
@@ -349,8 +398,8 @@ mod tests {
     #[test]
     fn a_batch_everyone_left_is_not_sent() {
         let batcher = Batcher::new(8, 1);
-        let _sending = sent(batcher.join(()));
-        let tickets: Vec<_> = (0..3).map(|_| waits(batcher.join(()))).collect();
+        let _sending = sent(join(&batcher, ()));
+        let tickets: Vec<_> = (0..3).map(|_| waits(join(&batcher, ()))).collect();
         drop(tickets);
         assert!(batcher.waiting().is_empty());
         assert!(batcher.next().is_none());
@@ -359,14 +408,14 @@ mod tests {
     #[test]
     fn once_sent_a_visit_is_counted_in_the_outcome_whatever_it_does() {
         let batcher = Batcher::new(8, 1);
-        let (first, _a) = sent(batcher.join(1));
-        let mut late = waits(batcher.join(2));
-        let gone = waits(batcher.join(3));
+        let (first, _a) = sent(join(&batcher, 1));
+        let mut late = waits(join(&batcher, 2));
+        let gone = waits(join(&batcher, 3));
         let batch = batcher.next().expect("the batch");
         assert_eq!(batch.visits, 2);
         drop(gone);
         assert_eq!(batch.visits, 2, "sealed: the count stands");
-        assert_eq!(late.give_up(), Outcome::TimedOut, "sent, no outcome yet");
+        assert_eq!(late.leave_unsent(), None, "sent: it stays for the outcome");
         first.reply.set(Outcome::Counted);
         batch.reply.set(Outcome::Failed);
         assert_eq!(batch.reply.get(), Some(Outcome::Failed));
@@ -375,8 +424,8 @@ mod tests {
     #[test]
     fn every_visit_in_a_batch_gets_its_outcome() {
         let batcher = Batcher::new(8, 1);
-        let _sending = sent(batcher.join(0));
-        let mut tickets: Vec<_> = (1..=5).map(|i| waits(batcher.join(i))).collect();
+        let _sending = sent(join(&batcher, 0));
+        let mut tickets: Vec<_> = (1..=5).map(|i| waits(join(&batcher, i))).collect();
         let batch = batcher.next().expect("the batch");
         batch.reply.set(Outcome::TimedOut);
         for ticket in &mut tickets {

@@ -24,11 +24,12 @@ mod pool;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
-use self::batch::{Batcher, Joined, Sealed};
+use self::batch::{Batcher, Joined, Reply, Sealed};
 use self::dial::Dialer;
 use self::exchange::{Connection, Exchange};
 use self::pool::{Found, Handoff, Pool, Queued, Slot};
@@ -63,16 +64,46 @@ type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 const POSTS_IN_FLIGHT_PER_WORKER: usize = 2;
 
 /// An attempt in flight: finished in the background (see
-/// [`Upstream::finish_late`]) if it is dropped before it ends.
+/// [`Upstream::finish_late`]) if it is dropped before it ends, and then
+/// recorded there, as the POST it is (carrying `visits`, begun at
+/// `started`).
 struct Unfinished<R: Runtime, F: Future<Output = Attempt<R>> + Send + 'static> {
     upstream: &'static Upstream<R>,
     attempt: Option<Pin<Box<F>>>,
+    visits: u64,
+    started: Instant,
 }
 
 impl<R: Runtime, F: Future<Output = Attempt<R>> + Send + 'static> Drop for Unfinished<R, F> {
     fn drop(&mut self) {
         if let Some(attempt) = self.attempt.take() {
-            self.upstream.finish_late(attempt);
+            let record = Some((self.visits, self.started));
+            self.upstream.finish_late(attempt, record);
+        }
+    }
+}
+
+/// A batch's POST under way. Should its sender stop before the POST ends
+/// (a panic, a task dropped), the batch's visitors are answered 504 (it
+/// may have left) and the waiting batch goes on a new sender, so no visit
+/// waits for an outcome that never comes and no slot in flight is lost.
+struct Sending<R: Runtime> {
+    upstream: &'static Upstream<R>,
+    batcher: &'static Batcher<Vec<u8>>,
+    reply: Option<Arc<Reply>>,
+}
+
+impl<R: Runtime> Drop for Sending<R> {
+    fn drop(&mut self) {
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        tracing::warn!(
+            "a batch's sender stopped before its POST ended; its visits are answered 504"
+        );
+        reply.set(Outcome::TimedOut);
+        if let Some(next) = self.batcher.next() {
+            R::spawn(self.upstream.send_batches(self.batcher, next));
         }
     }
 }
@@ -183,16 +214,22 @@ impl<R: Runtime> Upstream<R> {
         started: Instant,
     ) -> Outcome {
         let deadline = started + self.request_timeout;
-        let mut ticket = match batcher.join(request) {
+        let mut ticket = match batcher.join(request, started) {
             Joined::Send(batch, ticket) => {
                 R::spawn(self.send_batches(batcher, batch));
                 ticket
             }
             Joined::Wait(ticket) => ticket,
         };
-        match timeout_at::<R, _>(deadline, ticket.outcome()).await {
-            Ok(outcome) => outcome,
-            Err(Elapsed) => ticket.give_up(),
+        if let Ok(outcome) = timeout_at::<R, _>(deadline, ticket.outcome()).await {
+            return outcome;
+        }
+        // Unsent, it leaves (503). Sent, its POST's deadline (from the
+        // batch's oldest visit) is no later than this one's: the outcome
+        // is due now, and its sender gives one even if it fails.
+        match ticket.leave_unsent() {
+            Some(outcome) => outcome,
+            None => ticket.outcome().await,
         }
     }
 
@@ -208,10 +245,15 @@ impl<R: Runtime> Upstream<R> {
                 Some(request) if batch.visits == 1 => request,
                 _ => self.batch_request(batch.visits),
             };
-            let outcome = self
-                .post(request, batch.visits as u64, Instant::now())
-                .await;
-            batch.reply.set(outcome);
+            let mut sending = Sending {
+                upstream: self,
+                batcher,
+                reply: Some(batch.reply),
+            };
+            let outcome = self.post(request, batch.visits as u64, batch.started).await;
+            if let Some(reply) = sending.reply.take() {
+                reply.set(outcome);
+            }
             match batcher.next() {
                 Some(next) => batch = next,
                 None => return,
@@ -222,12 +264,17 @@ impl<R: Runtime> Upstream<R> {
     /// Sends `request`, which carries `visits`, started at `started`,
     /// unless the pool is saturated; records it.
     async fn post(&'static self, request: Vec<u8>, visits: u64, started: Instant) -> Outcome {
-        let outcome = self.exchange(request, started).await;
+        let outcome = self.exchange(request, visits, started).await;
         self.metrics.record(outcome, visits, started.elapsed());
         outcome
     }
 
-    async fn exchange(&'static self, mut request: Vec<u8>, started: Instant) -> Outcome {
+    async fn exchange(
+        &'static self,
+        mut request: Vec<u8>,
+        visits: u64,
+        started: Instant,
+    ) -> Outcome {
         let deadline = started + self.request_timeout;
         let (mut conn, mut from_pool) = match self.checkout(deadline, started).await {
             Ok(found) => found,
@@ -241,6 +288,8 @@ impl<R: Runtime> Upstream<R> {
             let mut attempt = Unfinished {
                 upstream: self,
                 attempt: Some(Box::pin(self.attempt(conn, request, from_pool))),
+                visits,
+                started,
             };
             let answered = match attempt.attempt.as_mut() {
                 Some(running) => timeout_at::<R, _>(deadline, running.as_mut()).await,
@@ -250,7 +299,7 @@ impl<R: Runtime> Upstream<R> {
             match answered {
                 Err(Elapsed) => {
                     if let Some(attempt) = attempt {
-                        self.finish_late(attempt);
+                        self.finish_late(attempt, None);
                     }
                     return Outcome::TimedOut;
                 }
@@ -307,11 +356,28 @@ impl<R: Runtime> Upstream<R> {
     /// POST to an upstream that is already too slow; finishing it keeps
     /// the slot busy for as long as the upstream really is (so waiters at
     /// the cap get 503 without adding load) and keeps the connection.
-    fn finish_late(&'static self, attempt: impl Future<Output = Attempt<R>> + Send + 'static) {
+    /// An attempt whose visit is gone (dropped, not answered) ends the
+    /// same way, and is recorded when it does: `record` is its POST's
+    /// visits and start.
+    fn finish_late(
+        &'static self,
+        attempt: impl Future<Output = Attempt<R>> + Send + 'static,
+        record: Option<(u64, Instant)>,
+    ) {
         R::spawn(async move {
             let grace = Instant::now() + self.request_timeout;
-            if let Ok(Attempt::Done(_, Some(conn))) = timeout_at::<R, _>(grace, attempt).await {
-                self.check_in(conn);
+            let outcome = match timeout_at::<R, _>(grace, attempt).await {
+                Ok(Attempt::Done(outcome, reusable)) => {
+                    if let Some(conn) = reusable {
+                        self.check_in(conn);
+                    }
+                    outcome
+                }
+                Ok(Attempt::Unsent(_)) => Outcome::Failed,
+                Err(Elapsed) => Outcome::TimedOut,
+            };
+            if let Some((visits, started)) = record {
+                self.metrics.record(outcome, visits, started.elapsed());
             }
         });
     }
