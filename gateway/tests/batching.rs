@@ -220,12 +220,18 @@ async fn a_counter_restarted_mid_load_loses_no_200_and_counts_none_twice(backend
     );
 }
 
-/// With room in flight a visit is not held for company: it goes at once,
-/// as the very request it would be without batching (no body, its
-/// `x-forwarded-for`). Visits that come while the worker's two POSTs are
-/// out wait for one of them, then go together in one POST.
-async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backend) {
-    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(400))).await;
+/// A one-worker gateway, batching, in front of an upstream that answers
+/// after `delay`, with both of the worker's POSTs out: two visits sent
+/// and not yet answered (`first`), so the next ones wait in a batch.
+struct BothPostsOut {
+    upstream: TestUpstream,
+    _gateway: Process,
+    public: SocketAddr,
+    first: tokio::task::JoinHandle<Vec<StatusCode>>,
+}
+
+async fn both_posts_out(backend: Backend, delay: Duration) -> BothPostsOut {
+    let upstream = TestUpstream::start(Behaviour::Delay(delay)).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
         .upstream(BATCH)
         .workers(1)
@@ -233,6 +239,25 @@ async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backe
     let public = gateway.addr("public");
     let first = tokio::spawn(visit_at_once(public, 2));
     upstream.wait_for_posts(2).await;
+    BothPostsOut {
+        upstream,
+        _gateway: gateway,
+        public,
+        first,
+    }
+}
+
+/// With room in flight a visit is not held for company: it goes at once,
+/// as the very request it would be without batching (no body, its
+/// `x-forwarded-for`). Visits that come while the worker's two POSTs are
+/// out wait for one of them, then go together in one POST.
+async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backend) {
+    let BothPostsOut {
+        upstream,
+        _gateway,
+        public,
+        first,
+    } = both_posts_out(backend, Duration::from_millis(400)).await;
     let later = tokio::spawn(visit_at_once(public, 3));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(
@@ -262,14 +287,12 @@ async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backe
 /// A visitor whose connection is reset while its batch waits leaves the
 /// batch: the POST that goes carries only the visitors still there.
 async fn a_visitor_gone_before_the_send_is_not_counted(backend: Backend) {
-    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(400))).await;
-    let gateway = GatewayConfig::new(backend, upstream.addr)
-        .upstream(BATCH)
-        .workers(1)
-        .start();
-    let public = gateway.addr("public");
-    let first = tokio::spawn(visit_at_once(public, 2));
-    upstream.wait_for_posts(2).await;
+    let BothPostsOut {
+        upstream,
+        _gateway,
+        public,
+        first,
+    } = both_posts_out(backend, Duration::from_millis(400)).await;
     let staying = tokio::spawn(visit_at_once(public, 2));
     let mut leaving = tokio::net::TcpStream::connect(public).await.unwrap();
     leaving
@@ -318,25 +341,15 @@ async fn a_batch_that_never_gets_a_connection_is_a_503(backend: Backend) {
 /// A client that shuts down its sending side after its request (`nc -N`)
 /// is still in its batch, and answered.
 async fn a_half_closed_client_in_a_batch_is_answered(backend: Backend) {
-    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
-    let gateway = GatewayConfig::new(backend, upstream.addr)
-        .upstream(BATCH)
-        .workers(1)
-        .start();
-    let public = gateway.addr("public");
-    let first = tokio::spawn(visit_at_once(public, 2));
-    upstream.wait_for_posts(2).await;
+    let BothPostsOut {
+        upstream,
+        _gateway,
+        public,
+        first,
+    } = both_posts_out(backend, Duration::from_millis(300)).await;
     let mut half_closed = JoinSet::new();
     for _ in 0..3 {
-        half_closed.spawn(async move {
-            let mut stream = tokio::net::TcpStream::connect(public).await.unwrap();
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
-                .await
-                .unwrap();
-            stream.shutdown().await.unwrap();
-            common::read_until_close(&mut stream, Duration::from_secs(5)).await
-        });
+        half_closed.spawn(common::get_then_half_close(public));
     }
     while let Some(reply) = half_closed.join_next().await {
         let reply = reply.unwrap();

@@ -304,15 +304,7 @@ async fn a_visit_whose_client_half_closes_in_the_queue_is_answered_in_turn(backe
     let addr = gateway.addr("public");
     let a = tokio::spawn(common::get(addr, "/"));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let b = tokio::spawn(async move {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
-            .await
-            .unwrap();
-        stream.shutdown().await.unwrap();
-        common::read_until_close(&mut stream, Duration::from_secs(5)).await
-    });
+    let b = tokio::spawn(common::get_then_half_close(addr));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let c = common::get(addr, "/").await;
     assert_eq!(c.status, StatusCode::OK);

@@ -486,6 +486,18 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> St
     read_until_close(&mut stream, limit).await
 }
 
+/// A `GET /` on a new connection whose client then shuts down its
+/// sending side (as `nc -N` does); what came back until the close.
+pub async fn get_then_half_close(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("shutdown");
+    read_until_close(&mut stream, Duration::from_secs(5)).await
+}
+
 pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(limit, async {
