@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# Runs the gateway under a real systemd (Debian 12 in systemd-nspawn) and
-# checks what the README ("Deploy with systemd") promises operators:
-#   - gateway.socket + gateway.service start; GET / answers the welcome;
+# Installs the Debian package into a fresh Debian 12 root under a real
+# systemd (systemd-nspawn) and checks what the README ("Install", "Deploy
+# with systemd") promises operators:
+#   - `apt-get install ./gateway_*.deb` alone starts it: GET / answers the
+#     welcome; the units it installed pass `systemd-analyze verify`;
 #   - `systemctl status gateway` shows the daemon's STATUS= line;
-#   - switching runtime.backend and `systemctl restart gateway` under load
-#     fails no request (twice: tokio → smol → tokio), and the built-in
-#     counter's count (a file in StateDirectory) comes through both restarts
-#     exact;
+#   - switching runtime.backend in /etc/gateway/config.toml and
+#     `systemctl restart gateway` under load fails no request (twice: tokio
+#     → smol → tokio), and the built-in counter's count (a file in
+#     StateDirectory) comes through both restarts exact;
 #   - journalctl shows the startup line of each backend;
-#   - a bad config exits 78 and is not restarted (NRestarts stays 0).
+#   - a bad config exits 78 and is not restarted (NRestarts stays 0);
+#   - `gateway-bench` measures the installed gateway (a one-second run);
+#   - an upgrade to a higher version keeps an edited config and the count,
+#     and restarts the service;
+#   - `apt-get purge gateway` stops it and leaves no config and no state.
 # Needs root, debootstrap and systemd-container. The Debian root is cached
 # in $GATEWAY_NSPAWN_CACHE (default /var/cache/gateway-ci), outside the repo.
-# Usage: systemd/test-in-container.sh [path/to/release/gateway]
+# Usage: systemd/test-in-container.sh PACKAGE.deb UPGRADE.deb
+#   (UPGRADE.deb: the same package with a higher version, e.g. from
+#   `cargo deb -p gateway --no-build --deb-revision 2`)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-binary=${1:-$repo/target/release/gateway}
+package=${1:?usage: $0 PACKAGE.deb UPGRADE.deb}
+upgrade=${2:?usage: $0 PACKAGE.deb UPGRADE.deb}
 cache=${GATEWAY_NSPAWN_CACHE:-/var/cache/gateway-ci}
 base=$cache/bookworm
-[ -x "$binary" ] || { echo "no gateway binary at $binary (cargo build --release -p gateway)"; exit 1; }
+for deb in "$package" "$upgrade"; do
+  [ -f "$deb" ] || { echo "no package at $deb (cargo deb -p gateway)"; exit 1; }
+done
 
 if [ ! -x "$base/usr/bin/systemctl" ]; then
   echo "== debootstrap (first run only; cached in $base)"
@@ -37,17 +47,12 @@ cleanup() {
     kill "$nspawn_pid" 2>/dev/null || true
     wait "$nspawn_pid" 2>/dev/null || true
   fi
-  rm -rf "$root" "$root.console.log"
+  rm -rf "$root" "$root.console.log" "$root.apt.log" "$root.bench.log"
 }
 trap cleanup EXIT
 cp -a "$base/." "$root/"
-
-install -D -m 0755 "$binary" "$root/usr/local/bin/gateway"
-install -D -m 0644 "$repo/config.toml" "$root/etc/gateway/config.toml"
-install -D -m 0644 "$repo/systemd/gateway.service" "$root/etc/systemd/system/gateway.service"
-install -D -m 0644 "$repo/systemd/gateway.socket" "$root/etc/systemd/system/gateway.socket"
-install -D -m 0644 "$repo/README.md" "$root/usr/local/share/doc/gateway/README.md"
-install -D -m 0644 -t "$root/usr/local/share/doc/gateway/docs" "$repo"/docs/*.md
+cp "$package" "$root/root/gateway.deb"
+cp "$upgrade" "$root/root/gateway-upgrade.deb"
 echo gateway-ci > "$root/etc/hostname"
 
 echo "== boot"
@@ -79,11 +84,33 @@ esac
 
 fail() { echo "FAIL: $*"; in_container journalctl -u gateway --no-pager | tail -30; exit 1; }
 
-echo "== systemctl enable --now gateway.socket gateway.service"
-in_container systemctl enable --now gateway.socket gateway.service
-answer=$(in_container curl -sS --max-time 5 http://127.0.0.1:3000/)
+visit() { in_container curl -sS --max-time 5 http://127.0.0.1:3000/ 2>/dev/null || true; }
+count() { in_container curl -sS --max-time 5 http://127.0.0.1:3001/counter; }
+# apt-get in the container; its log is shown only in part, or whole on failure.
+apt() {
+  in_container env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >"$root.apt.log" 2>&1 \
+    || { cat "$root.apt.log"; fail "apt-get $*"; }
+  grep -E 'Setting up|Created symlink|Removing|Purging|Removed' "$root.apt.log" || true
+}
+
+echo "== apt-get install ./gateway.deb (nothing else: the package starts it)"
+apt install /root/gateway.deb
+answer=$(visit)
+for _ in $(seq 50); do [ "$answer" = "Welcome to my site!" ] && break; sleep 0.1; answer=$(visit); done
 echo "GET / -> $answer"
 [ "$answer" = "Welcome to my site!" ] || fail "unexpected answer"
+for unit in gateway.socket gateway.service; do
+  [ "$(in_container systemctl is-enabled $unit)" = enabled ] || fail "$unit not enabled"
+done
+in_container dpkg -L gateway | grep -E 'bin/|systemd/system/|/etc/|doc/gateway/README' | sort
+in_container systemd-analyze verify /lib/systemd/system/gateway.socket /lib/systemd/system/gateway.service \
+  || fail "systemd-analyze verify on the installed units"
+echo "installed units verify clean"
+echo "== gateway-bench measures the installed gateway"
+in_container gateway-bench --backends tokio --connections 8 --duration 1s --warmup 200ms \
+  --out /root/bench >"$root.bench.log" 2>&1 || { cat "$root.bench.log"; fail "gateway-bench"; }
+grep -E '^tokio ' "$root.bench.log"
+grep -qE '^tokio +[0-9]+ +8 .* yes( |$)' "$root.bench.log" || fail "gateway-bench: no counted row"
 
 echo "== systemctl status gateway"
 sleep 6   # the STATUS= line is refreshed every 5 s
@@ -94,7 +121,7 @@ echo "$status_text" | head -n 12
 grep -q 'Status: "tokio with' <<<"$status_text" || fail "no STATUS line"
 
 echo "== switch backend under load"
-count_before=$(in_container curl -sS --max-time 5 http://127.0.0.1:3001/counter)
+count_before=$(count)
 in_container rm -f /root/load.stop /root/load.result
 in_container sh -c '
   ok=0; failed=0
@@ -116,10 +143,11 @@ wait "$load_pid" || true
 read -r ok failed < "$root/root/load.result"
 echo "requests during the restarts: $ok ok, $failed failed"
 [ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "requests failed across restarts"
-count_after=$(in_container curl -sS --max-time 5 http://127.0.0.1:3001/counter)
+count_after=$(count)
 echo "count: $count_before before, $count_after after (+$ok expected)"
 [ "$count_after" = $((count_before + ok)) ] || fail "the count did not come through the restarts exact"
 in_container test -s /var/lib/gateway/counter.state || fail "no state file in /var/lib/gateway"
+in_container test -s /var/lib/private/gateway/counter.state || fail "the state is not the dynamic user's (/var/lib/private/gateway)"
 
 echo "== journalctl -u gateway"
 journal=$(in_container journalctl -u gateway --no-pager)
@@ -128,6 +156,7 @@ grep -q 'starting backend="smol"' <<<"$journal" || fail "no smol startup line"
 grep -q 'starting backend="tokio"' <<<"$journal" || fail "no tokio startup line"
 
 echo "== bad config"
+in_container cp /etc/gateway/config.toml /root/config.good
 in_container sh -c 'printf "[runtime]\nbackend = \"glommio\"\n" > /etc/gateway/config.toml'
 in_container systemctl restart gateway && fail "a bad config started"
 sleep 1
@@ -138,6 +167,34 @@ journal=$(in_container journalctl -u gateway --no-pager)
 grep 'configuration error' <<<"$journal" | tail -n 1
 [ "$status" = 78 ] || fail "exit status $status, not 78"
 [ "$restarts" = 0 ] || fail "restarted $restarts times"
+
+echo "== upgrade: an edited config and the count are kept"
+in_container cp /root/config.good /etc/gateway/config.toml
+in_container sed -i 's/^welcome = .*/welcome = "Welcome, upgraded!"/' /etc/gateway/config.toml
+in_container systemctl reset-failed gateway
+in_container systemctl restart gateway
+[ "$(visit)" = "Welcome, upgraded!" ] || fail "the edited config did not take"
+count_before=$(count)
+pid_before=$(in_container systemctl show gateway -p MainPID --value)
+apt install /root/gateway-upgrade.deb
+echo "version now $(in_container dpkg-query -W -f '${Version}' gateway)"
+pid_after=$(in_container systemctl show gateway -p MainPID --value)
+answer=$(visit)
+echo "GET / -> $answer (main pid $pid_before before, $pid_after after)"
+[ "$answer" = "Welcome, upgraded!" ] || fail "the upgrade lost the edited config"
+[ "$pid_after" != "$pid_before" ] || fail "the upgrade did not restart the service"
+count_after=$(count)
+echo "count: $count_before before the upgrade, $count_after after (+1 expected)"
+[ "$count_after" = $((count_before + 1)) ] || fail "the upgrade lost the count"
+
+echo "== apt-get purge gateway"
+apt purge gateway
+in_container systemctl is-active gateway.service gateway.socket && fail "still running after purge"
+[ -z "$(visit)" ] || fail "still answering after purge"
+for left in /etc/gateway /var/lib/gateway /var/lib/private/gateway /usr/bin/gateway /lib/systemd/system/gateway.service; do
+  in_container test -e "$left" && fail "purge left $left behind"
+done
+echo "purge left nothing behind"
 
 echo "== poweroff"
 in_container systemctl poweroff || true

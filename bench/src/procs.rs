@@ -48,17 +48,31 @@ impl Drop for Running {
     }
 }
 
-/// The workspace's release `gateway`, built with cargo if it is missing.
+/// The gateway to measure: the one installed beside this program (the
+/// package puts `gateway-bench` and `gateway` in `/usr/bin`), else, in a
+/// checkout, the workspace's release build, built with cargo if missing.
+/// A debug build beside a debug bench is passed over: it would measure
+/// the compiler's settings, not the gateway.
 pub fn gateway_binary() -> Result<PathBuf, String> {
-    let beside_me = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("gateway")));
+    let exe = std::env::current_exe().ok();
+    let beside_me = exe
+        .as_ref()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("gateway")))
+        .filter(|path| path.is_file() && !path.to_string_lossy().contains("/target/debug/"));
+    if let Some(installed) = beside_me {
+        return Ok(installed);
+    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = workspace.join("target/release/gateway");
-    for candidate in beside_me.iter().chain([&built]) {
-        if candidate.is_file() && candidate.to_string_lossy().contains("release") {
-            return Ok(candidate.clone());
-        }
+    if built.is_file() {
+        return Ok(built);
+    }
+    if !workspace.join("Cargo.toml").is_file() {
+        let exe = exe.map(|e| e.display().to_string()).unwrap_or_default();
+        return Err(format!(
+            "no gateway binary beside {exe} and no checkout to build one in: \
+             install the gateway package, or pass --gateway PATH"
+        ));
     }
     eprintln!("bench: building the release gateway (cargo build --release -p gateway)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
