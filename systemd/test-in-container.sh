@@ -14,7 +14,8 @@
 #   - `gateway-bench` measures the installed gateway (a one-second run);
 #   - an upgrade to a higher version keeps an edited config and the count,
 #     and restarts the service;
-#   - `apt-get purge gateway` stops it and leaves no config and no state.
+#   - `apt-get remove gateway` stops it and keeps its config and count;
+#     `apt-get purge gateway` then leaves no config and no state.
 # Needs root, debootstrap and systemd-container. The Debian root is cached
 # in $GATEWAY_NSPAWN_CACHE (default /var/cache/gateway-ci), outside the repo.
 # Usage: systemd/test-in-container.sh PACKAGE.deb UPGRADE.deb
@@ -186,6 +187,12 @@ echo "GET / -> $answer (main pid $pid_before before, $pid_after after)"
 count_after=$(count)
 echo "count: $count_before before the upgrade, $count_after after (+1 expected)"
 [ "$count_after" = $((count_before + 1)) ] || fail "the upgrade lost the count"
+
+echo "== apt-get remove gateway: stopped, config and count kept"
+apt remove gateway
+in_container systemctl is-active gateway.service gateway.socket && fail "still running after remove"
+in_container test -f /etc/gateway/config.toml || fail "remove took the config"
+in_container test -s /var/lib/private/gateway/counter.state || fail "remove took the count"
 
 echo "== apt-get purge gateway"
 apt purge gateway
