@@ -10,13 +10,15 @@ max_exposure=1.2
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-# Where the package puts them (README, "Install").
+# verify resolves the units' dependencies (sysinit.target, ...) in the
+# root: the host's units first, then ours over them, where the package
+# puts them (README, "Install").
+mkdir -p "$root/usr/lib/systemd"
+cp -r /usr/lib/systemd/system "$root/usr/lib/systemd/"
 install -D -m 0755 "$binary" "$root/usr/bin/gateway"
 install -D -m 0644 "$repo/config.toml" "$root/etc/gateway/config.toml"
 install -D -m 0644 "$repo/systemd/gateway.service" "$root/usr/lib/systemd/system/gateway.service"
 install -D -m 0644 "$repo/systemd/gateway.socket" "$root/usr/lib/systemd/system/gateway.socket"
-# verify resolves the units' dependencies (sysinit.target, ...) in the root.
-cp -rn /usr/lib/systemd/system/. "$root/usr/lib/systemd/system/"
 echo "== systemd-analyze verify"
 systemd-analyze verify --root="$root" /usr/lib/systemd/system/gateway.socket /usr/lib/systemd/system/gateway.service
 echo "units verify clean"

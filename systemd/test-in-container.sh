@@ -3,7 +3,8 @@
 # systemd (systemd-nspawn) and checks what the README ("Install", "Deploy
 # with systemd") promises operators:
 #   - `apt-get install ./gateway_*.deb` alone starts it: GET / answers the
-#     welcome; the units it installed pass `systemd-analyze verify`;
+#     welcome; the units it installed pass `systemd-analyze verify`, the
+#     service's exposure (`systemd-analyze security`) is at most 1.2;
 #   - `systemctl status gateway` shows the daemon's STATUS= line;
 #   - switching runtime.backend in /etc/gateway/config.toml and
 #     `systemctl restart gateway` under load fails no request (twice: tokio
@@ -12,10 +13,11 @@
 #   - journalctl shows the startup line of each backend;
 #   - a bad config exits 78 and is not restarted (NRestarts stays 0);
 #   - `gateway-bench` measures the installed gateway (a one-second run);
-#   - an upgrade to a higher version keeps an edited config and the count,
-#     and restarts the service;
-#   - `apt-get remove gateway` stops it and keeps its config and count;
-#     `apt-get purge gateway` then leaves no config and no state.
+#   - an upgrade to a higher version under load fails no request, keeps an
+#     edited config and the count, and restarts the service;
+#   - `apt-get remove gateway` stops it and keeps its config and count; a
+#     reinstall runs again on them; `apt-get purge gateway` of the running
+#     package stops it and leaves no config, no state, no unit links.
 # Needs root, debootstrap and systemd-container. The Debian root is cached
 # in $GATEWAY_NSPAWN_CACHE (default /var/cache/gateway-ci), outside the repo.
 # Usage: systemd/test-in-container.sh PACKAGE.deb UPGRADE.deb
@@ -107,6 +109,8 @@ in_container dpkg -L gateway | grep -E 'bin/|systemd/system/|/etc/|doc/gateway/R
 in_container systemd-analyze verify /lib/systemd/system/gateway.socket /lib/systemd/system/gateway.service \
   || fail "systemd-analyze verify on the installed units"
 echo "installed units verify clean"
+in_container systemd-analyze security --threshold=12 gateway.service | tail -n 1 \
+  || fail "the installed unit's exposure is above 1.2"
 echo "== gateway-bench measures the installed gateway"
 in_container gateway-bench --backends tokio --connections 8 --duration 1s --warmup 200ms \
   --out /root/bench >"$root.bench.log" 2>&1 || { cat "$root.bench.log"; fail "gateway-bench"; }
@@ -121,27 +125,37 @@ status_text=$(in_container systemctl status gateway --no-pager || true)
 echo "$status_text" | head -n 12
 grep -q 'Status: "tokio with' <<<"$status_text" || fail "no STATUS line"
 
+# Visits in a loop until stopped, expecting `$1` as the answer; then
+# `ok` and `failed` hold what they got.
+start_load() {
+  in_container rm -f /root/load.stop /root/load.result
+  in_container sh -c '
+    ok=0; failed=0
+    while [ ! -e /root/load.stop ]; do
+      if [ "$(curl -sS --max-time 10 http://127.0.0.1:3000/ 2>/dev/null)" = "$1" ]; then
+        ok=$((ok + 1)); else failed=$((failed + 1)); fi
+    done
+    echo "$ok $failed" > /root/load.result' sh "$1" &
+  load_pid=$!
+  sleep 1
+}
+stop_load() {
+  sleep 1
+  in_container touch /root/load.stop
+  wait "$load_pid" || true
+  read -r ok failed < "$root/root/load.result"
+}
+
 echo "== switch backend under load"
 count_before=$(count)
-in_container rm -f /root/load.stop /root/load.result
-in_container sh -c '
-  ok=0; failed=0
-  while [ ! -e /root/load.stop ]; do
-    if [ "$(curl -sS --max-time 10 http://127.0.0.1:3000/ 2>/dev/null)" = "Welcome to my site!" ]; then
-      ok=$((ok + 1)); else failed=$((failed + 1)); fi
-  done
-  echo "$ok $failed" > /root/load.result' &
-load_pid=$!
-sleep 1
+start_load "Welcome to my site!"
 for backend in smol tokio; do
   in_container sed -i "s/^backend = .*/backend = \"$backend\"/" /etc/gateway/config.toml
   in_container systemctl restart gateway
   echo "restarted on $backend: $(in_container systemctl show gateway -p StatusText --value)"
   sleep 1
 done
-in_container touch /root/load.stop
-wait "$load_pid" || true
-read -r ok failed < "$root/root/load.result"
+stop_load
 echo "requests during the restarts: $ok ok, $failed failed"
 [ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "requests failed across restarts"
 count_after=$(count)
@@ -177,30 +191,47 @@ in_container systemctl restart gateway
 [ "$(visit)" = "Welcome, upgraded!" ] || fail "the edited config did not take"
 count_before=$(count)
 pid_before=$(in_container systemctl show gateway -p MainPID --value)
+start_load "Welcome, upgraded!"
 apt install /root/gateway-upgrade.deb
+stop_load
 echo "version now $(in_container dpkg-query -W -f '${Version}' gateway)"
+echo "requests during the upgrade: $ok ok, $failed failed"
+[ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "requests failed across the upgrade (the edited config lost, or a connection refused)"
 pid_after=$(in_container systemctl show gateway -p MainPID --value)
-answer=$(visit)
-echo "GET / -> $answer (main pid $pid_before before, $pid_after after)"
-[ "$answer" = "Welcome, upgraded!" ] || fail "the upgrade lost the edited config"
+echo "main pid $pid_before before, $pid_after after"
 [ "$pid_after" != "$pid_before" ] || fail "the upgrade did not restart the service"
+[ "$(in_container systemctl is-active gateway.socket)" = active ] || fail "the socket is not active after the upgrade"
 count_after=$(count)
-echo "count: $count_before before the upgrade, $count_after after (+1 expected)"
-[ "$count_after" = $((count_before + 1)) ] || fail "the upgrade lost the count"
+echo "count: $count_before before the upgrade, $count_after after (+$ok expected)"
+[ "$count_after" = $((count_before + ok)) ] || fail "the upgrade lost the count"
 
 echo "== apt-get remove gateway: stopped, config and count kept"
+count_kept=$(count)
 apt remove gateway
 in_container systemctl is-active gateway.service gateway.socket && fail "still running after remove"
 in_container test -f /etc/gateway/config.toml || fail "remove took the config"
 in_container test -s /var/lib/private/gateway/counter.state || fail "remove took the count"
 
-echo "== apt-get purge gateway"
+echo "== reinstall after remove: running again, with the config and count kept"
+apt install /root/gateway-upgrade.deb
+for unit in gateway.socket gateway.service; do
+  [ "$(in_container systemctl is-enabled $unit)" = enabled ] || fail "$unit not enabled after reinstall"
+done
+[ "$(count)" = "$count_kept" ] || fail "the count after reinstall is not the $count_kept kept"
+answer=$(visit)
+echo "GET / -> $answer"
+[ "$answer" = "Welcome, upgraded!" ] || fail "not serving the kept config after reinstall"
+
+echo "== apt-get purge gateway (running)"
 apt purge gateway
 in_container systemctl is-active gateway.service gateway.socket && fail "still running after purge"
 [ -z "$(visit)" ] || fail "still answering after purge"
-for left in /etc/gateway /var/lib/gateway /var/lib/private/gateway /usr/bin/gateway /lib/systemd/system/gateway.service; do
+for left in /etc/gateway /var/lib/gateway /var/lib/private/gateway /usr/bin/gateway \
+  /lib/systemd/system/gateway.service /etc/systemd/system/gateway.service /etc/systemd/system/gateway.socket \
+  /etc/systemd/system/multi-user.target.wants/gateway.service /etc/systemd/system/sockets.target.wants/gateway.socket; do
   in_container test -e "$left" && fail "purge left $left behind"
 done
+in_container sh -c 'find /var/lib/systemd/deb-systemd-helper-* -name "*gateway*" 2>/dev/null | grep -q .' && fail "purge left deb-systemd-helper state behind"
 echo "purge left nothing behind"
 
 echo "== poweroff"

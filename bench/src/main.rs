@@ -73,8 +73,9 @@ struct Options {
     /// counter check); with --wrk, to compare the load generator with wrk.
     #[arg(long)]
     target: Option<SocketAddr>,
-    /// The gateway binary to run [default: the workspace's release build,
-    /// built if missing]; e.g. to compare two builds.
+    /// The gateway binary to run [default: the `gateway` installed beside
+    /// this program, else the workspace's release build, built if
+    /// missing]; e.g. to compare two builds.
     #[arg(long)]
     gateway: Option<PathBuf>,
     /// Where results.json and throughput.svg go.

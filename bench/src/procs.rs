@@ -51,14 +51,14 @@ impl Drop for Running {
 /// The gateway to measure: the one installed beside this program (the
 /// package puts `gateway-bench` and `gateway` in `/usr/bin`), else, in a
 /// checkout, the workspace's release build, built with cargo if missing.
-/// A debug build beside a debug bench is passed over: it would measure
-/// the compiler's settings, not the gateway.
+/// A debug bench passes over the gateway beside it, a debug build too: it
+/// would measure the compiler's settings, not the gateway.
 pub fn gateway_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().ok();
     let beside_me = exe
         .as_ref()
         .and_then(|exe| exe.parent().map(|dir| dir.join("gateway")))
-        .filter(|path| path.is_file() && !path.to_string_lossy().contains("/target/debug/"));
+        .filter(|path| !cfg!(debug_assertions) && path.is_file());
     if let Some(installed) = beside_me {
         return Ok(installed);
     }
