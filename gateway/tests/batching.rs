@@ -252,23 +252,18 @@ async fn both_posts_out(backend: Backend, delay: Duration) -> BothPostsOut {
 /// `x-forwarded-for`). Visits that come while the worker's two POSTs are
 /// out wait for one of them, then go together in one POST.
 async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backend) {
-    let BothPostsOut {
-        upstream,
-        _gateway,
-        public,
-        first,
-    } = both_posts_out(backend, Duration::from_millis(400)).await;
-    let later = tokio::spawn(visit_at_once(public, 3));
+    let out = both_posts_out(backend, Duration::from_millis(400)).await;
+    let later = tokio::spawn(visit_at_once(out.public, 3));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(
-        upstream.posts(),
+        out.upstream.posts(),
         2,
         "a visit went out while both POSTs were"
     );
-    let mut statuses = first.await.unwrap();
+    let mut statuses = out.first.await.unwrap();
     statuses.extend(later.await.unwrap());
     assert_eq!(statuses, [StatusCode::OK; 5]);
-    let requests = upstream.requests();
+    let requests = out.upstream.requests();
     let bodies: Vec<_> = requests.iter().map(|seen| seen.body.clone()).collect();
     assert_eq!(
         bodies,
@@ -281,20 +276,15 @@ async fn a_lone_visit_goes_at_once_and_later_ones_wait_for_a_post(backend: Backe
     }
     assert_eq!(requests[2].headers["content-type"], "text/plain");
     assert!(!requests[2].headers.contains_key("x-forwarded-for"));
-    assert_eq!(upstream.accepted_visits(), 5);
+    assert_eq!(out.upstream.accepted_visits(), 5);
 }
 
 /// A visitor whose connection is reset while its batch waits leaves the
 /// batch: the POST that goes carries only the visitors still there.
 async fn a_visitor_gone_before_the_send_is_not_counted(backend: Backend) {
-    let BothPostsOut {
-        upstream,
-        _gateway,
-        public,
-        first,
-    } = both_posts_out(backend, Duration::from_millis(400)).await;
-    let staying = tokio::spawn(visit_at_once(public, 2));
-    let mut leaving = tokio::net::TcpStream::connect(public).await.unwrap();
+    let out = both_posts_out(backend, Duration::from_millis(400)).await;
+    let staying = tokio::spawn(visit_at_once(out.public, 2));
+    let mut leaving = tokio::net::TcpStream::connect(out.public).await.unwrap();
     leaving
         .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
@@ -304,16 +294,17 @@ async fn a_visitor_gone_before_the_send_is_not_counted(backend: Backend) {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(leaving);
-    let mut statuses = first.await.unwrap();
+    let mut statuses = out.first.await.unwrap();
     statuses.extend(staying.await.unwrap());
     assert_eq!(statuses, [StatusCode::OK; 4]);
-    let bodies: Vec<_> = upstream
+    let bodies: Vec<_> = out
+        .upstream
         .requests()
         .iter()
         .map(|seen| visits_in(&seen.body))
         .collect();
     assert_eq!(bodies, [1, 1, 2], "the reset visitor left its batch");
-    assert_eq!(upstream.accepted_visits(), 4);
+    assert_eq!(out.upstream.accepted_visits(), 4);
 }
 
 /// With the pool at its cap, a batch that cannot get a connection by its
@@ -341,23 +332,18 @@ async fn a_batch_that_never_gets_a_connection_is_a_503(backend: Backend) {
 /// A client that shuts down its sending side after its request (`nc -N`)
 /// is still in its batch, and answered.
 async fn a_half_closed_client_in_a_batch_is_answered(backend: Backend) {
-    let BothPostsOut {
-        upstream,
-        _gateway,
-        public,
-        first,
-    } = both_posts_out(backend, Duration::from_millis(300)).await;
+    let out = both_posts_out(backend, Duration::from_millis(300)).await;
     let mut half_closed = JoinSet::new();
     for _ in 0..3 {
-        half_closed.spawn(common::get_then_half_close(public));
+        half_closed.spawn(common::get_then_half_close(out.public));
     }
     while let Some(reply) = half_closed.join_next().await {
         let reply = reply.unwrap();
         assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
     }
-    assert_eq!(first.await.unwrap(), [StatusCode::OK; 2]);
-    assert_eq!(upstream.accepted_visits(), 5);
-    assert_eq!(upstream.largest_batch(), 3);
+    assert_eq!(out.first.await.unwrap(), [StatusCode::OK; 2]);
+    assert_eq!(out.upstream.accepted_visits(), 5);
+    assert_eq!(out.upstream.largest_batch(), 3);
 }
 
 /// Off by default: every visit is its own POST, as without the setting.
