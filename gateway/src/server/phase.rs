@@ -84,7 +84,10 @@ impl Activity {
     /// request came while busy (its header-read timeout runs from now),
     /// else idle.
     pub(super) fn after_answer(&self) -> Phase {
-        if self.head_begun.swap(false, Ordering::Relaxed) {
+        // A load first: the swap is a locked instruction, and nearly every
+        // answer finds nothing begun.
+        if self.head_begun.load(Ordering::Relaxed) {
+            self.head_begun.store(false, Ordering::Relaxed);
             Phase::Head
         } else {
             Phase::Idle

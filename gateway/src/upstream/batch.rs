@@ -21,8 +21,7 @@
 //! that these rules are tested with plain values.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use event_listener::Event;
@@ -45,26 +44,22 @@ struct State<T> {
     next_id: u64,
 }
 
-/// A batch not yet sent.
+/// A batch not yet sent, and the id its visits' tickets know it by.
 struct Waiting<T> {
     id: u64,
-    visits: usize,
-    /// When its first (oldest) visit arrived: the POST's deadline runs
-    /// from here, so that it ends no later than any of its visits'.
-    started: Instant,
-    /// The first visit's own request while it is the batch's only visit:
-    /// a batch of one goes out as the request it would be unbatched.
-    alone: Option<T>,
-    reply: Arc<Reply>,
+    batch: Batch<T>,
 }
 
-/// A batch to send now: the visits it carries (every one still waiting
-/// for the outcome, or gone after it was sealed), and the first visit's
-/// own request when it is the only one.
-pub(super) struct Sealed<T> {
+/// A batch: while it waits, the visits in it; once sealed (taken out of
+/// the waiting ones to be sent), the visits its POST carries, every one
+/// still waiting for the outcome or gone after the seal.
+pub(super) struct Batch<T> {
     pub(super) visits: usize,
-    /// When its oldest visit arrived.
+    /// When its first (oldest) visit arrived: the POST's deadline runs
+    /// from here, so that it ends no later than any of its visits'.
     pub(super) started: Instant,
+    /// The first visit's own request while it is the batch's only visit:
+    /// a batch of one goes out as the request it would be unbatched.
     pub(super) alone: Option<T>,
     pub(super) reply: Arc<Reply>,
 }
@@ -84,7 +79,7 @@ pub(super) struct Ticket<'a, T> {
 pub(super) enum Joined<'a, T> {
     /// A POST leaves at once: send this batch (this one visit, or the
     /// batch this visit filled), then the ones [`Batcher::next`] gives.
-    Send(Sealed<T>, Ticket<'a, T>),
+    Send(Batch<T>, Ticket<'a, T>),
     /// Wait for the batch's outcome; a task already in flight sends it.
     Wait(Ticket<'a, T>),
 }
@@ -92,20 +87,19 @@ pub(super) enum Joined<'a, T> {
 /// The outcome of one batch's POST, for every visit in it.
 #[derive(Default)]
 pub(super) struct Reply {
-    /// 0 until the POST ends, then [`encode`] of its outcome.
-    outcome: AtomicU8,
+    outcome: OnceLock<Outcome>,
     ready: Event,
 }
 
 impl Reply {
-    /// Gives every visit in the batch `outcome`.
+    /// Gives every visit in the batch `outcome` (the first one set stands).
     pub(super) fn set(&self, outcome: Outcome) {
-        self.outcome.store(encode(outcome), Ordering::Release);
+        let _ = self.outcome.set(outcome);
         self.ready.notify(usize::MAX);
     }
 
     fn get(&self) -> Option<Outcome> {
-        decode(self.outcome.load(Ordering::Acquire))
+        self.outcome.get().copied()
     }
 
     /// The outcome, once there is one.
@@ -120,25 +114,6 @@ impl Reply {
             }
             listener.await;
         }
-    }
-}
-
-fn encode(outcome: Outcome) -> u8 {
-    match outcome {
-        Outcome::Counted => 1,
-        Outcome::Failed => 2,
-        Outcome::TimedOut => 3,
-        Outcome::Overloaded => 4,
-    }
-}
-
-fn decode(value: u8) -> Option<Outcome> {
-    match value {
-        1 => Some(Outcome::Counted),
-        2 => Some(Outcome::Failed),
-        3 => Some(Outcome::TimedOut),
-        4 => Some(Outcome::Overloaded),
-        _ => None,
     }
 }
 
@@ -175,7 +150,7 @@ impl<T> Batcher<T> {
             state.in_flight += 1;
             drop(state);
             let reply = Arc::new(Reply::default());
-            let sealed = Sealed {
+            let sealed = Batch {
                 visits: 1,
                 started,
                 alone: Some(request),
@@ -184,26 +159,33 @@ impl<T> Batcher<T> {
             return Joined::Send(sealed, self.ticket(id, false, reply));
         }
         let batch_max = self.batch_max;
-        let (id, first, reply) = match state.waiting.back_mut().filter(|b| b.visits < batch_max) {
+        let with_room = state
+            .waiting
+            .back_mut()
+            .filter(|w| w.batch.visits < batch_max);
+        let (id, first, reply) = match with_room {
             Some(newest) => {
-                newest.visits += 1;
-                newest.alone = None;
-                (newest.id, false, newest.reply.clone())
+                newest.batch.visits += 1;
+                newest.batch.alone = None;
+                (newest.id, false, newest.batch.reply.clone())
             }
             None => {
                 let reply = Arc::new(Reply::default());
-                state.waiting.push_back(Waiting {
-                    id,
+                let batch = Batch {
                     visits: 1,
                     started,
                     alone: Some(request),
                     reply: reply.clone(),
-                });
+                };
+                state.waiting.push_back(Waiting { id, batch });
                 (id, true, reply)
             }
         };
         // A batch this visit filled goes now, on a POST of its own.
-        let full = state.waiting.back().is_some_and(|b| b.visits >= batch_max);
+        let full = state
+            .waiting
+            .back()
+            .is_some_and(|w| w.batch.visits >= batch_max);
         let sealed = if full { state.waiting.pop_back() } else { None };
         if sealed.is_some() {
             state.in_flight += 1;
@@ -211,7 +193,7 @@ impl<T> Batcher<T> {
         drop(state);
         let ticket = self.ticket(id, first, reply);
         match sealed {
-            Some(batch) => Joined::Send(batch.seal(), ticket),
+            Some(waiting) => Joined::Send(waiting.batch, ticket),
             None => Joined::Wait(ticket),
         }
     }
@@ -229,10 +211,10 @@ impl<T> Batcher<T> {
     /// Called by a sender whose POST has ended: the oldest waiting batch,
     /// sealed, for it to send next; or `None`, and it is no longer in
     /// flight.
-    pub(super) fn next(&self) -> Option<Sealed<T>> {
+    pub(super) fn next(&self) -> Option<Batch<T>> {
         let mut state = self.lock();
         match state.waiting.pop_front() {
-            Some(batch) => Some(batch.seal()),
+            Some(waiting) => Some(waiting.batch),
             None => {
                 state.in_flight -= 1;
                 None
@@ -244,10 +226,10 @@ impl<T> Batcher<T> {
     /// it left.
     fn leave(&self, id: u64, first: bool) -> bool {
         let mut state = self.lock();
-        let Some(index) = state.waiting.iter().rposition(|batch| batch.id == id) else {
+        let Some(index) = state.waiting.iter().rposition(|w| w.id == id) else {
             return false;
         };
-        let batch = &mut state.waiting[index];
+        let batch = &mut state.waiting[index].batch;
         batch.visits -= 1;
         if first {
             batch.alone = None;
@@ -266,22 +248,7 @@ impl<T> Batcher<T> {
 
     #[cfg(test)]
     fn waiting(&self) -> Vec<usize> {
-        self.lock()
-            .waiting
-            .iter()
-            .map(|batch| batch.visits)
-            .collect()
-    }
-}
-
-impl<T> Waiting<T> {
-    fn seal(self) -> Sealed<T> {
-        Sealed {
-            visits: self.visits,
-            started: self.started,
-            alone: self.alone,
-            reply: self.reply,
-        }
+        self.lock().waiting.iter().map(|w| w.batch.visits).collect()
     }
 }
 
@@ -319,7 +286,7 @@ impl<T> Drop for Ticket<'_, T> {
 mod tests {
     use super::*;
 
-    fn sent<T>(joined: Joined<'_, T>) -> (Sealed<T>, Ticket<'_, T>) {
+    fn sent<T>(joined: Joined<'_, T>) -> (Batch<T>, Ticket<'_, T>) {
         match joined {
             Joined::Send(sealed, ticket) => (sealed, ticket),
             Joined::Wait(_) => panic!("expected to be sent at once"),

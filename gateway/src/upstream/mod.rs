@@ -23,13 +23,14 @@ mod framing;
 mod pool;
 
 use std::future::Future;
+use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
-use self::batch::{Batcher, Joined, Reply, Sealed};
+use self::batch::{Batch, Batcher, Joined, Reply};
 use self::dial::Dialer;
 use self::exchange::{Connection, Exchange};
 use self::pool::{Found, Handoff, Pool, Queued, Slot};
@@ -189,9 +190,8 @@ impl<R: Runtime> Upstream<R> {
         let count = visits.to_string();
         let mut request = Vec::with_capacity(self.batch_head.len() + 16);
         request.extend_from_slice(&self.batch_head);
-        request.extend_from_slice(count.len().to_string().as_bytes());
-        request.extend_from_slice(b"\r\n\r\n");
-        request.extend_from_slice(count.as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(request, "{}\r\n\r\n{count}", count.len());
         request
     }
 
@@ -238,7 +238,7 @@ impl<R: Runtime> Upstream<R> {
     async fn send_batches(
         &'static self,
         batcher: &'static Batcher<Vec<u8>>,
-        mut batch: Sealed<Vec<u8>>,
+        mut batch: Batch<Vec<u8>>,
     ) {
         loop {
             let request = match batch.alone.take() {
