@@ -44,7 +44,7 @@ fn gateway() -> SocketAddr {
         );
         let config = Config::parse(Path::new("fuzz.toml"), &text).expect("valid fuzz config");
         std::thread::spawn(move || {
-            if let Err(error) = daemon::run(config, Mode::Gateway) {
+            if let Err(error) = daemon::run(config, Mode::Gateway, gateway::logging::LogLevel::none()) {
                 eprintln!("gateway failed: {error}");
                 std::process::abort();
             }

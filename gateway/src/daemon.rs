@@ -5,8 +5,8 @@
 //! place in the gateway that names a backend type — and runs everything
 //! else generically over it. On SIGTERM/SIGINT the public listener stops
 //! accepting and drains first; the built-in counter it may be forwarding to
-//! stops after it. SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM are logged and
-//! ignored.
+//! stops after it. SIGHUP reloads (the `reload` module says what);
+//! SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -20,11 +20,14 @@ use crate::config::{Backend, Config, Escaped, Threading, ms};
 use crate::counter::Counter;
 use crate::forever;
 use crate::forward::Forward;
+use crate::logging::LogLevel;
 use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::reload::Reloader;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
 use crate::shutdown::{Latch, Stop};
 use crate::systemd;
+use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::Upstream;
 
 /// What to run.
@@ -54,6 +57,8 @@ pub enum Fatal {
     Store(std::io::Error),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
     Activation(std::io::Error),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("cannot start the {backend} runtime: {source}")]
     Runtime {
         backend: &'static str,
@@ -71,16 +76,17 @@ impl Fatal {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, on the backend the config names.
-pub fn run(config: Config, mode: Mode) -> Result<(), Fatal> {
-    struct Daemon(Config, Mode);
+/// Runs the daemon until SIGTERM/SIGINT, on the backend the config names;
+/// a reload sets `log`'s level.
+pub fn run(config: Config, mode: Mode, log: LogLevel) -> Result<(), Fatal> {
+    struct Daemon(Config, Mode, LogLevel);
     impl OnRuntime for Daemon {
         type Output = Result<(), Fatal>;
         fn run<R: Runtime>(self) -> Self::Output {
-            run_on::<R>(self.0, self.1)
+            run_on::<R>(self.0, self.1, self.2)
         }
     }
-    on_backend(config.runtime.backend, Daemon(config, mode))
+    on_backend(config.runtime.backend, Daemon(config, mode, log))
 }
 
 /// Work written over the runtime trait, for [`on_backend`] to run.
@@ -118,7 +124,7 @@ fn adopt<R: Runtime>(
     Ok((listener, addr))
 }
 
-fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
+fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), Fatal> {
     raise_open_file_limit(&config);
     let workers = config.runtime.worker_count();
     // The store first: a state file that is corrupt or in use by another
@@ -136,6 +142,12 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
     let public_listener = match mode {
         Mode::Gateway => Some(public_listener(config.server.listen)?),
         Mode::CounterOnly => None,
+    };
+    let server_tls = match (&config.tls.server, mode) {
+        (Some(certificate), Mode::Gateway) => Some(forever(
+            ServerTls::new(certificate.clone()).map_err(|e| Fatal::Tls(e.to_string()))?,
+        )),
+        _ => None,
     };
     let admin_listener = match (&config.admin, mode) {
         (Some(admin), Mode::Gateway) => Some(bind("admin", admin.listen)?),
@@ -174,6 +186,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
                 max_header_bytes: server.max_header_bytes,
                 access_log: config.log.access,
                 metrics,
+                tls: None,
             })
         };
         // What the systemd status line reports: the public listener's
@@ -208,7 +221,10 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
                 Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
-            let public_settings = settings("public", server.idle_timeout_ms, Some(metrics));
+            let public_settings = forever(ServerSettings {
+                tls: server_tls,
+                ..settings("public", server.idle_timeout_ms, Some(metrics)).clone()
+            });
             let (listener, _) = adopt::<R>("public", listener)?;
             // Per core, one service per worker, each on its worker's own
             // upstream pool (or, under a cap smaller than the worker
@@ -251,15 +267,19 @@ fn run_on<R: Runtime>(config: Config, mode: Mode) -> Result<(), Fatal> {
         let reported = status.clone();
         R::spawn(report_to_systemd::<R>(move || reported()));
 
+        let mut reloader = Reloader::new(config.clone(), server_tls, log);
         loop {
             match signals.next().await {
                 Some(Signal::Terminate | Signal::Interrupt) | None => break,
+                Some(Signal::Hangup) => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    systemd::reloading();
+                    reloader.reload();
+                    systemd::ready(&status());
+                }
                 // The write that raised it fails, and says so itself.
                 Some(Signal::FileSizeLimit) => {}
-                Some(other) => tracing::warn!(
-                    signal = other.name(),
-                    "signal ignored: the gateway has no reload; restart it to apply a new configuration"
-                ),
+                Some(other) => tracing::warn!(signal = other.name(), "signal ignored"),
             }
         }
         tracing::info!("shutdown signal received");
@@ -340,6 +360,18 @@ fn upstream_pools<R: Runtime>(
     shards: usize,
 ) -> Result<UpstreamPools<R>, Fatal> {
     let metrics = forever(UpstreamMetrics::default());
+    // One TLS client for every pool: one session cache, so that any
+    // worker's reconnect resumes a session another worker began.
+    let tls = match &config.tls.upstream_roots {
+        Some(roots) => {
+            let target = crate::config::UpstreamTarget::parse(&config.upstream.url)
+                .map_err(Fatal::Upstream)?;
+            Some(forever(
+                ClientTls::new(&target.host, roots.clone()).map_err(Fatal::Tls)?,
+            ))
+        }
+        None => None,
+    };
     let shares = pool_shares(config.upstream.max_connections, shards);
     let workers_per_pool = workers.div_ceil(shares.len().max(1));
     let pools = shares
@@ -347,7 +379,7 @@ fn upstream_pools<R: Runtime>(
         .map(|max_connections| {
             let mut share = config.upstream.clone();
             share.max_connections = max_connections;
-            Upstream::<R>::new(&share, workers_per_pool, metrics).map(forever)
+            Upstream::<R>::new(&share, workers_per_pool, tls, metrics).map(forever)
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Upstream)?;

@@ -12,9 +12,13 @@
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
 //!   [`upstream::exchange`], one request and answer on one of its connections.
+//! - [`tls`]: HTTPS on the public listener and to https upstreams (rustls),
+//!   once for both runtimes.
+//! - [`reload`]: what SIGHUP re-reads and applies in place.
 //! - [`counter`]: the built-in counter, the reference upstream.
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
-//! - [`systemd`]: socket activation and `sd_notify`.
+//! - [`systemd`]: socket activation and `sd_notify`; [`logging`], stderr
+//!   at a level a reload can change.
 //! - [`stats`]: per-thread counters and histograms summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
@@ -27,7 +31,9 @@ pub mod config;
 pub mod counter;
 pub mod daemon;
 pub mod forward;
+pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod request_rules;
 pub mod server;
 pub mod service;
@@ -36,6 +42,7 @@ pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod time;
+pub mod tls;
 pub mod upstream;
 
 /// Leaks `value` for the rest of the process: services, settings and

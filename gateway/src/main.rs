@@ -108,8 +108,8 @@ fn main() -> ExitCode {
         println!("configuration ok: {}", config.summary());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config.log.level);
-    match daemon::run(config, mode) {
+    let log = gateway::logging::init(&config.log.level);
+    match daemon::run(config, mode, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
@@ -131,22 +131,4 @@ fn load(cli_path: Option<PathBuf>) -> Result<Config, ConfigError> {
         return Err(ConfigError::NotFound { path, reason });
     }
     Config::load(&path)
-}
-
-/// Logs to stderr; `RUST_LOG` overrides the configured level. Under
-/// journald (`JOURNAL_STREAM` set) lines carry no timestamp: it adds its own.
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
 }

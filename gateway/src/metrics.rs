@@ -38,6 +38,8 @@ pub struct Metrics {
     by_status: [ShardedCounter; STATUSES.len()],
     other_status: ShardedCounter,
     bad_requests: ShardedCounter,
+    /// Clients whose TLS handshake failed or timed out.
+    tls_handshake_failures: ShardedCounter,
     upstream: &'static UpstreamMetrics,
     request_duration: ShardedHistogram,
     connections_open: Gauge,
@@ -63,6 +65,8 @@ pub struct UpstreamMetrics {
     posts: [ShardedCounter; OUTCOMES.len()],
     visits: [ShardedCounter; OUTCOMES.len()],
     duration: ShardedHistogram,
+    /// Connections to an https upstream whose handshake failed.
+    tls_failures: ShardedCounter,
 }
 
 impl UpstreamMetrics {
@@ -78,6 +82,12 @@ impl UpstreamMetrics {
             self.visits[index].add(visits);
         }
         self.duration.observe(duration);
+    }
+
+    /// A TLS handshake with the upstream failed (its certificate did not
+    /// verify, say).
+    pub fn record_tls_failure(&self) {
+        self.tls_failures.increment();
     }
 }
 
@@ -95,6 +105,7 @@ impl Metrics {
             by_status: std::array::from_fn(|_| ShardedCounter::new()),
             other_status: ShardedCounter::new(),
             bad_requests: ShardedCounter::new(),
+            tls_handshake_failures: ShardedCounter::new(),
             upstream,
             request_duration: ShardedHistogram::new(),
             connections_open,
@@ -121,6 +132,11 @@ impl Metrics {
             return;
         }
         self.bad_requests.increment();
+    }
+
+    /// A client's TLS handshake failed or did not finish in time.
+    pub fn record_tls_handshake_failure(&self) {
+        self.tls_handshake_failures.increment();
     }
 
     /// Requests the service has answered, all statuses.
@@ -183,6 +199,20 @@ impl Collector for MetricsCollector {
             None,
             MetricType::Counter,
         )?)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "gateway_tls_handshake_failures",
+                "TLS handshakes that failed or timed out: side=\"public\", a client's; side=\"upstream\", the gateway's with an https upstream.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (side, counter) in [
+                ("public", &m.tls_handshake_failures),
+                ("upstream", &m.upstream.tls_failures),
+            ] {
+                Value(counter.get()).encode(family.encode_family(&[("side", side)])?)?;
+            }
+        }
         for (name, help, counters) in [
             (
                 "gateway_upstream_requests",

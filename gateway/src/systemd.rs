@@ -52,6 +52,15 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// `RELOADING=1` with the monotonic time systemd matches it by, as
+/// sd_notify(3) asks of a reload; [`ready`] ends it.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(error) => tracing::debug!(%error, "cannot read the monotonic clock for RELOADING=1"),
+    }
+}
+
 /// `STOPPING=1` with a status line.
 pub fn stopping(status: &str) {
     notify(&[NotifyState::Stopping, NotifyState::Status(status)]);

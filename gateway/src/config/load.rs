@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use super::error::{line_column, span_of};
 use super::{
     Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
-    StoreKind, UpstreamTarget,
+    StoreKind, TlsMaterial, UpstreamTarget,
 };
 use crate::counter::MAX_VISITS_PER_POST;
+use crate::tls;
 
 /// The longest timeout a configuration may set, in milliseconds: a day.
 const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
@@ -45,20 +46,50 @@ impl Config {
         }
         let mut config = Self::parse(path, &source)?;
         config.state_base = state_base(path);
+        config.path = path.to_owned();
+        config.tls = config.read_tls_files().map_err(|(key, message)| {
+            invalid_at(
+                path,
+                &source,
+                span_of(&source, key),
+                key.to_owned(),
+                message,
+            )
+        })?;
         Ok(config)
+    }
+
+    /// Reads the certificates and keys the TLS keys name; a relative path
+    /// is taken from the configuration file's folder.
+    fn read_tls_files(&self) -> Result<TlsMaterial, (&'static str, String)> {
+        let folder = self.path.parent().unwrap_or(Path::new(""));
+        let server = match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(tls::certified_key(&folder.join(cert), &folder.join(key))?)
+            }
+            _ => None,
+        };
+        let upstream_roots = if UpstreamTarget::parse(&self.upstream.url).is_ok_and(|t| t.tls) {
+            let ca = self.upstream.tls_ca.as_ref().map(|ca| folder.join(ca));
+            let key = if ca.is_some() {
+                "upstream.tls_ca"
+            } else {
+                "upstream.url"
+            };
+            Some(tls::roots(ca.as_deref()).map_err(|e| (key, e))?)
+        } else {
+            None
+        };
+        Ok(TlsMaterial {
+            server,
+            upstream_roots,
+        })
     }
 
     /// Parses and validates configuration text; `path` is only used in errors.
     pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
-            let (line, column) = span.map_or((1, 1), |s| line_column(source, s.start));
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                line,
-                column,
-                key,
-                message,
-            }
+            invalid_at(path, source, span, key, message)
         };
         let deserializer = toml::Deserializer::parse(source)
             .map_err(|e| invalid(e.span(), "(syntax)".to_owned(), e.message().to_owned()))?;
@@ -154,7 +185,29 @@ impl Config {
                 ),
             ));
         }
-        UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        let upstream =
+            UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        if self.upstream.tls_ca.is_some() && !upstream.tls {
+            return Err((
+                "upstream.tls_ca",
+                "is only used with an https:// upstream.url".to_owned(),
+            ));
+        }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) => {
+                return Err((
+                    "server.tls_cert",
+                    "needs server.tls_key, the certificate's private key".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "server.tls_key",
+                    "needs server.tls_cert, the key's certificate".to_owned(),
+                ));
+            }
+            _ => {}
+        }
         self.check_listeners_apart()?;
         if let Some(counter) = &self.counter {
             counter.check()?;
@@ -232,6 +285,24 @@ impl Config {
             line.push_str(&format!(" admin={}", admin.listen));
         }
         line
+    }
+}
+
+/// The error for `key`, whose value is at `span` in `source`.
+fn invalid_at(
+    path: &Path,
+    source: &str,
+    span: Option<std::ops::Range<usize>>,
+    key: String,
+    message: String,
+) -> ConfigError {
+    let (line, column) = span.map_or((1, 1), |s| line_column(source, s.start));
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        key,
+        message,
     }
 }
 
@@ -427,13 +498,25 @@ mod tests {
             "{err}"
         );
         assert!(parse("[server]\nmax_header_bytes = 1048576\n").is_ok());
-        let err = parse("[upstream]\nurl = \"https://example.com/\"\n")
+        assert!(parse("[upstream]\nurl = \"https://example.com/\"\n").is_ok());
+        let err = parse("[upstream]\ntls_ca = \"ca.pem\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("upstream.url") && err.contains("https"),
+            err.starts_with("test.toml:2:10: upstream.tls_ca") && err.contains("https://"),
             "{err}"
         );
+        let err = parse("[server]\ntls_cert = \"c.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:2:12: server.tls_cert") && err.contains("tls_key"),
+            "{err}"
+        );
+        let err = parse("[server]\ntls_key = \"k.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:11: server.tls_key"), "{err}");
         let err = parse("[upstream]\nrequest_timeout_ms = 0\n")
             .unwrap_err()
             .to_string();

@@ -40,6 +40,24 @@ pub struct Config {
     /// [`Config::load`]; the working directory otherwise).
     #[serde(skip)]
     pub state_base: PathBuf,
+    /// The file this was read from, which a reload reads again (set by
+    /// [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// The certificates and keys the TLS keys name, read by [`Config::load`].
+    #[serde(skip)]
+    pub tls: TlsMaterial,
+}
+
+/// What the TLS keys' files hold, read and checked with the configuration
+/// so that a bad file stops a start (or a reload) as any bad key does.
+#[derive(Debug, Clone, Default)]
+pub struct TlsMaterial {
+    /// `server.tls_cert` with `server.tls_key`, checked to match.
+    pub server: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
+    /// For an https upstream: `upstream.tls_ca`'s certificates, or the
+    /// system's roots.
+    pub upstream_roots: Option<rustls::RootCertStore>,
 }
 
 /// Which async runtime runs the gateway.
@@ -145,6 +163,10 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     pub max_header_bytes: usize,
     pub shutdown_timeout_ms: u64,
+    /// PEM certificate chain (leaf first): the listener speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`'s leaf.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +178,8 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60000,
             max_header_bytes: 16384,
             shutdown_timeout_ms: 10000,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -170,6 +194,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_ms: u64,
     /// The most visits one POST carries; 1 sends a POST per visit.
     pub batch_max: usize,
+    /// PEM CA certificates an https upstream is verified against, instead
+    /// of the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -181,6 +208,7 @@ impl Default for UpstreamConfig {
             max_connections: 1024,
             pool_idle_timeout_ms: 30000,
             batch_max: 1,
+            tls_ca: None,
         }
     }
 }

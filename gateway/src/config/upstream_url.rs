@@ -1,5 +1,5 @@
 //! `upstream.url`, parsed and checked once at load: [`UpstreamTarget`],
-//! the host, port, `host` header and request path a connection needs.
+//! the scheme, host, port, `host` header and request path a connection needs.
 
 use super::Escaped;
 
@@ -15,10 +15,12 @@ pub struct UpstreamTarget {
     pub port: u16,
     /// Path and query, for the request line.
     pub path_and_query: String,
+    /// `https://`: the connection speaks TLS, verified for `host`.
+    pub tls: bool,
 }
 
 impl UpstreamTarget {
-    /// Parses an `http://` URL (WHATWG rules, servo's `url` crate).
+    /// Parses an `http://` or `https://` URL (WHATWG rules, servo's `url` crate).
     ///
     /// Refused: another scheme, an empty host, a port past 65535 or 0,
     /// credentials, a fragment, and anything the parser would have had to
@@ -36,15 +38,11 @@ impl UpstreamTarget {
             .syntax_violation_callback(Some(&record))
             .parse(text)
             .map_err(|e| format!("`{shown}` is not a valid URL ({e})"))?;
-        match url.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(format!(
-                    "`{shown}`: https upstreams are not supported yet; use an http:// URL"
-                ));
-            }
-            _ => return Err(format!("`{shown}`: expected an http:// URL")),
-        }
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(format!("`{shown}`: expected an http:// or https:// URL")),
+        };
         if !url.username().is_empty() || url.password().is_some() {
             return Err(format!(
                 "`{shown}`: credentials in the URL are not supported"
@@ -84,6 +82,7 @@ impl UpstreamTarget {
             host,
             port,
             path_and_query,
+            tls,
         })
     }
 }
@@ -112,6 +111,13 @@ mod tests {
         assert_eq!(t.path_and_query, "/?q=1");
         let t = UpstreamTarget::parse("http://[::1]:3001/counter").unwrap();
         assert_eq!((t.authority.as_str(), t.port), ("[::1]:3001", 3001));
+        assert!(!t.tls);
+        // https: port 443 unless given, and no `:443` in the host header.
+        let t = UpstreamTarget::parse("https://Counter.Example/c").unwrap();
+        assert_eq!((t.authority.as_str(), t.port), ("counter.example", 443));
+        assert!(t.tls);
+        let t = UpstreamTarget::parse("https://127.0.0.1:8443/c").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.tls), ("127.0.0.1", 8443, true));
     }
 
     #[test]
@@ -126,9 +132,9 @@ mod tests {
             ("http://user:secret@h/", "credentials"),
             ("http://user@h/", "credentials"),
             ("http://h/counter#top", "fragment"),
-            ("https://h/", "https upstreams are not supported"),
-            ("ftp://h/", "expected an http:// URL"),
-            ("h:3001/counter", "expected an http:// URL"),
+            ("https://h:0/", "port 0"),
+            ("ftp://h/", "expected an http:// or https:// URL"),
+            ("h:3001/counter", "expected an http:// or https:// URL"),
             ("/counter", "not a valid URL"),
             ("http://h/a b", "non-URL code point"),
             ("http://h/a\\b", "backslash"),

@@ -33,6 +33,8 @@ use crate::metrics::Metrics;
 use crate::request_rules;
 use crate::service::{Service, status_only};
 use crate::shutdown::{Latch, Stop, wait_until};
+use crate::time::timeout_at;
+use crate::tls::{self, HandshakeFailure, ServerTls};
 use http::StatusCode;
 use http::header::{CONNECTION, HeaderValue};
 
@@ -48,6 +50,9 @@ pub struct ServerSettings {
     /// Where to record requests and parser rejections (the public
     /// listener's; other listeners record nothing).
     pub metrics: Option<&'static Metrics>,
+    /// HTTPS: every connection starts with a TLS handshake, which must
+    /// finish within the header-read timeout along with the first head.
+    pub tls: Option<&'static ServerTls>,
 }
 
 /// The connections of one listener: the cap, and the count to drain.
@@ -153,6 +158,7 @@ pub async fn serve<R: Runtime, S: Service>(
         match accepted.await {
             None => break,
             Some(Ok((stream, peer))) => {
+                let accepted = Instant::now();
                 connections.open.fetch_add(1, Ordering::AcqRel);
                 let open = Open {
                     connections,
@@ -165,22 +171,25 @@ pub async fn serve<R: Runtime, S: Service>(
                 // The accepted socket is in no reactor yet: the task that
                 // serves it registers it with its own worker's, once.
                 let connection = async move {
-                    match R::adopt_stream(stream) {
-                        Ok(stream) => {
-                            serve_connection::<R, S>(
-                                stream,
-                                peer,
-                                services[worker],
-                                settings,
-                                builder,
-                                stop.latch(),
-                                open,
-                            )
-                            .await
-                        }
+                    let stream = match R::adopt_stream(stream) {
+                        Ok(stream) => stream,
                         Err(error) => {
-                            tracing::debug!(%peer, %error, "cannot register the connection")
+                            tracing::debug!(%peer, %error, "cannot register the connection");
+                            return;
                         }
+                    };
+                    let connection = Accepted {
+                        peer,
+                        at: accepted,
+                        service: services[worker],
+                        settings,
+                        builder,
+                        stop: stop.latch(),
+                        open,
+                    };
+                    match settings.tls {
+                        None => serve_connection::<R, S, _>(stream, "none", connection).await,
+                        Some(tls) => serve_tls::<R, S>(tls, stream, connection).await,
                     }
                 };
                 R::spawn_on(worker, connection);
@@ -237,16 +246,71 @@ enum Ended {
     TimedOut(Phase),
 }
 
-async fn serve_connection<R: Runtime, S: Service>(
-    stream: R::Stream,
+/// An accepted connection and what serves it.
+struct Accepted<S: 'static> {
     peer: SocketAddr,
+    /// When it was accepted: its first head (and, with TLS, its handshake
+    /// before that) must be in within the header-read timeout from here.
+    at: Instant,
     service: &'static S,
     settings: &'static ServerSettings,
     builder: &'static http1::Builder,
     stop: &'static Latch,
     open: Open,
+}
+
+/// Completes the client's TLS handshake, then serves HTTP over it. A
+/// client that spoke plain HTTP is answered 400 and closed; one that
+/// fails the handshake, or is not through it when the header-read timeout
+/// passes, is closed. Each of those is counted.
+async fn serve_tls<R: Runtime, S: Service>(
+    tls: &'static ServerTls,
+    stream: R::Stream,
+    connection: Accepted<S>,
 ) {
-    let activity = Arc::new(Activity::new(Phase::Head, Instant::now()));
+    let settings = connection.settings;
+    let peer = connection.peer;
+    let deadline = connection.at + settings.header_read_timeout;
+    let failure = match tls.accept::<R, _>(stream, deadline).await {
+        Ok(stream) => {
+            let version = tls::version_name(&stream);
+            return serve_connection::<R, S, _>(stream, version, connection).await;
+        }
+        Err(failure) => failure,
+    };
+    if let Some(metrics) = settings.metrics {
+        metrics.record_tls_handshake_failure();
+    }
+    match failure {
+        HandshakeFailure::NotTls(stream) => {
+            tracing::debug!(%peer, "plain HTTP on the TLS listener; answered 400");
+            let _ = timeout_at::<R, _>(deadline, tls::refuse_plain_http(stream)).await;
+        }
+        HandshakeFailure::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),
+        HandshakeFailure::Failed(error) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed")
+        }
+    }
+}
+
+/// Serves HTTP/1.1 over `stream` (a TCP stream, or TLS over one, whose
+/// version `tls` names for the access log) until it closes or times out.
+async fn serve_connection<R, S, I>(stream: I, tls: &'static str, connection: Accepted<S>)
+where
+    R: Runtime,
+    S: Service,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let Accepted {
+        peer,
+        at,
+        service,
+        settings,
+        builder,
+        stop,
+        open,
+    } = connection;
+    let activity = Arc::new(Activity::new(Phase::Head, at));
     let io = WatchedIo {
         inner: stream,
         activity: activity.clone(),
@@ -314,6 +378,7 @@ async fn serve_connection<R: Runtime, S: Service>(
                         %peer,
                         %method,
                         path = ?path,
+                        tls,
                         status = response.status().as_u16(),
                         micros = (answered - head_complete).as_micros() as u64,
                     );

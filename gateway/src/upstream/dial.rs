@@ -1,5 +1,6 @@
 //! Reaching the upstream: its name resolved at start and again after a
-//! failed connect, and its addresses tried in turn.
+//! failed connect, its addresses tried in turn, and for an https upstream
+//! the TLS handshake, all within the connect timeout.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,7 +11,9 @@ use backends::Runtime;
 
 use super::Outcome;
 use crate::config::UpstreamTarget;
+use crate::metrics::UpstreamMetrics;
 use crate::time::{Elapsed, timeout_at};
+use crate::tls::{ClientTls, UpstreamStream};
 
 /// Where the upstream is, and how to open a connection to it.
 pub(super) struct Dialer {
@@ -22,11 +25,29 @@ pub(super) struct Dialer {
     /// Round-robin index into `addrs`.
     next_addr: AtomicUsize,
     resolving: AtomicBool,
+    /// For an https upstream.
+    tls: Option<&'static ClientTls>,
+    /// The last handshake failed: the next failures are not logged as
+    /// warnings again, every visit would log one.
+    tls_failing: AtomicBool,
+    metrics: &'static UpstreamMetrics,
 }
 
 impl Dialer {
     /// Resolves `target`'s name; an error names the upstream.
-    pub(super) fn new(target: UpstreamTarget, connect_timeout: Duration) -> Result<Self, String> {
+    pub(super) fn new(
+        target: UpstreamTarget,
+        connect_timeout: Duration,
+        tls: Option<&'static ClientTls>,
+        metrics: &'static UpstreamMetrics,
+    ) -> Result<Self, String> {
+        if target.tls && tls.is_none() {
+            return Err(format!(
+                "upstream {} is https, and no TLS settings were given for it",
+                target.authority
+            ));
+        }
+        let tls = tls.filter(|_| target.tls);
         let addrs = resolve(&target)
             .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
         Ok(Self {
@@ -35,6 +56,9 @@ impl Dialer {
             addrs: RwLock::new(addrs.into()),
             next_addr: AtomicUsize::new(0),
             resolving: AtomicBool::new(false),
+            tls,
+            tls_failing: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -42,7 +66,7 @@ impl Dialer {
     pub(super) async fn connect<R: Runtime>(
         &'static self,
         deadline: Instant,
-    ) -> Result<R::Stream, Outcome> {
+    ) -> Result<UpstreamStream<R::Stream>, Outcome> {
         let connect_deadline = deadline.min(Instant::now() + self.connect_timeout);
         let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
         let first = self.next_addr.fetch_add(1, Ordering::Relaxed);
@@ -50,7 +74,43 @@ impl Dialer {
         if connected.is_err() {
             self.re_resolve();
         }
-        connected
+        let stream = connected?;
+        match self.tls {
+            None => Ok(UpstreamStream::Plain(stream)),
+            Some(tls) => self.handshake::<R>(tls, stream, connect_deadline).await,
+        }
+    }
+
+    /// TLS over a connected stream, by `deadline`. A failure is the
+    /// connect's (502; nothing was sent), counted, and logged as a warning
+    /// when it starts: a certificate that does not verify fails every visit
+    /// until it is fixed, and is never let through.
+    async fn handshake<R: Runtime>(
+        &self,
+        tls: &ClientTls,
+        stream: R::Stream,
+        deadline: Instant,
+    ) -> Result<UpstreamStream<R::Stream>, Outcome> {
+        let outcome = match timeout_at::<R, _>(deadline, tls.connect(stream)).await {
+            Ok(Ok(stream)) => {
+                self.tls_failing.store(false, Ordering::Relaxed);
+                return Ok(stream);
+            }
+            Ok(Err(error)) => {
+                self.metrics.record_tls_failure();
+                if self.tls_failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(upstream = %self.target.authority, %error, "upstream TLS handshake failed");
+                } else {
+                    tracing::warn!(upstream = %self.target.authority, %error, "upstream TLS handshake failed; visits fail with 502 until it succeeds");
+                }
+                Outcome::Failed
+            }
+            Err(Elapsed) => {
+                tracing::debug!(upstream = %self.target.authority, "upstream TLS handshake timed out");
+                Outcome::TimedOut
+            }
+        };
+        Err(outcome)
     }
 
     /// Looks the upstream's name up again after a failed connect, on a

@@ -95,6 +95,11 @@ impl<S: backends::Stream> Connection<S> {
                 Err(error) => return Exchange::Failed(error),
             }
         }
+        // A TLS stream may hold the last record back until flushed (a
+        // plain one has nothing to flush). Some of the request is out.
+        if let Err(error) = poll_fn(|cx| Pin::new(&mut self.stream).poll_flush(cx)).await {
+            return Exchange::Failed(error);
+        }
         match self.read_answer().await {
             Ok((status, reusable)) => Exchange::Answered { status, reusable },
             Err(error) => Exchange::Failed(error),

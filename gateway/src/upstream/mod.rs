@@ -37,6 +37,7 @@ use self::pool::{Found, Handoff, Pool, Queued, Slot};
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
 use crate::metrics::UpstreamMetrics;
 use crate::time::{Elapsed, timeout_at};
+use crate::tls::{ClientTls, UpstreamStream};
 
 /// How a visit's upstream exchange ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub enum Outcome {
 }
 
 /// What the pool holds: an upstream connection on the runtime's stream.
-type Pooled<R> = Connection<<R as Runtime>::Stream>;
+type Pooled<R> = Connection<UpstreamStream<<R as Runtime>::Stream>>;
 /// An open upstream connection and its slot under the cap.
 type Conn<R> = pool::Conn<Pooled<R>>;
 /// A future kept off the visit's own (see [`Upstream::connect`]).
@@ -140,6 +141,7 @@ impl<R: Runtime> Upstream<R> {
     pub fn new(
         config: &UpstreamConfig,
         workers: usize,
+        tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
     ) -> Result<Self, String> {
         let target = UpstreamTarget::parse(&config.url)?;
@@ -164,7 +166,7 @@ impl<R: Runtime> Upstream<R> {
             batch_head,
             request_timeout: ms(config.request_timeout_ms),
             pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
-            dialer: Dialer::new(target, ms(config.connect_timeout_ms))?,
+            dialer: Dialer::new(target, ms(config.connect_timeout_ms), tls, metrics)?,
             batcher,
             metrics,
         })

@@ -1,0 +1,115 @@
+//! SIGHUP: the configuration file read again, and what can change in a
+//! running process applied in place: the public listener's certificate
+//! and key (certbot-style renewal) and the log level. What needs a
+//! restart (a listener, the backend, the workers…) is logged as such and
+//! left as it runs. A file that no longer loads (a bad key, a certificate
+//! that does not match it) changes nothing: the gateway keeps serving as
+//! it was, and says so. No connection is touched either way.
+
+use crate::config::Config;
+use crate::logging::LogLevel;
+use crate::tls::ServerTls;
+
+/// What a reload compares against and acts on.
+pub struct Reloader {
+    /// The configuration in effect: as started, with the reloaded parts
+    /// updated.
+    running: Config,
+    server_tls: Option<&'static ServerTls>,
+    log: LogLevel,
+}
+
+impl Reloader {
+    pub fn new(running: Config, server_tls: Option<&'static ServerTls>, log: LogLevel) -> Self {
+        Self {
+            running,
+            server_tls,
+            log,
+        }
+    }
+
+    /// Reads the configuration file again and applies what it can.
+    pub fn reload(&mut self) {
+        if self.running.path.as_os_str().is_empty() {
+            tracing::warn!(
+                "reload: this process was configured on its command line; nothing to read again"
+            );
+            return;
+        }
+        let new = match Config::load(&self.running.path) {
+            Ok(new) => new,
+            Err(error) => {
+                tracing::error!(
+                    "reload failed, nothing changed (the certificate in use stays): {error}"
+                );
+                return;
+            }
+        };
+        let mut applied = Vec::new();
+        if let (Some(tls), Some(certificate)) = (self.server_tls, &new.tls.server) {
+            tls.replace_certificate(certificate.clone());
+            self.running.server.tls_cert = new.server.tls_cert.clone();
+            self.running.server.tls_key = new.server.tls_key.clone();
+            self.running.tls.server = Some(certificate.clone());
+            applied.push("server.tls_cert and server.tls_key (new connections)");
+        }
+        if new.log.level != self.running.log.level {
+            match self.log.set(&new.log.level) {
+                Ok(()) => {
+                    self.running.log.level = new.log.level.clone();
+                    applied.push("log.level");
+                }
+                Err(why) => tracing::warn!("reload: log.level not applied: {why}"),
+            }
+        }
+        let restart = needs_restart(&self.running, &new);
+        if restart.is_empty() {
+            tracing::info!(applied = %applied.join(", "), "reloaded");
+        } else {
+            tracing::warn!(
+                applied = %applied.join(", "),
+                needs_restart = %restart.join(", "),
+                "reloaded; the changes in needs_restart take a restart to apply"
+            );
+        }
+    }
+}
+
+/// The sections (or keys) of `new` that differ from `running` in what a
+/// reload does not apply.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    // Compared through their Debug text: every field of every section
+    // shows there, and a key added later is compared without a change here.
+    fn differ(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let mut changed = Vec::new();
+    let tls_on = |c: &Config| c.server.tls_cert.is_some();
+    if tls_on(running) != tls_on(new) {
+        changed.push("server.tls_cert (turning HTTPS on or off)");
+    }
+    let without_tls = |c: &Config| {
+        let mut server = c.server.clone();
+        (server.tls_cert, server.tls_key) = (None, None);
+        server
+    };
+    if differ(&without_tls(running), &without_tls(new)) {
+        changed.push("server");
+    }
+    let access = |c: &Config| c.log.access;
+    if access(running) != access(new) {
+        changed.push("log.access");
+    }
+    for (name, differs) in [
+        ("runtime", differ(&running.runtime, &new.runtime)),
+        ("upstream", differ(&running.upstream, &new.upstream)),
+        ("responses", differ(&running.responses, &new.responses)),
+        ("admin", differ(&running.admin, &new.admin)),
+        ("counter", differ(&running.counter, &new.counter)),
+    ] {
+        if differs {
+            changed.push(name);
+        }
+    }
+    changed
+}

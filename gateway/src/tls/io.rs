@@ -1,0 +1,189 @@
+//! The two adapters between hyper's IO traits, which the backends' streams
+//! and the gateway's HTTP code speak, and futures-io's, which
+//! futures-rustls speaks: a backend's stream goes into rustls as
+//! [`FuturesIo`], and the TLS stream comes back out as [`HyperIo`]. They
+//! are what lets TLS be written once for both runtimes.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
+
+/// The first byte of every TLS record that starts a handshake.
+const HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A stream in hyper's IO vocabulary, seen through futures-io's.
+pub struct FuturesIo<S> {
+    inner: S,
+    /// For a server: whether the first byte read is still to be checked
+    /// to be a handshake record's.
+    check_first_byte: bool,
+    /// The first byte was not a handshake record's: a client speaking
+    /// something other than TLS (plain HTTP, most likely).
+    not_tls: bool,
+}
+
+impl<S> FuturesIo<S> {
+    /// A client's stream: everything read goes to rustls.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            check_first_byte: false,
+            not_tls: false,
+        }
+    }
+
+    /// A server's stream: a first byte that cannot start a TLS handshake
+    /// fails the read, before rustls sees it (so it answers no alert) and
+    /// [`FuturesIo::not_tls`] tells the server why.
+    pub fn expecting_tls(inner: S) -> Self {
+        Self {
+            inner,
+            check_first_byte: true,
+            not_tls: false,
+        }
+    }
+
+    pub fn not_tls(&self) -> bool {
+        self.not_tls
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Read + Unpin> AsyncRead for FuturesIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(buf);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, read.unfilled()))?;
+        let filled = read.filled();
+        if self.check_first_byte {
+            if let Some(&first) = filled.first() {
+                self.check_first_byte = false;
+                if first != HANDSHAKE_RECORD {
+                    self.not_tls = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the client does not speak TLS",
+                    )));
+                }
+            }
+        }
+        Poll::Ready(Ok(filled.len()))
+    }
+}
+
+impl<S: Write + Unpin> AsyncWrite for FuturesIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+thread_local! {
+    /// Where decrypted bytes pass on their way into hyper's buffer: hyper
+    /// hands out its buffer as possibly uninitialised memory, which safe
+    /// code can only fill by copying into it.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
+}
+
+/// A futures-io stream (a TLS stream) in hyper's IO vocabulary.
+pub struct HyperIo<T> {
+    inner: T,
+}
+
+impl<T> HyperIo<T> {
+    pub fn new(inner: T) -> Self {
+        Self { inner }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> Read for HyperIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let read = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let len = buf.remaining().min(scratch.len());
+            let read = ready!(Pin::new(&mut self.inner).poll_read(cx, &mut scratch[..len]));
+            Poll::Ready(read.map(|n| buf.put_slice(&scratch[..n])))
+        });
+        match ready!(read) {
+            // A peer that closes the connection without TLS's close_notify
+            // has ended the stream as a plain TCP peer does with its FIN:
+            // browsers do so with idle keep-alive connections, and every
+            // message the gateway reads is framed by HTTP, which catches
+            // a truncated one.
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+            other => Poll::Ready(other),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Write for HyperIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    /// Sends TLS's close_notify, then shuts the stream's sending side.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}

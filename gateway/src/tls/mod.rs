@@ -1,0 +1,157 @@
+//! TLS on both sides, written once over the backends' streams: the public
+//! listener's HTTPS ([`ServerTls`], whose certificate a reload replaces in
+//! place) and https upstreams ([`ClientTls`], [`UpstreamStream`]).
+//!
+//! rustls does the protocol, on the ring provider; futures-rustls drives
+//! it over futures-io, and the `io` module's two adapters put it between
+//! a backend's stream and hyper, so tokio and smol serve the same TLS.
+
+mod files;
+mod io;
+mod upstream;
+
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
+
+use backends::Runtime;
+use futures_lite::io::AsyncWriteExt;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
+
+pub use self::files::{KeyedError, certified_key, roots};
+pub use self::io::{FuturesIo, HyperIo};
+pub use self::upstream::{ClientTls, UpstreamStream};
+use crate::time::{Elapsed, timeout_at};
+
+/// The one crypto provider both sides use.
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The versions both sides speak.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The only application protocol either side speaks.
+const HTTP_1_1: &[u8] = b"http/1.1";
+
+/// The public listener's TLS: its settings, and the certificate it
+/// presents, which [`ServerTls::replace_certificate`] swaps for the
+/// connections that come after.
+#[derive(Debug)]
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    certificate: Arc<CurrentCertificate>,
+}
+
+/// The certificate and key every handshake presents, read at each
+/// ClientHello: a reload swaps it without touching open connections.
+#[derive(Debug)]
+struct CurrentCertificate(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// A TLS stream the public listener serves HTTP over.
+pub type ServerStream<S> = HyperIo<futures_rustls::server::TlsStream<FuturesIo<S>>>;
+
+/// Why a client's handshake did not complete.
+pub enum HandshakeFailure<S> {
+    /// The client spoke something else (plain HTTP): its stream, to answer.
+    NotTls(S),
+    /// Not complete by the deadline.
+    TimedOut,
+    /// The handshake failed: a protocol error, an alert, or the peer left.
+    Failed(std::io::Error),
+}
+
+impl ServerTls {
+    /// TLS 1.2 and 1.3 with ALPN `http/1.1`, presenting `certificate`;
+    /// stateless session tickets for resumption, as nginx's default.
+    pub fn new(certificate: Arc<CertifiedKey>) -> Result<Self, rustls::Error> {
+        let current = Arc::new(CurrentCertificate(RwLock::new(certificate)));
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(VERSIONS)?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        config.alpn_protocols = vec![HTTP_1_1.to_vec()];
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        Ok(Self {
+            config: Arc::new(config),
+            certificate: current,
+        })
+    }
+
+    /// Presents `certificate` to every handshake from now on; connections
+    /// already open keep theirs.
+    pub fn replace_certificate(&self, certificate: Arc<CertifiedKey>) {
+        *self
+            .certificate
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = certificate;
+    }
+
+    /// Completes a client's handshake by `deadline`.
+    pub async fn accept<R: Runtime, S: backends::Stream>(
+        &self,
+        stream: S,
+        deadline: Instant,
+    ) -> Result<ServerStream<S>, HandshakeFailure<S>> {
+        let acceptor = futures_rustls::TlsAcceptor::from(self.config.clone());
+        let handshake = acceptor
+            .accept(FuturesIo::expecting_tls(stream))
+            .into_fallible();
+        match timeout_at::<R, _>(deadline, handshake).await {
+            Ok(Ok(tls)) => Ok(HyperIo::new(tls)),
+            Ok(Err((_, io))) if io.not_tls() => Err(HandshakeFailure::NotTls(io.into_inner())),
+            Ok(Err((error, _))) => Err(HandshakeFailure::Failed(error)),
+            Err(Elapsed) => Err(HandshakeFailure::TimedOut),
+        }
+    }
+}
+
+/// The TLS version a served connection negotiated, for the access log.
+pub fn version_name<S>(stream: &ServerStream<S>) -> &'static str {
+    match stream.get_ref().get_ref().1.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    }
+}
+
+/// Answers a client that spoke plain HTTP to the TLS listener, and closes:
+/// nothing it sent is served.
+pub async fn refuse_plain_http<S: backends::Stream>(stream: S) {
+    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+        content-type: text/plain\r\n\
+        content-length: 35\r\n\
+        connection: close\r\n\r\n\
+        This port speaks HTTPS, not HTTP.\r\n";
+    let mut io = FuturesIo::new(stream);
+    // The client may be gone already; there is nobody to tell then.
+    if io.write_all(ANSWER).await.is_ok() {
+        let _ = io.close().await;
+    }
+}
+
+/// A client configuration verifying servers against `roots`, speaking
+/// `http/1.1`, and resuming sessions with the servers it has met.
+fn client_config(roots: rustls::RootCertStore) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![HTTP_1_1.to_vec()];
+    Ok(config)
+}

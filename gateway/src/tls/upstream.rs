@@ -1,0 +1,116 @@
+//! https upstreams: the client side's TLS settings, one per upstream so
+//! that reconnects resume their sessions, and the stream a pooled upstream
+//! connection is, plain or TLS.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_rustls::TlsConnector;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use rustls::pki_types::ServerName;
+
+use super::{FuturesIo, HyperIo, client_config};
+
+/// How the gateway opens TLS to its upstream.
+pub struct ClientTls {
+    connector: TlsConnector,
+    /// The name the certificate must be for, and the SNI sent: the URL's host.
+    server_name: ServerName<'static>,
+}
+
+impl ClientTls {
+    /// TLS to `host` (a DNS name or an IP address), verified against `roots`.
+    pub fn new(host: &str, roots: rustls::RootCertStore) -> Result<Self, String> {
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("`{host}` cannot be checked against a certificate ({e})"))?;
+        let config = client_config(roots).map_err(|e| e.to_string())?;
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// The handshake over a connected `stream`. A certificate that does not
+    /// verify is an error like any other failed connect: nothing is sent.
+    pub async fn connect<S: backends::Stream>(&self, stream: S) -> io::Result<UpstreamStream<S>> {
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), FuturesIo::new(stream))
+            .await?;
+        Ok(UpstreamStream::Tls(Box::new(HyperIo::new(tls))))
+    }
+}
+
+type ClientStream<S> = HyperIo<futures_rustls::client::TlsStream<FuturesIo<S>>>;
+
+/// A connection to the upstream: the backend's stream, or TLS over it
+/// (boxed: rustls's state is large, and most upstreams are plain).
+pub enum UpstreamStream<S> {
+    Plain(S),
+    Tls(Box<ClientStream<S>>),
+}
+
+impl<S: backends::Stream> Read for UpstreamStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: backends::Stream> Write for UpstreamStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl<S: backends::Stream> backends::Stream for UpstreamStream<S> {
+    fn watch_while_idle(&mut self) {
+        match self {
+            Self::Plain(stream) => stream.watch_while_idle(),
+            Self::Tls(stream) => stream.get_mut().get_mut().0.get_mut().watch_while_idle(),
+        }
+    }
+
+    /// For TLS, rustls must hold nothing unread (no plaintext, no
+    /// close_notify) and the TCP stream underneath must be as a plain one
+    /// must: any record arriving unasked on an idle connection (a
+    /// close_notify, most likely) makes it unusable, as any byte does.
+    fn is_reusable(&mut self) -> bool {
+        match self {
+            Self::Plain(stream) => stream.is_reusable(),
+            Self::Tls(stream) => {
+                let (io, connection) = stream.get_mut().get_mut();
+                connection.wants_read() && io.get_mut().is_reusable()
+            }
+        }
+    }
+}
