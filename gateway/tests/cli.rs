@@ -57,7 +57,7 @@ fn bad_values_are_exit_78() {
             "server.max_header_bytes",
         ),
         (
-            "[upstream]\nurl = \"https://127.0.0.1/counter\"\n",
+            "[upstream]\nurl = \"ftp://127.0.0.1/counter\"\n",
             "upstream.url",
         ),
         (
