@@ -263,6 +263,9 @@ impl Config {
             self.server.listen,
             Escaped(&self.upstream.url),
         );
+        if let Some(cert) = &self.server.tls_cert {
+            line.push_str(&format!(" https cert={}", Escaped(cert.display())));
+        }
         if let Some(counter) = &self.counter {
             line.push_str(&format!(" counter={}", counter.listen));
             match counter.store {
