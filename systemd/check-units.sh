@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the systemd units: `systemd-analyze verify` against a
-# scratch root holding the installed binary (it checks ExecStart exists),
-# and `systemd-analyze security`, failing above an exposure of 1.2.
+# scratch root holding the installed binary and /bin/sh (it checks that
+# ExecStart's and ExecReload's programs exist), and `systemd-analyze
+# security`, failing above an exposure of 1.2.
 # Usage: systemd/check-units.sh [path/to/release/gateway]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +17,8 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/usr/lib/systemd"
 cp -r /usr/lib/systemd/system "$root/usr/lib/systemd/"
 install -D -m 0755 "$binary" "$root/usr/bin/gateway"
+# ExecReload runs /bin/sh (its built-in kill): verify checks that it exists.
+install -D -m 0755 "$(readlink -f /bin/sh)" "$root/bin/sh"
 install -D -m 0644 "$repo/config.toml" "$root/etc/gateway/config.toml"
 install -D -m 0644 "$repo/systemd/gateway.service" "$root/usr/lib/systemd/system/gateway.service"
 install -D -m 0644 "$repo/systemd/gateway.socket" "$root/usr/lib/systemd/system/gateway.socket"

@@ -11,6 +11,13 @@
 #     → smol → tokio), and the built-in counter's count (a file in
 #     StateDirectory) comes through both restarts exact;
 #   - journalctl shows the startup line of each backend;
+#   - HTTPS under the hardened unit, both ways the README's "HTTPS under
+#     the hardened unit" gives: 1. a key 0640 root:ssl-cert, read through
+#     a `SupplementaryGroups=ssl-cert` drop-in (and not without it),
+#     renewed by `systemctl reload` in the same process, a broken key on
+#     reload leaving the old certificate serving; 2. `LoadCredential=` of
+#     a key only root reads, which a reload does not refresh and
+#     `systemctl restart` does, under load without a failed request;
 #   - a bad config exits 78 and is not restarted (NRestarts stays 0);
 #   - `gateway-bench` measures the installed gateway (a one-second run);
 #   - an upgrade to a higher version under load fails no request, keeps an
@@ -18,7 +25,8 @@
 #   - `apt-get remove gateway` stops it and keeps its config and count; a
 #     reinstall runs again on them; `apt-get purge gateway` of the running
 #     package stops it and leaves no config, no state, no unit links.
-# Needs root, debootstrap and systemd-container. The Debian root is cached
+# Needs root, debootstrap, systemd-container and openssl (the test's
+# certificates are made on the host). The Debian root is cached
 # in $GATEWAY_NSPAWN_CACHE (default /var/cache/gateway-ci), outside the repo.
 # Usage: systemd/test-in-container.sh PACKAGE.deb UPGRADE.deb
 #   (UPGRADE.deb: the same package with a higher version, e.g. from
@@ -31,6 +39,7 @@ base=$cache/bookworm
 for deb in "$package" "$upgrade"; do
   [ -f "$deb" ] || { echo "no package at $deb (cargo deb -p gateway)"; exit 1; }
 done
+command -v openssl >/dev/null || { echo "needs openssl on this host, for the HTTPS checks' certificates"; exit 1; }
 
 if [ ! -x "$base/usr/bin/systemctl" ]; then
   echo "== debootstrap (first run only; cached in $base)"
@@ -57,6 +66,24 @@ cp -a "$base/." "$root/"
 cp "$package" "$root/root/gateway.deb"
 cp "$upgrade" "$root/root/gateway-upgrade.deb"
 echo gateway-ci > "$root/etc/hostname"
+
+# The HTTPS checks' certificates, made here because the container has no
+# openssl: a CA, and leaves for localhost with serials (hex) 1001 and its
+# renewal 1002 (way 1), 1003 and its renewal 1004 (way 2). They go into the
+# container's /root/pki, and with it away at the end.
+pki=$root/root/pki
+mkdir -m 0700 "$pki"
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$pki/leaf.ext"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=gateway-ci-ca \
+  -keyout "$pki/ca.key" -out "$pki/ca.pem" 2>"$pki/openssl.log" \
+  || { cat "$pki/openssl.log"; echo "openssl: could not make the test CA"; exit 1; }
+for serial in 1001 1002 1003 1004; do
+  { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+      -keyout "$pki/$serial.key" -out "$pki/$serial.csr" \
+    && openssl x509 -req -in "$pki/$serial.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" \
+      -set_serial "0x$serial" -days 1 -extfile "$pki/leaf.ext" -out "$pki/$serial.pem"; } 2>"$pki/openssl.log" \
+    || { cat "$pki/openssl.log"; echo "openssl: could not make the certificate $serial"; exit 1; }
+done
 
 echo "== boot"
 systemd-nspawn -D "$root" --register=no --keep-unit --private-network \
@@ -125,17 +152,22 @@ status_text=$(in_container systemctl status gateway --no-pager || true)
 echo "$status_text" | head -n 12
 grep -q 'Status: "tokio with' <<<"$status_text" || fail "no STATUS line"
 
-# Visits in a loop until stopped, expecting `$1` as the answer; then
-# `ok` and `failed` hold what they got.
+# Visits in a loop until stopped, expecting `$1` as the answer, with the
+# rest as curl's arguments (default: http://127.0.0.1:3000/); then `ok`
+# and `failed` hold what they got.
 start_load() {
+  local expected=$1
+  shift
+  [ $# -gt 0 ] || set -- http://127.0.0.1:3000/
   in_container rm -f /root/load.stop /root/load.result
   in_container sh -c '
+    expected=$1; shift
     ok=0; failed=0
     while [ ! -e /root/load.stop ]; do
-      if [ "$(curl -sS --max-time 10 http://127.0.0.1:3000/ 2>/dev/null)" = "$1" ]; then
+      if [ "$(curl -sS --max-time 10 "$@" 2>/dev/null)" = "$expected" ]; then
         ok=$((ok + 1)); else failed=$((failed + 1)); fi
     done
-    echo "$ok $failed" > /root/load.result' sh "$1" &
+    echo "$ok $failed" > /root/load.result' sh "$expected" "$@" &
   load_pid=$!
   sleep 1
 }
@@ -169,6 +201,150 @@ journal=$(in_container journalctl -u gateway --no-pager)
 grep -E 'starting|listening on|passed by systemd' <<<"$journal" | tail -n 12
 grep -q 'starting backend="smol"' <<<"$journal" || fail "no smol startup line"
 grep -q 'starting backend="tokio"' <<<"$journal" || fail "no tokio startup line"
+
+# HTTPS: the gateway's answer and the serial number of the certificate a
+# new connection gets (from curl's report of the chain: the container has
+# no openssl), trusting the test CA.
+ca=/root/pki/ca.pem
+visit_tls() { in_container curl -sS --max-time 5 --cacert "$ca" https://localhost:3000/ 2>/dev/null || true; }
+serial() {
+  local certs
+  certs=$(in_container curl -sS --max-time 5 -o /dev/null -w '%{certs}' --cacert "$ca" https://localhost:3000/ 2>/dev/null || true)
+  sed -n '/^Serial Number:/{s/^Serial Number: *//p;q}' <<<"$certs"
+}
+# The gateway's journal lines matching $1: how many, and the last.
+journal_count() { in_container journalctl -u gateway --no-pager -o cat | grep -cE "$1" || true; }
+journal_last() { in_container journalctl -u gateway --no-pager -o cat | grep -E "$1" | tail -n 1 || true; }
+# `systemctl reload` returns once the signal is sent (systemd 252 has no
+# Type=notify-reload): wait, 10 s at most, for more than $2 lines matching
+# $1, and for the unit to be back from "reloading".
+wait_reload() {
+  local _
+  for _ in $(seq 50); do
+    [ "$(journal_count "$1")" -gt "$2" ] && break
+    sleep 0.2
+  done
+  [ "$(journal_count "$1")" -gt "$2" ] || return 1
+  for _ in $(seq 50); do
+    [ "$(in_container systemctl is-active gateway || true)" = active ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+# Serves HTTPS after a (re)start: the welcome, within 5 s.
+expect_tls_welcome() {
+  local answer _
+  answer=$(visit_tls)
+  for _ in $(seq 50); do [ "$answer" = "Welcome to my site!" ] && break; sleep 0.1; answer=$(visit_tls); done
+  echo "GET https://localhost:3000/ -> $answer"
+  [ "$answer" = "Welcome to my site!" ] || fail "$1: no welcome over HTTPS"
+}
+reloaded='reloaded applied=server.tls_cert'
+dropin=$root/etc/systemd/system/gateway.service.d/tls.conf
+
+echo "== HTTPS, way 1: key 0640 root:ssl-cert, SupplementaryGroups=ssl-cert, renewed by systemctl reload"
+in_container cp /etc/gateway/config.toml /root/config.http
+# What Debian's ssl-cert package does (not in the container, whose network is private).
+in_container groupadd --system ssl-cert
+in_container install -d -m 0755 /etc/gateway/tls
+in_container install -m 0644 /root/pki/1001.pem /etc/gateway/tls/fullchain.pem
+in_container install -m 0640 -g ssl-cert /root/pki/1001.key /etc/gateway/tls/privkey.pem
+in_container sed -i 's|^\[server\]$|&\ntls_cert = "/etc/gateway/tls/fullchain.pem"\ntls_key = "/etc/gateway/tls/privkey.pem"|' /etc/gateway/config.toml
+[ "$(in_container grep -c '^tls_' /etc/gateway/config.toml)" = 2 ] || fail "the TLS keys did not go into [server]"
+# The certificate is public (0644); the group's read is what lets the
+# dynamic user at the key: without the drop-in the start fails on it.
+in_container systemctl restart gateway 2>/dev/null && fail "started without the group, on a key 0640 root:ssl-cert"
+status=$(in_container systemctl show gateway -p ExecMainStatus --value)
+why=$(journal_last 'configuration error')
+echo "without the drop-in: exit status $status; $why"
+[ "$status" = 78 ] || fail "exit status $status, not 78, on a key it cannot read"
+grep -q 'privkey.pem: Permission denied' <<<"$why" || fail "not failing on the key's permission"
+in_container systemctl reset-failed gateway
+mkdir -p "$(dirname "$dropin")"
+cat >"$dropin" <<'UNIT'
+[Service]
+SupplementaryGroups=ssl-cert
+UNIT
+in_container systemctl daemon-reload
+in_container systemctl restart gateway || fail "did not start with SupplementaryGroups=ssl-cert"
+expect_tls_welcome "SupplementaryGroups=ssl-cert"
+[ "$(serial)" = 1001 ] || fail "serving serial '$(serial)', not 1001"
+echo "serving serial 1001"
+in_container systemd-analyze security --threshold=12 gateway.service | tail -n 1 \
+  || fail "the exposure with the drop-in is above 1.2"
+
+echo "-- renewed in place: new files, systemctl reload"
+pid_before=$(in_container systemctl show gateway -p MainPID --value)
+in_container install -m 0644 /root/pki/1002.pem /etc/gateway/tls/fullchain.pem
+in_container install -m 0640 -g ssl-cert /root/pki/1002.key /etc/gateway/tls/privkey.pem
+seen=$(journal_count "$reloaded")
+in_container systemctl reload gateway || fail "systemctl reload gateway"
+wait_reload "$reloaded" "$seen" || fail "no '$reloaded' line, or not active, 10 s after systemctl reload"
+journal_last "$reloaded"
+pid_after=$(in_container systemctl show gateway -p MainPID --value)
+echo "main pid $pid_before before, $pid_after after; now serial $(serial)"
+[ "$pid_after" = "$pid_before" ] || fail "the reload replaced the process"
+[ "$(serial)" = 1002 ] || fail "a new connection after the reload got serial '$(serial)', not the renewed 1002"
+expect_tls_welcome "after the reload"
+
+echo "-- a broken key on reload: the old certificate stays"
+in_container sh -c 'echo "not a key" > /etc/gateway/tls/privkey.pem'
+seen=$(journal_count 'reload failed')
+in_container systemctl reload gateway || fail "systemctl reload gateway (broken key)"
+wait_reload 'reload failed' "$seen" || fail "no 'reload failed' line, or not active, 10 s after reloading a broken key"
+journal_last 'reload failed'
+[ "$(in_container systemctl show gateway -p MainPID --value)" = "$pid_before" ] || fail "the failed reload replaced the process"
+[ "$(serial)" = 1002 ] || fail "after a failed reload serving serial '$(serial)', not the 1002 in use"
+expect_tls_welcome "after the failed reload"
+echo "still serving serial 1002"
+
+echo "== HTTPS, way 2: LoadCredential= of a key only root reads, renewed by systemctl restart"
+in_container rm -rf /etc/gateway/tls
+in_container install -d -m 0700 /etc/gateway/tls
+in_container install -m 0600 /root/pki/1003.pem /etc/gateway/tls/fullchain.pem
+in_container install -m 0600 /root/pki/1003.key /etc/gateway/tls/privkey.pem
+cat >"$dropin" <<'UNIT'
+[Service]
+LoadCredential=tls.crt:/etc/gateway/tls/fullchain.pem
+LoadCredential=tls.key:/etc/gateway/tls/privkey.pem
+UNIT
+in_container sed -i -e 's|^tls_cert = .*|tls_cert = "/run/credentials/gateway.service/tls.crt"|' \
+  -e 's|^tls_key = .*|tls_key = "/run/credentials/gateway.service/tls.key"|' /etc/gateway/config.toml
+in_container systemctl daemon-reload
+in_container systemctl restart gateway || fail "did not start with LoadCredential="
+expect_tls_welcome "LoadCredential="
+[ "$(serial)" = 1003 ] || fail "serving serial '$(serial)', not 1003"
+echo "serving serial 1003"
+in_container systemd-analyze security --threshold=12 gateway.service | tail -n 1 \
+  || fail "the exposure with the drop-in is above 1.2"
+in_container install -m 0600 /root/pki/1004.pem /etc/gateway/tls/fullchain.pem
+in_container install -m 0600 /root/pki/1004.key /etc/gateway/tls/privkey.pem
+# systemd copies credentials at start only: the reload reads the old copy.
+seen=$(journal_count "$reloaded")
+in_container systemctl reload gateway || fail "systemctl reload gateway (credentials)"
+wait_reload "$reloaded" "$seen" || fail "no '$reloaded' line, or not active, 10 s after systemctl reload"
+journal_last "$reloaded"
+echo "after systemctl reload: serial $(serial) (the credential is the copy made at start)"
+[ "$(serial)" = 1003 ] || fail "the reload refreshed the credential: the README's way 2 says it does not"
+pid_before=$(in_container systemctl show gateway -p MainPID --value)
+start_load "Welcome to my site!" --cacert "$ca" https://localhost:3000/
+in_container systemctl restart gateway
+stop_load
+pid_after=$(in_container systemctl show gateway -p MainPID --value)
+echo "HTTPS requests during systemctl restart: $ok ok, $failed failed; main pid $pid_before before, $pid_after after; now serial $(serial)"
+[ "$failed" = 0 ] && [ "$ok" -gt 0 ] || fail "HTTPS requests failed across the restart"
+[ "$pid_after" != "$pid_before" ] || fail "systemctl restart did not replace the process"
+[ "$(serial)" = 1004 ] || fail "after the restart serving serial '$(serial)', not the renewed 1004"
+
+echo "== back to plain HTTP"
+rm -rf "$(dirname "$dropin")"
+in_container rm -rf /etc/gateway/tls
+in_container cp /root/config.http /etc/gateway/config.toml
+in_container systemctl daemon-reload
+in_container systemctl restart gateway
+answer=$(visit)
+echo "GET http://127.0.0.1:3000/ -> $answer"
+[ "$answer" = "Welcome to my site!" ] || fail "not serving plain HTTP again"
 
 echo "== bad config"
 in_container cp /etc/gateway/config.toml /root/config.good
