@@ -8,6 +8,7 @@
 
 pub mod netns;
 pub mod postgres;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -198,6 +199,8 @@ pub struct GatewayConfig {
     pub upstream_extra: String,
     /// Serve the built-in counter in the same process.
     pub counter: bool,
+    /// `counter.listen`: an ephemeral port unless set.
+    pub counter_listen: String,
     /// Serve the admin listener.
     pub admin: bool,
     /// `runtime.workers`: 2 unless a test asks for the one-worker setup,
@@ -208,6 +211,9 @@ pub struct GatewayConfig {
     /// The folder of the built-in counter's state file: one per config, so
     /// that gateways started from it one after another share a count.
     pub state: Arc<tempfile::TempDir>,
+    /// The folder the config file is written to (relative paths in it are
+    /// relative to it): a temporary folder unless set.
+    pub folder: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -219,11 +225,28 @@ impl GatewayConfig {
             server: String::new(),
             upstream_extra: String::new(),
             counter: false,
+            counter_listen: "127.0.0.1:0".to_owned(),
             admin: false,
             workers: 2,
             threading: "per-core",
             state: Arc::new(tempfile::tempdir().expect("a state folder")),
+            folder: None,
         }
+    }
+
+    /// Serves the built-in counter on `addr` (a port found free with
+    /// [`TestUpstream::closed_port`]) and sends the visits to it.
+    pub fn with_counter_on(mut self, addr: SocketAddr) -> Self {
+        self.counter = true;
+        self.counter_listen = addr.to_string();
+        self.upstream = format!("http://{addr}/counter");
+        self
+    }
+
+    /// Writes the config file into `folder`.
+    pub fn in_folder(mut self, folder: &std::path::Path) -> Self {
+        self.folder = Some(folder.to_owned());
+        self
     }
 
     /// The built-in counter's state file.
@@ -267,7 +290,8 @@ impl GatewayConfig {
         let mut counter = String::new();
         if self.counter {
             counter.push_str(&format!(
-                "[counter]\nlisten = \"127.0.0.1:0\"\npath = {:?}\n",
+                "[counter]\nlisten = \"{}\"\npath = {:?}\n",
+                self.counter_listen,
                 self.state_file()
             ));
         }
@@ -292,7 +316,11 @@ impl GatewayConfig {
     }
 
     fn write_config(&self) -> tempfile::NamedTempFile {
-        let mut file = tempfile::NamedTempFile::new().expect("temp config");
+        let mut file = match &self.folder {
+            Some(folder) => tempfile::NamedTempFile::new_in(folder),
+            None => tempfile::NamedTempFile::new(),
+        }
+        .expect("temp config");
         std::io::Write::write_all(&mut file, self.render().as_bytes()).expect("write config");
         file
     }
