@@ -8,17 +8,30 @@
 //! have been sent, so a stalled server cannot hide its stall by slowing the
 //! client down (coordinated omission, corrected as wrk2 does).
 //!
+//! With `--new-connections`, each request goes on a connection of its own
+//! (sent with `connection: close`), connect included in its latency.
+//!
+//! Over TLS (`--tls`) each connection first makes a TLS 1.3 handshake with
+//! tokio-rustls, every connection on one shared client configuration
+//! ([`crate::tls`]); a keep-alive connection makes it once, a connection
+//! per request makes a full one per request.
+//!
 //! Each thread runs a single-threaded tokio runtime; requests are fixed
 //! bytes and answers are parsed with `httparse`, so the client costs far
 //! less per request than the servers it measures (see the README for the
 //! cross-check against wrk).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::layout::{CpuList, pin_current_thread};
 
@@ -32,6 +45,10 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Requests per second for the open loop; `None` for the closed loop.
     pub rate: Option<f64>,
+    /// Each request on a new connection instead of keep-alive ones.
+    pub new_connections: bool,
+    /// HTTPS with this client configuration, shared by every connection.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 /// What one run measured.
@@ -50,6 +67,10 @@ pub struct LoadResult {
     /// Latencies in microseconds of the answers in the window.
     pub latency: Histogram<u64>,
     pub window: Duration,
+    /// Why the first connection or exchange that failed did, so that a
+    /// row of errors says what went wrong (a refused connect, a
+    /// certificate the client does not trust).
+    pub first_error: Option<String>,
 }
 
 impl LoadResult {
@@ -63,6 +84,9 @@ impl LoadResult {
         self.ok_total += other.ok_total;
         self.failed_total += other.failed_total;
         let _ = self.latency.add(&other.latency);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
     }
 }
 
@@ -110,7 +134,12 @@ pub fn run<S>(
                             let offset = interval.mul_f64(index as f64 / spec.connections as f64);
                             (interval, offset)
                         });
-                        tasks.push(tokio::spawn(connection(spec.target, clock, schedule)));
+                        let client = Client {
+                            target: spec.target,
+                            tls: spec.tls.clone().map(TlsConnector::from),
+                            new_connections: spec.new_connections,
+                        };
+                        tasks.push(tokio::spawn(connection(client, clock, schedule)));
                     }
                     let mut total = empty_result(spec.duration);
                     for task in tasks {
@@ -145,6 +174,7 @@ fn empty_result(window: Duration) -> LoadResult {
         failed_total: 0,
         latency: new_histogram(),
         window,
+        first_error: None,
     }
 }
 
@@ -155,16 +185,102 @@ struct Clock {
     stop: Instant,
 }
 
-/// One client connection's loop, reconnecting when the server closes it.
-async fn connection(
+/// How one client connection reaches the server.
+struct Client {
     target: SocketAddr,
+    tls: Option<TlsConnector>,
+    new_connections: bool,
+}
+
+/// A connection to the server, plain or TLS; the TLS state is boxed, as it
+/// is far larger than a socket.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Client {
+    /// A TCP connection, and over TLS its handshake, verified against the
+    /// bench's CA for the address connected to (the certificate names
+    /// `127.0.0.1` as well as `localhost`).
+    async fn connect(&self) -> std::io::Result<Stream> {
+        let tcp = TcpStream::connect(self.target)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(connector) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let tls = connector
+            .connect(ServerName::from(self.target.ip()), tcp)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+}
+
+/// One TLS handshake with `target`, to say what it negotiated (protocol,
+/// cipher suite, key exchange, ALPN, full or resumed), and to fail early,
+/// with rustls's reason, where the server does not present the bench's
+/// certificate.
+pub fn tls_probe(target: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client {
+        target,
+        tls: Some(TlsConnector::from(config)),
+        new_connections: true,
+    };
+    let stream = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), client.connect())
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake: no answer within 5s"))?
+    })?;
+    let Stream::Tls(stream) = stream else {
+        return Err(std::io::Error::other("not a TLS connection"));
+    };
+    let (_, session) = stream.get_ref();
+    let show = |value: Option<String>| value.unwrap_or_else(|| "none".to_owned());
+    Ok(format!(
+        "{}, {}, {}, ALPN {}, {} handshake",
+        show(session.protocol_version().map(|v| format!("{v:?}"))),
+        show(
+            session
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+        ),
+        show(
+            session
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+        ),
+        show(
+            session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+        ),
+        show(session.handshake_kind().map(|k| format!("{k:?}"))).to_lowercase(),
+    ))
+}
+
+/// One client connection's loop, reconnecting when the server closes it
+/// (and after every answer, with `new_connections`).
+async fn connection(
+    client: Client,
     clock: Clock,
     schedule: Option<(Duration, Duration)>,
 ) -> LoadResult {
     let mut result = empty_result(clock.stop - clock.window_start);
-    let request = format!("GET / HTTP/1.1\r\nhost: {target}\r\n\r\n").into_bytes();
+    let target = client.target;
+    let close = if client.new_connections {
+        "connection: close\r\n"
+    } else {
+        ""
+    };
+    let request = format!("GET / HTTP/1.1\r\nhost: {target}\r\n{close}\r\n").into_bytes();
     let mut buffer = Vec::with_capacity(4096);
-    let mut stream: Option<TcpStream> = None;
+    let mut stream: Option<Stream> = None;
     tokio::time::sleep_until(clock.start.into()).await;
     let mut next_send = schedule.map(|(_, offset)| clock.start + offset);
     loop {
@@ -188,20 +304,21 @@ async fn connection(
             }
         };
         if stream.is_none() {
-            match TcpStream::connect(target).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    stream = Some(s);
-                }
-                Err(_) => {
+            match client.connect().await {
+                Ok(s) => stream = Some(s),
+                Err(error) => {
+                    note_error(&mut result, &error);
                     count_error(&mut result, &clock, Instant::now());
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             }
         }
-        let Some(s) = stream.as_mut() else { continue };
-        let outcome = exchange(s, &request, &mut buffer).await;
+        let outcome = match stream.as_mut() {
+            Some(Stream::Plain(s)) => exchange(s, &request, &mut buffer).await,
+            Some(Stream::Tls(s)) => exchange(s.as_mut(), &request, &mut buffer).await,
+            None => continue,
+        };
         let done = Instant::now();
         match outcome {
             Ok(Answer { status, keep_alive }) => {
@@ -218,11 +335,12 @@ async fn connection(
                     let micros = done.duration_since(intended).as_micros() as u64;
                     let _ = result.latency.record(micros.max(1));
                 }
-                if !keep_alive {
+                if !keep_alive || client.new_connections {
                     stream = None;
                 }
             }
-            Err(_) => {
+            Err(error) => {
+                note_error(&mut result, &error);
                 result.failed_total += 1;
                 count_error(&mut result, &clock, done);
                 stream = None;
@@ -230,6 +348,12 @@ async fn connection(
         }
     }
     result
+}
+
+fn note_error(result: &mut LoadResult, error: &std::io::Error) {
+    if result.first_error.is_none() {
+        result.first_error = Some(error.to_string());
+    }
 }
 
 fn count_error(result: &mut LoadResult, clock: &Clock, at: Instant) {
@@ -245,12 +369,15 @@ struct Answer {
 }
 
 /// Writes one request and reads its answer whole.
-async fn exchange(
-    stream: &mut TcpStream,
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     request: &[u8],
     buffer: &mut Vec<u8>,
 ) -> std::io::Result<Answer> {
     stream.write_all(request).await?;
+    // A TLS stream may hold the record it sealed until flushed; a socket's
+    // flush does nothing.
+    stream.flush().await?;
     buffer.clear();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -282,8 +409,8 @@ async fn exchange(
     }
 }
 
-async fn read_body(
-    stream: &mut TcpStream,
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buffer: &mut Vec<u8>,
     head_len: usize,
     content_length: usize,
@@ -303,7 +430,10 @@ async fn read_body(
     Ok(())
 }
 
-async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<()> {
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let len = buffer.len();
     buffer.resize(len + 4096, 0);
     let n = stream.read(&mut buffer[len..]).await;
@@ -320,5 +450,155 @@ async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Res
             buffer.truncate(len);
             Err(error)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::{HandshakeKind, ServerConfig};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    use crate::layout::{CpuList, available_cpus};
+
+    #[derive(Default)]
+    struct Handshakes {
+        full: AtomicU64,
+        resumed: AtomicU64,
+    }
+
+    /// An HTTPS server on the bench's certificate that answers every
+    /// request 200 and counts the handshakes, full and resumed (it offers
+    /// resumption: the client is what must refuse it).
+    fn https_server(files: &crate::tls::Certificates) -> (SocketAddr, Arc<Handshakes>) {
+        let chain = CertificateDer::pem_file_iter(&files.chain)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes = Arc::new(Handshakes::default());
+        let counted = Arc::clone(&handshakes);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let (acceptor, counted) = (acceptor.clone(), Arc::clone(&counted));
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        match tls.get_ref().1.handshake_kind() {
+                            Some(HandshakeKind::Resumed) => &counted.resumed,
+                            _ => &counted.full,
+                        }
+                        .fetch_add(1, Ordering::SeqCst);
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while tls.read_exact(&mut byte).await.is_ok() {
+                            head.push(byte[0]);
+                            if !head.ends_with(b"\r\n\r\n") {
+                                continue;
+                            }
+                            let close = head.ends_with(b"connection: close\r\n\r\n");
+                            let answer: &[u8] = if close {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            head.clear();
+                            if tls.write_all(answer).await.is_err() || close {
+                                let _ = tls.shutdown().await;
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        });
+        (addr, handshakes)
+    }
+
+    fn load(addr: SocketAddr, tls: Arc<ClientConfig>, new_connections: bool) -> LoadResult {
+        let spec = LoadSpec {
+            target: addr,
+            connections: 4,
+            cpus: CpuList(vec![available_cpus()[0]]),
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(300),
+            rate: None,
+            new_connections,
+            tls: Some(tls),
+        };
+        let (result, (), ()) = run(&spec, || ()).unwrap();
+        assert_eq!(result.first_error, None);
+        assert_eq!(result.failed_total, 0);
+        assert!(result.ok_total > 4, "{result:?}");
+        result
+    }
+
+    #[test]
+    fn keep_alive_makes_one_handshake_a_connection_and_new_connections_one_full_a_request() {
+        let _alone = crate::cpu::PROCESS_CPU
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = std::env::temp_dir().join(format!("bench-load-test-{}", std::process::id()));
+        let files = crate::tls::generate(&dir).unwrap();
+        let (addr, handshakes) = https_server(&files);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let negotiated = tls_probe(addr, files.client_config(false).unwrap()).unwrap();
+        assert_eq!(
+            negotiated,
+            "TLSv1_3, TLS13_AES_256_GCM_SHA384, X25519, ALPN none, full handshake"
+        );
+        // The server counts the probe's handshake on its own time.
+        while handshakes.full.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        handshakes.full.store(0, Ordering::SeqCst);
+
+        load(addr, files.client_config(true).unwrap(), false);
+        assert_eq!(handshakes.full.load(Ordering::SeqCst), 4);
+        assert_eq!(handshakes.resumed.load(Ordering::SeqCst), 0);
+
+        handshakes.full.store(0, Ordering::SeqCst);
+        let result = load(addr, files.client_config(false).unwrap(), true);
+        assert_eq!(handshakes.full.load(Ordering::SeqCst), result.ok_total);
+        assert_eq!(handshakes.resumed.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_server_the_client_does_not_trust_fails_with_rustls_reason() {
+        let dir = std::env::temp_dir().join(format!("bench-load-test2-{}", std::process::id()));
+        let served = crate::tls::generate(&dir.join("served")).unwrap();
+        let other = crate::tls::generate(&dir.join("other")).unwrap();
+        let (addr, _) = https_server(&served);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let error = tls_probe(addr, other.client_config(false).unwrap()).unwrap_err();
+        // Both CAs bear the same name: the signature is what gives it away.
+        assert!(
+            error.to_string().contains("invalid peer certificate"),
+            "{error}"
+        );
     }
 }

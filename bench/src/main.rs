@@ -3,23 +3,29 @@
 //!
 //! It starts `gateway counter` as the upstream, then for each target (each
 //! backend, then nginx) starts it with identical settings and drives
-//! keep-alive load at each concurrency level, checking every answer and
+//! load at each concurrency level (keep-alive connections, or with
+//! `--new-connections` one per request), checking every answer and
 //! that the counter's tally grew by exactly the 200s seen. Processes are
-//! pinned to disjoint CPU sets (see [`layout`]). Outputs: a table on
-//! stdout, `results.json` and `throughput.svg` in `--out`.
+//! pinned to disjoint CPU sets (see [`layout`]). With `--tls` every
+//! server is reached over HTTPS on a certificate the bench makes (see
+//! [`tls`]). Outputs: a table on stdout, `results.json` and
+//! `throughput.svg` in `--out`.
 
 mod cpu;
 mod layout;
 mod load;
 mod procs;
 mod report;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use rustls::ClientConfig;
 
 use crate::layout::{Layout, available_cpus, cpu_model};
 use crate::load::LoadSpec;
@@ -31,16 +37,29 @@ struct Options {
     /// Backends to measure, in order; a bare name runs the gateway's
     /// default threading (per-core), `backend/shared` or
     /// `backend/per-core` names it, and a last `/batchN` sets
-    /// `upstream.batch_max = N`, e.g. `tokio,tokio/shared,smol/batch64`.
+    /// `upstream.batch_max = N`, e.g. `tokio,tokio/shared,smol/batch64`;
+    /// `--backends ''` with `--reference nginx` measures nginx alone.
     #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
     backends: Vec<String>,
     /// Also measure each backend with `upstream.batch_max = N`: a
     /// `backend/batchN` row after each one in --backends that names none.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
-    /// Concurrency levels: keep-alive connections held open by the load generator.
+    /// Concurrency levels: keep-alive connections held open by the load
+    /// generator (with --new-connections: requests in flight, each on a
+    /// connection of its own).
     #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
     connections: Vec<usize>,
+    /// Open a new connection for every request (sent with `connection:
+    /// close`) instead of keeping connections alive; with --tls, each makes
+    /// a full handshake (no session resumption).
+    #[arg(long)]
+    new_connections: bool,
+    /// Serve every row over HTTPS, TLS 1.3, on an ECDSA P-256 certificate
+    /// the bench makes at start (PEM files in --out/tls); rows are named
+    /// `backend/tls`. The upstream side stays plain http.
+    #[arg(long)]
+    tls: bool,
     /// Measured time per level.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -115,8 +134,11 @@ fn run(options: &Options) -> Result<bool, String> {
     if options.batch.is_some_and(|n| n < 2) {
         return Err("--batch: give 2 or more visits a POST (1 is the unbatched row)".to_owned());
     }
-    for target in &options.backends {
+    for target in options.backends.iter().filter(|t| !t.is_empty()) {
         procs::GatewayTarget::parse(target).map_err(|e| format!("--backends: {e}"))?;
+    }
+    if options.backends.iter().all(|t| t.is_empty()) && options.reference.is_none() {
+        return Err("--backends: none given, and no --reference to measure".to_owned());
     }
     if options.connections.is_empty() || options.connections.contains(&0) {
         return Err("--connections: give one or more counts above 0".to_owned());
@@ -132,6 +154,13 @@ fn run(options: &Options) -> Result<bool, String> {
     if options.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err("--rate must be above 0".to_owned());
     }
+    if options.tls && options.target.is_some() {
+        return Err(
+            "--tls: only the servers the bench starts present its certificate; \
+             not with --target"
+                .to_owned(),
+        );
+    }
     let cpus = available_cpus();
     let mut layout = Layout::for_cpus(&cpus);
     if let Some(spec) = &options.cpus {
@@ -145,6 +174,13 @@ fn run(options: &Options) -> Result<bool, String> {
         .out
         .canonicalize()
         .map_err(|e| format!("{}: {e}", options.out.display()))?;
+    let certificates = options.tls.then(|| tls::generate(&out)).transpose()?;
+    // One configuration for every connection of every row, as one client
+    // program would have.
+    let client = certificates
+        .as_ref()
+        .map(|c| c.client_config(!options.new_connections))
+        .transpose()?;
 
     let mut rows = Vec::new();
     if let Some(target) = options.target {
@@ -165,12 +201,14 @@ fn run(options: &Options) -> Result<bool, String> {
                 target,
                 None,
                 None,
+                None,
                 connections,
                 &progress,
             )?);
         }
     } else {
-        rows = measure_local(options, &layout, workers, &cpus, &out)?;
+        let https = certificates.as_ref().zip(client.as_ref());
+        rows = measure_local(options, &layout, workers, &cpus, &out, https)?;
     }
 
     let report = Report {
@@ -182,6 +220,8 @@ fn run(options: &Options) -> Result<bool, String> {
         rate: options.rate,
         rounds: options.rounds,
         counter_store: options.counter_store.clone(),
+        tls: options.tls,
+        new_connections: options.new_connections,
         rows,
     };
     print!("{}", report::table(&report));
@@ -194,13 +234,15 @@ fn run(options: &Options) -> Result<bool, String> {
 }
 
 /// Starts the counter, then each backend's gateway (and nginx), and
-/// measures each at every concurrency level.
+/// measures each at every concurrency level; with `https`, each server
+/// serves those certificates and the load connects with that client.
 fn measure_local(
     options: &Options,
     layout: &Layout,
     workers: usize,
     cpus: &[usize],
     out: &std::path::Path,
+    https: Option<(&tls::Certificates, &Arc<ClientConfig>)>,
 ) -> Result<Vec<Row>, String> {
     let binary = match &options.gateway {
         Some(path) if path.is_file() => path.clone(),
@@ -227,6 +269,15 @@ fn measure_local(
         layout.counter,
         layout.load
     );
+    let certificates = https.map(|(certificates, _)| certificates);
+    if let Some(files) = certificates {
+        eprintln!(
+            "bench: HTTPS on {} and {} (CA {})",
+            files.chain.display(),
+            files.key.display(),
+            files.ca.display()
+        );
+    }
     let counter = procs::start_counter(
         &binary,
         &layout.counter,
@@ -236,7 +287,7 @@ fn measure_local(
     )?;
 
     let mut targets: Vec<String> = Vec::new();
-    for target in &options.backends {
+    for target in options.backends.iter().filter(|t| !t.is_empty()) {
         targets.push(target.clone());
         if let Some(batch) = options.batch {
             if !target.contains("/batch") {
@@ -246,6 +297,9 @@ fn measure_local(
     }
     if nginx.is_some() {
         targets.push("nginx".to_owned());
+    }
+    if targets.is_empty() {
+        return Err("nothing to measure: no backend, and nginx is not installed".to_owned());
     }
     let total_runs = options.rounds * targets.len() * options.connections.len();
     let mut run_index = 0;
@@ -257,9 +311,14 @@ fn measure_local(
         order.rotate_left((round - 1) % targets.len());
         for target in &order {
             let server = match (target.as_str(), &nginx) {
-                ("nginx", Some(nginx)) => {
-                    procs::start_nginx(nginx, &layout.gateway, workers, counter.addr, out)?
-                }
+                ("nginx", Some(nginx)) => procs::start_nginx(
+                    nginx,
+                    &layout.gateway,
+                    workers,
+                    counter.addr,
+                    out,
+                    certificates,
+                )?,
                 _ => procs::start_gateway(
                     &binary,
                     &layout.gateway,
@@ -267,23 +326,43 @@ fn measure_local(
                     workers,
                     counter.addr,
                     out,
+                    certificates,
                 )?,
+            };
+            // The row's name says it ran over TLS, as `/batchN` says what
+            // else differs from a bare backend.
+            let label = match https {
+                Some(_) => format!("{target}/tls"),
+                None => target.clone(),
+            };
+            // What the server negotiated, once per start; a server that
+            // does not present the bench's certificate stops the run here.
+            let negotiated = match https {
+                Some((_, client)) => {
+                    let negotiated = load::tls_probe(server.addr, Arc::clone(client))
+                        .map_err(|e| format!("{label} at {}: {e}", server.addr))?;
+                    eprintln!("      {label}: {negotiated}");
+                    Some(negotiated)
+                }
+                None => None,
             };
             for &connections in &options.connections {
                 run_index += 1;
-                let progress = format!("[{run_index}/{total_runs}] {target}");
+                let progress = format!("[{run_index}/{total_runs}] {label}");
                 let mut row = measure(
                     options,
                     layout,
-                    target,
+                    &label,
                     workers,
                     server.addr,
                     Some(&server),
                     Some(&counter),
+                    https.map(|(_, client)| client),
                     connections,
                     &progress,
                 )?;
                 row.round = round;
+                row.tls = negotiated.clone();
                 rows.push(row);
             }
             server.stop();
@@ -305,12 +384,18 @@ fn measure(
     addr: SocketAddr,
     server: Option<&procs::Running>,
     counter: Option<&procs::Running>,
+    tls: Option<&Arc<ClientConfig>>,
     connections: usize,
     progress: &str,
 ) -> Result<Row, String> {
     let counter_addr = counter.map(|c| c.addr);
     eprintln!(
-        "{progress}, {connections} connections: {} warm-up, {} measured{}",
+        "{progress}, {connections} {}: {} warm-up, {} measured{}",
+        if options.new_connections {
+            "in flight, a new connection each"
+        } else {
+            "connections"
+        },
         humantime::format_duration(options.warmup),
         humantime::format_duration(options.duration),
         options
@@ -326,6 +411,8 @@ fn measure(
         warmup: options.warmup,
         duration: options.duration,
         rate: options.rate,
+        new_connections: options.new_connections,
+        tls: tls.cloned(),
     };
     let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
     let (result, window_start, window_end) =
@@ -334,8 +421,22 @@ fn measure(
     let cpu = cpu::Usage::between(&window_start, &window_end);
     let after = counter_addr.map(procs::settled_tally).transpose()?;
     let tally_delta = before.zip(after).map(|(before, after)| after - before);
+    if let Some(error) = &result.first_error {
+        // A row with no 200 at all measured nothing but the failure.
+        if result.ok_total == 0 {
+            return Err(format!("{target} at {addr}: no request succeeded: {error}"));
+        }
+        eprintln!("      first error: {error}");
+    }
     let wrk = if options.wrk {
-        procs::wrk(&layout.load, addr, connections, options.duration)
+        procs::wrk(
+            &layout.load,
+            addr,
+            connections,
+            options.duration,
+            tls.is_some(),
+            options.new_connections,
+        )
     } else {
         None
     };
@@ -355,6 +456,7 @@ fn measure(
         wrk_requests_per_second: wrk,
         round: 1,
         cpu,
+        tls: None,
     };
     eprintln!(
         "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::layout::CpuList;
+use crate::tls::Certificates;
 
 /// A child process, killed on drop.
 pub struct Running {
@@ -169,7 +170,7 @@ pub fn start_counter(
 }
 
 /// The gateway daemon for `target` (see [`gateway_config`]), forwarding
-/// to `counter`.
+/// to `counter`, serving HTTPS with `tls`.
 pub fn start_gateway(
     binary: &Path,
     cpus: &CpuList,
@@ -177,13 +178,15 @@ pub fn start_gateway(
     workers: usize,
     counter: SocketAddr,
     out: &Path,
+    tls: Option<&Certificates>,
 ) -> Result<Running, String> {
-    let config = out.join(format!("gateway-{}.toml", target.replace('/', "-")));
-    let text = gateway_config(target, workers, counter);
+    let name = format!("{target}{}", if tls.is_some() { "/tls" } else { "" });
+    let config = out.join(format!("gateway-{}.toml", name.replace('/', "-")));
+    let text = gateway_config(target, workers, counter, tls)?;
     std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
     let mut command = pinned(cpus, binary);
     command.arg("--config").arg(&config);
-    start_logged(target.to_owned(), command)
+    start_logged(name, command)
 }
 
 /// A gateway row's settings, from its name: `backend[/threading][/batchN]`.
@@ -233,8 +236,15 @@ impl<'a> GatewayTarget<'a> {
     }
 }
 
-/// The config.toml for `target` (see [`GatewayTarget`]).
-fn gateway_config(target: &str, workers: usize, counter: SocketAddr) -> String {
+/// The config.toml for `target` (see [`GatewayTarget`]), with the
+/// certificate and key of `tls` on the public listener. The upstream stays
+/// plain http: TLS is measured where clients meet the server.
+fn gateway_config(
+    target: &str,
+    workers: usize,
+    counter: SocketAddr,
+    tls: Option<&Certificates>,
+) -> Result<String, String> {
     let parsed = GatewayTarget::parse(target).unwrap_or(GatewayTarget {
         backend: target,
         threading: None,
@@ -249,14 +259,61 @@ fn gateway_config(target: &str, workers: usize, counter: SocketAddr) -> String {
         .batch_max
         .map(|n| format!("batch_max = {n}\n"))
         .unwrap_or_default();
-    format!(
+    let tls = match tls {
+        Some(files) => format!(
+            "tls_cert = {}\ntls_key = {}\n",
+            toml_string(&files.chain)?,
+            toml_string(&files.key)?
+        ),
+        None => String::new(),
+    };
+    Ok(format!(
         "# Written by the bench; identical for every target but `backend`, `threading` \
          and `batch_max`.\n\
          [runtime]\nbackend = \"{backend}\"\nworkers = {workers}\n{threading}\n\
-         [server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [server]\nlisten = \"127.0.0.1:0\"\n{tls}\n\
          [upstream]\nurl = \"http://{counter}/counter\"\n{batch}\n\
          [log]\nlevel = \"info\"\n"
-    )
+    ))
+}
+
+/// `path` as a TOML basic string; TOML text is UTF-8, so a path that is
+/// not cannot be written into the config.
+fn toml_string(path: &Path) -> Result<String, String> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8, cannot go in a TOML file", path.display()))?;
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", c as u32)),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    Ok(quoted)
+}
+
+/// `path` as an nginx quoted string. nginx would take a `$` in
+/// `ssl_certificate` for a variable (and then load the file at every
+/// handshake), so such a path is refused rather than measured.
+fn nginx_string(path: &Path) -> Result<String, String> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8, cannot go in nginx.conf", path.display()))?;
+    if text.contains('$') || text.chars().any(char::is_control) {
+        return Err(format!(
+            "{text}: nginx.conf cannot name a path with `$` or control characters in it; \
+             choose another --out"
+        ));
+    }
+    Ok(format!(
+        "\"{}\"",
+        text.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
 }
 
 /// Whether an `nginx` binary is on the PATH (or at `$NGINX`).
@@ -273,22 +330,37 @@ pub fn nginx_binary() -> Option<PathBuf> {
 }
 
 /// nginx with one worker per gateway worker, proxying to the counter with
-/// an upstream keep-alive pool: the outside yardstick.
+/// an upstream keep-alive pool: the outside yardstick. With `tls`, it
+/// serves HTTPS, TLS 1.3 only, on the gateway's certificate and key.
 pub fn start_nginx(
     binary: &Path,
     cpus: &CpuList,
     workers: usize,
     counter: SocketAddr,
     out: &Path,
+    tls: Option<&Certificates>,
 ) -> Result<Running, String> {
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let dir = out.join("nginx");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let template = include_str!("../nginx.conf");
+    let (ssl, tls) = match tls {
+        Some(files) => (
+            " ssl",
+            format!(
+                "ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.3;",
+                nginx_string(&files.chain)?,
+                nginx_string(&files.key)?
+            ),
+        ),
+        None => ("", "# plain HTTP (the bench without --tls)".to_owned()),
+    };
     let config = template
         .replace("{{workers}}", &workers.to_string())
         .replace("{{dir}}", &dir.display().to_string())
         .replace("{{listen}}", &format!("127.0.0.1:{port}"))
+        .replace("{{ssl}}", ssl)
+        .replace("{{tls}}", &tls)
         .replace("{{counter}}", &counter.to_string());
     let config_path = dir.join("nginx.conf");
     std::fs::write(&config_path, config).map_err(|e| format!("{}: {e}", config_path.display()))?;
@@ -304,14 +376,17 @@ pub fn start_nginx(
         .spawn()
         .map_err(|e| format!("cannot start nginx: {e}"))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let running = Running {
+    let mut running = Running {
         name: "nginx".to_owned(),
         child,
         addr,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
+        // A config nginx rejects (a certificate it cannot load) ends it at
+        // once: say so now rather than after the deadline.
+        let exited = matches!(running.child.try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
             return Err(format!(
                 "nginx did not start listening; see {}/error.log",
                 dir.display()
@@ -365,24 +440,31 @@ pub fn settled_tally(counter: SocketAddr) -> Result<u64, String> {
 }
 
 /// Runs `wrk` with the same connections and duration on the load CPUs,
-/// for the cross-check; returns its requests/s.
+/// for the cross-check; returns its requests/s. `https` and
+/// `new_connections` follow the load generator's mode (wrk reconnects
+/// after each answer to `connection: close`).
 pub fn wrk(
     cpus: &CpuList,
     target: SocketAddr,
     connections: usize,
     duration: Duration,
+    https: bool,
+    new_connections: bool,
 ) -> Option<f64> {
     let threads = cpus.len().min(connections).max(1);
-    let output = Command::new("taskset")
+    let mut command = Command::new("taskset");
+    command
         .arg("-c")
         .arg(cpus.to_string())
         .arg("wrk")
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
-        .arg(format!("-d{}s", duration.as_secs().max(1)))
-        .arg(format!("http://{target}/"))
-        .output()
-        .ok()?;
+        .arg(format!("-d{}s", duration.as_secs().max(1)));
+    if new_connections {
+        command.args(["-H", "connection: close"]);
+    }
+    let scheme = if https { "https" } else { "http" };
+    let output = command.arg(format!("{scheme}://{target}/")).output().ok()?;
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .find(|l| l.starts_with("Requests/sec:"))
@@ -392,14 +474,48 @@ pub fn wrk(
 
 #[cfg(test)]
 mod tests {
-    use super::{GatewayTarget, gateway_config};
+    use super::{GatewayTarget, gateway_config, nginx_string, toml_string};
     use gateway::config::{Backend, Config, Threading};
     use std::path::Path;
 
     fn parsed(target: &str) -> Config {
         let counter = "127.0.0.1:3001".parse().unwrap();
-        let text = gateway_config(target, 4, counter);
+        let text = gateway_config(target, 4, counter, None).unwrap();
         Config::parse(Path::new("bench.toml"), &text).unwrap()
+    }
+
+    /// Needs the gateway's `server.tls_cert` and `server.tls_key`.
+    #[test]
+    fn a_tls_row_names_the_certificate_and_key_and_parses() {
+        let dir = std::env::temp_dir().join(format!("bench-config-test-{}", std::process::id()));
+        let files = crate::tls::generate(&dir).unwrap();
+        let counter = "127.0.0.1:3001".parse().unwrap();
+        let text = gateway_config("tokio/batch8", 4, counter, Some(&files)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let chain = toml_string(&files.chain).unwrap();
+        let key = toml_string(&files.key).unwrap();
+        let server = text.split("[server]").nth(1).unwrap();
+        let server = server.split("\n[").next().unwrap();
+        assert!(server.contains(&format!("tls_cert = {chain}\n")), "{text}");
+        assert!(server.contains(&format!("tls_key = {key}\n")), "{text}");
+        let config = Config::parse(Path::new("bench.toml"), &text);
+        assert!(config.is_ok(), "{text}\n{:?}", config.err());
+        assert_eq!(config.unwrap().upstream.batch_max, 8);
+    }
+
+    #[test]
+    fn paths_are_quoted_for_toml_and_nginx() {
+        assert_eq!(
+            toml_string(Path::new("/a b/c.pem")).unwrap(),
+            r#""/a b/c.pem""#
+        );
+        assert_eq!(toml_string(Path::new(r#"/a"\b"#)).unwrap(), r#""/a\"\\b""#);
+        assert_eq!(toml_string(Path::new("/a\tb")).unwrap(), r#""/a\u0009b""#);
+        assert_eq!(
+            nginx_string(Path::new("/a b/c.pem")).unwrap(),
+            r#""/a b/c.pem""#
+        );
+        assert!(nginx_string(Path::new("/a$b/c.pem")).is_err());
     }
 
     #[test]

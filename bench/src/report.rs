@@ -13,7 +13,8 @@ use crate::layout::{CpuList, Layout};
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// `tokio`, `smol` or `nginx`.
+    /// `tokio`, `smol` or `nginx`, with what sets the row apart
+    /// (`tokio/shared/batch64`; `/tls` last for HTTPS).
     pub target: String,
     pub workers: usize,
     pub connections: usize,
@@ -34,6 +35,9 @@ pub struct Row {
     pub round: usize,
     /// CPU seconds each side used over the measured window.
     pub cpu: Usage,
+    /// With `--tls`, what the server negotiated: protocol, cipher suite,
+    /// key exchange, ALPN.
+    pub tls: Option<String>,
 }
 
 impl Row {
@@ -111,6 +115,11 @@ pub struct Report {
     pub rounds: usize,
     /// Where the counter kept its count: "memory" or "file".
     pub counter_store: String,
+    /// Every row over HTTPS (`--tls`).
+    pub tls: bool,
+    /// A new connection for every request (`--new-connections`), instead
+    /// of keep-alive ones.
+    pub new_connections: bool,
     /// Every measurement, of every round.
     pub rows: Vec<Row>,
 }
@@ -185,14 +194,36 @@ fn ms(us: u64) -> String {
     format!("{:.2}ms", us as f64 / 1000.0)
 }
 
+/// The reference row, over plain http or TLS (`nginx/tls`).
+fn is_nginx(target: &str) -> bool {
+    target.split('/').next() == Some("nginx")
+}
+
+/// How the load reached the servers, for the table's first line and the
+/// chart's title; nothing for the default, plain keep-alive connections.
+fn transport(report: &Report) -> Option<&'static str> {
+    match (report.tls, report.new_connections) {
+        (false, false) => None,
+        (false, true) => Some("a new connection per request"),
+        (true, false) => Some("HTTPS (TLS 1.3, ECDSA P-256), keep-alive connections"),
+        (true, true) => {
+            Some("HTTPS (TLS 1.3, ECDSA P-256), a new connection and a full handshake per request")
+        }
+    }
+}
+
 /// The table, as printed at the end.
 pub fn table(report: &Report) -> String {
-    let mut out = format!("counter store: {}\n", report.counter_store);
+    let mut out = format!("counter store: {}", report.counter_store);
+    if let Some(transport) = transport(report) {
+        out.push_str(&format!("; {transport}"));
+    }
+    out.push('\n');
     let with_wrk = report
         .rows
         .iter()
         .any(|r| r.wrk_requests_per_second.is_some());
-    let with_nginx = report.rows.iter().any(|r| r.target == "nginx");
+    let with_nginx = report.rows.iter().any(|r| is_nginx(&r.target));
     let with_rounds = report.rounds > 1;
     let mut any_load_bound = false;
     let mut any_short_of_rate = false;
@@ -229,7 +260,7 @@ pub fn table(report: &Report) -> String {
     let nginx_at = |connections| {
         summaries
             .iter()
-            .find(|s| s.median.target == "nginx" && s.median.connections == connections)
+            .find(|s| is_nginx(&s.median.target) && s.median.connections == connections)
             .map(|s| s.median.requests_per_second)
     };
     for summary in &summaries {
@@ -364,8 +395,12 @@ fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> 
         &top,
         report,
         &format!(
-            "gateway throughput — {} ({} CPUs)",
-            report.cpu_model, report.cpus
+            "gateway throughput — {} ({} CPUs){}",
+            report.cpu_model,
+            report.cpus,
+            transport(report)
+                .map(|t| format!("; {t}"))
+                .unwrap_or_default()
         ),
         "requests/s",
         x_range,
@@ -479,6 +514,7 @@ mod tests {
                 counter_s: Some(counter_s),
                 load_s: Some(load_s),
             },
+            tls: None,
         };
         Report {
             cpu_model: "test".to_owned(),
@@ -489,6 +525,8 @@ mod tests {
             rate: None,
             rounds: 1,
             counter_store: "memory".to_owned(),
+            tls: false,
+            new_connections: false,
             rows: vec![row],
         }
     }
@@ -532,6 +570,40 @@ mod tests {
     }
 
     const EIGHT: &str = "gateway=0-7 counter=8-9 load=10-15";
+
+    #[test]
+    fn tls_rows_are_compared_with_nginx_over_tls_and_the_header_says_how() {
+        let mut report = report(EIGHT, 31.0, 4.0, 12.0);
+        assert_eq!(table(&report).lines().next(), Some("counter store: memory"));
+        report.tls = true;
+        report.new_connections = true;
+        let first = report.rows[0].clone();
+        report.rows = [("tokio/tls", 3_000.0), ("nginx/tls", 2_000.0)]
+            .into_iter()
+            .map(|(target, requests_per_second)| Row {
+                target: target.to_owned(),
+                requests_per_second,
+                ..first.clone()
+            })
+            .collect();
+        let printed = table(&report);
+        assert!(
+            printed.starts_with(
+                "counter store: memory; HTTPS (TLS 1.3, ECDSA P-256), a new connection \
+                 and a full handshake per request\n"
+            ),
+            "{printed}"
+        );
+        let line = |name: &str| {
+            printed
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("tokio/tls").contains(" 3000     1.50x "), "{printed}");
+        assert!(line("nginx/tls").contains(" 2000     1.00x "), "{printed}");
+    }
 
     #[test]
     fn a_server_with_cpu_to_spare_behind_a_saturated_load_side_is_flagged() {
