@@ -49,6 +49,10 @@ pub struct LoadSpec {
     pub new_connections: bool,
     /// HTTPS with this client configuration, shared by every connection.
     pub tls: Option<Arc<ClientConfig>>,
+    /// Connections held open beside the load that send the start of a
+    /// request (over TLS, of a ClientHello) and never finish it: each is
+    /// opened again as soon as the server closes it.
+    pub stalled: usize,
 }
 
 /// What one run measured.
@@ -141,11 +145,28 @@ pub fn run<S>(
                         };
                         tasks.push(tokio::spawn(connection(client, clock, schedule)));
                     }
+                    // The stalled clients, dealt over the threads like the load.
+                    let stalled =
+                        spec.stalled / threads + usize::from(thread < spec.stalled % threads);
+                    // Their first connects spread over the warm-up, so that
+                    // the server's closes (and their reconnects) are too,
+                    // as a crowd of slow clients arrives.
+                    let stalling: Vec<_> = (0..stalled)
+                        .map(|i| {
+                            let index = thread + i * threads;
+                            let first =
+                                start + spec.warmup.mul_f64(index as f64 / spec.stalled as f64);
+                            tokio::spawn(stall(spec.target, spec.tls.is_some(), first, stop))
+                        })
+                        .collect();
                     let mut total = empty_result(spec.duration);
                     for task in tasks {
                         if let Ok(result) = task.await {
                             total.merge(result);
                         }
+                    }
+                    for task in stalling {
+                        let _ = task.await;
                     }
                     Ok(total)
                 })
@@ -164,6 +185,38 @@ pub fn run<S>(
         }
     }
     Ok((total, at_start, at_end))
+}
+
+/// A client that never finishes its request: it sends the first bytes of
+/// one (the 5-byte header of a TLS handshake record, or half a request
+/// line) and waits for the server to close the connection, then does the
+/// same again, from `first` until `stop`. What the server spends on it, and
+/// whether the other clients feel it, is what `--stalled` shows.
+async fn stall(target: SocketAddr, tls: bool, first: Instant, stop: Instant) {
+    let start: &[u8] = if tls {
+        &[0x16, 0x03, 0x01, 0x02, 0x00]
+    } else {
+        b"GET / HT"
+    };
+    let stop = tokio::time::Instant::from(stop);
+    tokio::time::sleep_until(first.into()).await;
+    let mut sink = [0u8; 512];
+    while tokio::time::Instant::now() < stop {
+        let held = async {
+            let mut stream = TcpStream::connect(target).await?;
+            stream.write_all(start).await?;
+            // Until the server closes it (or resets it).
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        if tokio::time::timeout_at(stop, held)
+            .await
+            .is_ok_and(|held| held.is_err())
+        {
+            // Refused or reset: do not spin on a server that is gone.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 fn empty_result(window: Duration) -> LoadResult {
@@ -549,6 +602,7 @@ mod tests {
             rate: None,
             new_connections,
             tls: Some(tls),
+            stalled: 0,
         };
         let (result, (), ()) = run(&spec, || ()).unwrap();
         assert_eq!(result.first_error, None);
@@ -585,6 +639,31 @@ mod tests {
         let result = load(addr, files.client_config(false).unwrap(), true);
         assert_eq!(handshakes.full.load(Ordering::SeqCst), result.ok_total);
         assert_eq!(handshakes.resumed.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_stalled_client_sends_the_start_of_a_handshake_and_comes_back_when_closed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let starts = runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = Instant::now() + Duration::from_secs(2);
+            let client = tokio::spawn(stall(addr, true, Instant::now(), stop));
+            // The server closes each connection once it has the 5 bytes.
+            let mut starts = Vec::new();
+            for _ in 0..3 {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut start = [0u8; 5];
+                tcp.read_exact(&mut start).await.unwrap();
+                starts.push(start);
+            }
+            client.await.unwrap();
+            starts
+        });
+        assert_eq!(starts, [[0x16, 0x03, 0x01, 0x02, 0x00]; 3]);
     }
 
     #[test]

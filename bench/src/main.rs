@@ -60,6 +60,12 @@ struct Options {
     /// `backend/tls`. The upstream side stays plain http.
     #[arg(long)]
     tls: bool,
+    /// Hold this many clients beside the load that open a connection,
+    /// send the first bytes of a request (with --tls, of a ClientHello) and
+    /// never finish it, reconnecting when the server closes them at its
+    /// header-read timeout: to see whether they move the others' latency.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
     /// Measured time per level.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -222,6 +228,7 @@ fn run(options: &Options) -> Result<bool, String> {
         counter_store: options.counter_store.clone(),
         tls: options.tls,
         new_connections: options.new_connections,
+        stalled: options.stalled,
         rows,
     };
     print!("{}", report::table(&report));
@@ -413,6 +420,7 @@ fn measure(
         rate: options.rate,
         new_connections: options.new_connections,
         tls: tls.cloned(),
+        stalled: options.stalled,
     };
     let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
     let (result, window_start, window_end) =

@@ -120,6 +120,8 @@ pub struct Report {
     /// A new connection for every request (`--new-connections`), instead
     /// of keep-alive ones.
     pub new_connections: bool,
+    /// Clients held beside the load that never finish a request (`--stalled`).
+    pub stalled: usize,
     /// Every measurement, of every round.
     pub rows: Vec<Row>,
 }
@@ -217,6 +219,12 @@ pub fn table(report: &Report) -> String {
     let mut out = format!("counter store: {}", report.counter_store);
     if let Some(transport) = transport(report) {
         out.push_str(&format!("; {transport}"));
+    }
+    if report.stalled > 0 {
+        out.push_str(&format!(
+            "; {} stalled clients beside the load (never finishing a request)",
+            report.stalled
+        ));
     }
     out.push('\n');
     let with_wrk = report
@@ -527,6 +535,7 @@ mod tests {
             counter_store: "memory".to_owned(),
             tls: false,
             new_connections: false,
+            stalled: 0,
             rows: vec![row],
         }
     }
