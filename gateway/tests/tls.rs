@@ -533,6 +533,42 @@ async fn https_upstream_counts_every_visit_over_pooled_connections(backend: Back
     );
 }
 
+async fn https_upstream_reconnects_resume_the_tls_session(backend: Backend) {
+    let folder = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("upstream CA");
+    let upstream = TlsUpstream::start(&ca.leaf(&["127.0.0.1"])).await;
+    let ca_file = ca.write(folder.path(), "upstream-ca.pem");
+    // Pooled connections are closed after 100 ms idle, so every visit
+    // after a pause reconnects.
+    let mut config = GatewayConfig::new(backend, upstream.addr)
+        .upstream(&format!("tls_ca = {ca_file:?}\npool_idle_timeout_ms = 100"));
+    config.upstream = format!("https://{}/counter", upstream.addr);
+    let gateway = config.start();
+    for visit in 1..=3 {
+        let answer = common::get(gateway.addr("public"), "/").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", gateway.log_text());
+        // Waiting out the idle timeout: the reaper runs every 100 ms.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream.connections() < visit && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(upstream.posts(), 3);
+    assert_eq!(
+        upstream.connections(),
+        3,
+        "each visit after a pause reconnects"
+    );
+    // The first handshake is full; the other two resume a session (the
+    // pools of both workers share one TLS client, so one cache).
+    assert_eq!(
+        (upstream.handshakes(), upstream.resumed()),
+        (3, 2),
+        "reconnects resume their session"
+    );
+}
+
 async fn https_upstream_by_name_is_asked_for_that_name(backend: Backend) {
     let folder = tempfile::tempdir().unwrap();
     let ca = TestCa::new("upstream CA");
@@ -909,6 +945,7 @@ both_backends!(
     sighup_serves_the_new_certificate_to_new_connections,
     sighup_with_a_bad_key_keeps_the_old_certificate,
     https_upstream_counts_every_visit_over_pooled_connections,
+    https_upstream_reconnects_resume_the_tls_session,
     https_upstream_by_name_is_asked_for_that_name,
     https_upstream_that_does_not_verify_gives_502_and_no_visit,
     curl_gets_the_welcome_over_https,

@@ -500,6 +500,8 @@ pub fn client_hello_offering(version: [u8; 2]) -> Vec<u8> {
 struct TlsUpstreamState {
     connections: AtomicUsize,
     handshakes: AtomicUsize,
+    /// Of `handshakes`, those that resumed an earlier session.
+    resumed: AtomicUsize,
     failed_handshakes: AtomicUsize,
     posts: AtomicU64,
     /// Why each failed handshake failed, as the server saw it.
@@ -532,6 +534,9 @@ async fn serve_tls_upstream(
                 }
             };
             state.handshakes.fetch_add(1, Ordering::SeqCst);
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                state.resumed.fetch_add(1, Ordering::SeqCst);
+            }
             let name = stream.get_ref().1.server_name().map(str::to_owned);
             state.server_names.lock().unwrap().push(name);
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -597,6 +602,11 @@ impl TlsUpstream {
     /// TLS handshakes completed.
     pub fn handshakes(&self) -> usize {
         self.state.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// Of those, the ones that resumed an earlier session.
+    pub fn resumed(&self) -> usize {
+        self.state.resumed.load(Ordering::SeqCst)
     }
 
     /// TLS handshakes that failed, and why (as this server saw it).
