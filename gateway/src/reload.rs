@@ -36,7 +36,7 @@ impl Reloader {
             );
             return;
         }
-        let new = match Config::load(&self.running.path) {
+        let new = match Config::load_again(&self.running.path, &self.running) {
             Ok(new) => new,
             Err(error) => {
                 tracing::error!(

@@ -25,6 +25,18 @@ impl Config {
     /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO
     /// would block the start for ever, and `/dev/zero` fill memory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_reusing(path, None)
+    }
+
+    /// [`Config::load`] again for a reload, taking the upstream's roots
+    /// from `running` when the `[upstream]` section is unchanged: a
+    /// reload does not apply them, and re-reading the system's would only
+    /// slow it (and a certificate renewal should not fail on them).
+    pub fn load_again(path: &Path, running: &Config) -> Result<Self, ConfigError> {
+        Self::load_reusing(path, Some(running))
+    }
+
+    fn load_reusing(path: &Path, running: Option<&Config>) -> Result<Self, ConfigError> {
         let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -47,7 +59,7 @@ impl Config {
         let mut config = Self::parse(path, &source)?;
         config.state_base = state_base(path);
         config.path = path.to_owned();
-        config.tls = config.read_tls_files().map_err(|(key, message)| {
+        config.tls = config.read_tls_files(running).map_err(|(key, message)| {
             invalid_at(
                 path,
                 &source,
@@ -60,8 +72,12 @@ impl Config {
     }
 
     /// Reads the certificates and keys the TLS keys name; a relative path
-    /// is taken from the configuration file's folder.
-    fn read_tls_files(&self) -> Result<TlsMaterial, (&'static str, String)> {
+    /// is taken from the configuration file's folder. The upstream's roots
+    /// are `running`'s when its `[upstream]` is the same.
+    fn read_tls_files(
+        &self,
+        running: Option<&Config>,
+    ) -> Result<TlsMaterial, (&'static str, String)> {
         let folder = self.path.parent().unwrap_or(Path::new(""));
         let server = match (&self.server.tls_cert, &self.server.tls_key) {
             (Some(cert), Some(key)) => {
@@ -69,7 +85,11 @@ impl Config {
             }
             _ => None,
         };
-        let upstream_roots = if UpstreamTarget::parse(&self.upstream.url).is_ok_and(|t| t.tls) {
+        let unchanged =
+            running.filter(|r| format!("{:?}", r.upstream) == format!("{:?}", self.upstream));
+        let upstream_roots = if let Some(running) = unchanged {
+            running.tls.upstream_roots.clone()
+        } else if UpstreamTarget::parse(&self.upstream.url).is_ok_and(|t| t.tls) {
             let ca = self.upstream.tls_ca.as_ref().map(|ca| folder.join(ca));
             let key = if ca.is_some() {
                 "upstream.tls_ca"
@@ -187,6 +207,16 @@ impl Config {
         }
         let upstream =
             UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        if upstream.tls && rustls::pki_types::ServerName::try_from(upstream.host.as_str()).is_err()
+        {
+            return Err((
+                "upstream.url",
+                format!(
+                    "`{}` cannot be checked against a certificate: not a valid DNS name or IP address",
+                    Escaped(&upstream.host)
+                ),
+            ));
+        }
         if self.upstream.tls_ca.is_some() && !upstream.tls {
             return Err((
                 "upstream.tls_ca",
@@ -502,6 +532,14 @@ mod tests {
         );
         assert!(parse("[server]\nmax_header_bytes = 1048576\n").is_ok());
         assert!(parse("[upstream]\nurl = \"https://example.com/\"\n").is_ok());
+        // The URL parser takes it; a certificate could not name it.
+        let err = parse("[upstream]\nurl = \"https://-a.example/counter\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:2:7: upstream.url") && err.contains("-a.example"),
+            "{err}"
+        );
         let err = parse("[upstream]\ntls_ca = \"ca.pem\"\n")
             .unwrap_err()
             .to_string();

@@ -276,12 +276,17 @@ async fn serve_tls<R: Runtime, S: Service>(
             let version = tls::version_name(&stream);
             return serve_connection::<R, S, _>(stream, version, connection).await;
         }
+        Err(HandshakeFailure::Silent) => {
+            tracing::debug!(%peer, "closed before a TLS handshake");
+            return;
+        }
         Err(failure) => failure,
     };
     if let Some(metrics) = settings.metrics {
         metrics.record_tls_handshake_failure();
     }
     match failure {
+        HandshakeFailure::Silent => {}
         HandshakeFailure::NotTls(stream) => {
             tracing::debug!(%peer, "plain HTTP on the TLS listener; answered 400");
             let _ = timeout_at::<R, _>(deadline, tls::refuse_plain_http(stream)).await;

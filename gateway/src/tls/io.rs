@@ -15,6 +15,9 @@ use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
 /// The first byte of every TLS record that starts a handshake.
 const HANDSHAKE_RECORD: u8 = 0x16;
 
+/// A TLS record's header: type, version, length.
+const RECORD_HEADER: usize = 5;
+
 /// A stream in hyper's IO vocabulary, seen through futures-io's.
 pub struct FuturesIo<S> {
     inner: S,
@@ -24,6 +27,46 @@ pub struct FuturesIo<S> {
     /// The first byte was not a handshake record's: a client speaking
     /// something other than TLS (plain HTTP, most likely).
     not_tls: bool,
+    /// Whether any byte has been read.
+    read_any: bool,
+    /// Where the bytes read so far end in the peer's records.
+    records: RecordBoundary,
+}
+
+/// Where a stream of TLS records has got to: within a header (how much
+/// of it, and the length bytes seen), or within a record's body.
+#[derive(Debug, Default)]
+struct RecordBoundary {
+    header_seen: usize,
+    length: [u8; 2],
+    body_left: usize,
+}
+
+impl RecordBoundary {
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let taken = self.body_left.min(bytes.len());
+                self.body_left -= taken;
+                bytes = &bytes[taken..];
+                continue;
+            }
+            // The length is the header's last two bytes.
+            if self.header_seen >= RECORD_HEADER - 2 {
+                self.length[self.header_seen - (RECORD_HEADER - 2)] = bytes[0];
+            }
+            self.header_seen += 1;
+            bytes = &bytes[1..];
+            if self.header_seen == RECORD_HEADER {
+                self.header_seen = 0;
+                self.body_left = usize::from(u16::from_be_bytes(self.length));
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header_seen == 0 && self.body_left == 0
+    }
 }
 
 impl<S> FuturesIo<S> {
@@ -33,6 +76,8 @@ impl<S> FuturesIo<S> {
             inner,
             check_first_byte: false,
             not_tls: false,
+            read_any: false,
+            records: RecordBoundary::default(),
         }
     }
 
@@ -41,14 +86,25 @@ impl<S> FuturesIo<S> {
     /// [`FuturesIo::not_tls`] tells the server why.
     pub fn expecting_tls(inner: S) -> Self {
         Self {
-            inner,
             check_first_byte: true,
-            not_tls: false,
+            ..Self::new(inner)
         }
     }
 
     pub fn not_tls(&self) -> bool {
         self.not_tls
+    }
+
+    /// Whether the peer has sent anything at all.
+    pub fn read_any(&self) -> bool {
+        self.read_any
+    }
+
+    /// Whether everything read so far ends at the end of a TLS record: if
+    /// not, rustls holds the start of a record it cannot decrypt yet, which
+    /// neither it nor the socket shows as unread data.
+    pub fn at_record_boundary(&self) -> bool {
+        self.records.at_boundary()
     }
 
     pub fn get_mut(&mut self) -> &mut S {
@@ -69,6 +125,9 @@ impl<S: Read + Unpin> AsyncRead for FuturesIo<S> {
         let mut read = ReadBuf::new(buf);
         ready!(Pin::new(&mut self.inner).poll_read(cx, read.unfilled()))?;
         let filled = read.filled();
+        let this = &mut *self;
+        this.read_any |= !filled.is_empty();
+        this.records.advance(filled);
         if self.check_first_byte {
             if let Some(&first) = filled.first() {
                 self.check_first_byte = false;
@@ -185,5 +244,41 @@ impl<T: AsyncWrite + Unpin> Write for HyperIo<T> {
     /// Sends TLS's close_notify, then shuts the stream's sending side.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecordBoundary;
+
+    #[test]
+    fn record_boundaries_are_followed_across_any_split() {
+        // Two records, bodies of 3 and 0 bytes, then half a header.
+        let stream = [22, 3, 3, 0, 3, 1, 2, 3, 23, 3, 3, 0, 0, 23, 3];
+        let boundaries = [8, 13];
+        for split in 0..=stream.len() {
+            for second in split..=stream.len() {
+                let mut records = RecordBoundary::default();
+                records.advance(&stream[..split]);
+                assert_eq!(
+                    records.at_boundary(),
+                    split == 0 || boundaries.contains(&split),
+                    "after {split} bytes"
+                );
+                records.advance(&stream[split..second]);
+                assert_eq!(
+                    records.at_boundary(),
+                    second == 0 || boundaries.contains(&second),
+                    "after {split} then {second} bytes"
+                );
+            }
+        }
+        // A record of 0x0102 bytes: the length is big-endian.
+        let mut records = RecordBoundary::default();
+        records.advance(&[23, 3, 3, 1, 2]);
+        records.advance(&[0; 0x0102 - 1]);
+        assert!(!records.at_boundary());
+        records.advance(&[0]);
+        assert!(records.at_boundary());
     }
 }

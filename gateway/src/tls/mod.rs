@@ -69,6 +69,10 @@ pub type ServerStream<S> = HyperIo<futures_rustls::server::TlsStream<FuturesIo<S
 pub enum HandshakeFailure<S> {
     /// The client spoke something else (plain HTTP): its stream, to answer.
     NotTls(S),
+    /// The client closed the connection without sending a byte (a
+    /// health check's TCP connect, a browser's unused preconnect): not a
+    /// failed handshake.
+    Silent,
     /// Not complete by the deadline.
     TimedOut,
     /// The handshake failed: a protocol error, an alert, or the peer left.
@@ -115,6 +119,7 @@ impl ServerTls {
         match timeout_at::<R, _>(deadline, handshake).await {
             Ok(Ok(tls)) => Ok(HyperIo::new(tls)),
             Ok(Err((_, io))) if io.not_tls() => Err(HandshakeFailure::NotTls(io.into_inner())),
+            Ok(Err((_, io))) if !io.read_any() => Err(HandshakeFailure::Silent),
             Ok(Err((error, _))) => Err(HandshakeFailure::Failed(error)),
             Err(Elapsed) => Err(HandshakeFailure::TimedOut),
         }

@@ -100,16 +100,18 @@ impl<S: backends::Stream> backends::Stream for UpstreamStream<S> {
         }
     }
 
-    /// For TLS, rustls must hold nothing unread (no plaintext, no
-    /// close_notify) and the TCP stream underneath must be as a plain one
-    /// must: any record arriving unasked on an idle connection (a
-    /// close_notify, most likely) makes it unusable, as any byte does.
+    /// For TLS, nothing may be left over from the last answer: no
+    /// plaintext or close_notify in rustls, no part of a record read and
+    /// not yet decrypted (the start of an answer to a request not yet
+    /// sent), and, as for a plain stream, nothing on the socket: any
+    /// record arriving unasked on an idle connection makes it unusable, as
+    /// any byte does on a plain one.
     fn is_reusable(&mut self) -> bool {
         match self {
             Self::Plain(stream) => stream.is_reusable(),
             Self::Tls(stream) => {
                 let (io, connection) = stream.get_mut().get_mut();
-                connection.wants_read() && io.get_mut().is_reusable()
+                connection.wants_read() && io.at_record_boundary() && io.get_mut().is_reusable()
             }
         }
     }

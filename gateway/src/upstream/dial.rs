@@ -106,6 +106,7 @@ impl Dialer {
                 Outcome::Failed
             }
             Err(Elapsed) => {
+                self.metrics.record_tls_failure();
                 tracing::debug!(upstream = %self.target.authority, "upstream TLS handshake timed out");
                 Outcome::TimedOut
             }

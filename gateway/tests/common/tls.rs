@@ -502,6 +502,8 @@ struct TlsUpstreamState {
     handshakes: AtomicUsize,
     /// Of `handshakes`, those that resumed an earlier session.
     resumed: AtomicUsize,
+    /// Connections that have ended, whichever side closed them.
+    closed: AtomicUsize,
     failed_handshakes: AtomicUsize,
     posts: AtomicU64,
     /// Why each failed handshake failed, as the server saw it.
@@ -523,6 +525,8 @@ async fn serve_tls_upstream(
         };
         served.connections.fetch_add(1, Ordering::SeqCst);
         let state = served.clone();
+        let closed = served.clone();
+        let closed = move || closed.closed.fetch_add(1, Ordering::SeqCst);
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             let stream = match acceptor.accept(stream).await {
@@ -530,6 +534,7 @@ async fn serve_tls_upstream(
                 Err(error) => {
                     state.failed_handshakes.fetch_add(1, Ordering::SeqCst);
                     state.failures.lock().unwrap().push(error.to_string());
+                    closed();
                     return;
                 }
             };
@@ -556,6 +561,7 @@ async fn serve_tls_upstream(
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            closed();
         });
         while connections.try_join_next().is_some() {}
     }
@@ -602,6 +608,11 @@ impl TlsUpstream {
     /// TLS handshakes completed.
     pub fn handshakes(&self) -> usize {
         self.state.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// Connections that have ended.
+    pub fn closed(&self) -> usize {
+        self.state.closed.load(Ordering::SeqCst)
     }
 
     /// Of those, the ones that resumed an earlier session.
