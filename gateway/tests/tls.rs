@@ -1,6 +1,7 @@
 //! TLS: the public listener over HTTPS (`server.tls_cert`, `server.tls_key`),
 //! what it does with clients that do not speak TLS or do not finish or
-//! pass the handshake, the certificate swapped on SIGHUP, an https://
+//! pass the handshake, the certificate swapped on SIGHUP (and the reload's
+//! other effects: the log level, what needs a restart), an https://
 //! upstream verified against `upstream.tls_ca`, and the configuration
 //! errors. Certificates are made at test time (rcgen, ECDSA P-256); the
 //! clients and the HTTPS counter are rustls, and curl where installed.
@@ -626,6 +627,38 @@ async fn https_upstream_by_name_is_asked_for_that_name(backend: Backend) {
     );
 }
 
+async fn sighup_applies_the_log_level_and_names_what_needs_a_restart(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let public = gateway.addr("public");
+    // A request without a host header is refused, logged at debug level.
+    let refused = b"GET / HTTP/1.1\r\n\r\n";
+    let reply = raw_exchange(public, refused, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert!(!gateway.log_text().contains("request refused"));
+
+    let path = gateway.config_path().expect("a config file");
+    let text = std::fs::read_to_string(path).unwrap();
+    let changed = text
+        .replace("level = \"info\"", "level = \"debug\"")
+        .replace("[server]\n", "[server]\nidle_timeout_ms = 1234\n");
+    assert_ne!(text, changed);
+    std::fs::write(path, changed).unwrap();
+    let logged = gateway.log.lock().unwrap().len();
+    gateway.signal("HUP");
+    let line = wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    assert!(
+        line.contains("log.level") && line.contains("needs_restart=server"),
+        "{line}"
+    );
+
+    // The same process, now at debug level.
+    let reply = raw_exchange(public, refused, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    wait_for_log_line(&gateway, logged, |line| line.contains("request refused")).await;
+    assert_eq!(common::get(public, "/").await.status, StatusCode::OK);
+}
+
 /// An https counter on plain threads and rustls's own connection, so that
 /// it can split its records as it likes: after each connection's first
 /// answer it sends, unasked, the first 3 bytes of the record of a second
@@ -1059,6 +1092,7 @@ both_backends!(
     an_expired_certificate_fails_client_verification,
     sighup_serves_the_new_certificate_to_new_connections,
     sighup_with_a_bad_key_keeps_the_old_certificate,
+    sighup_applies_the_log_level_and_names_what_needs_a_restart,
     https_upstream_counts_every_visit_over_pooled_connections,
     https_upstream_reconnects_resume_the_tls_session,
     https_upstream_sending_part_of_a_record_unasked_is_not_reused,

@@ -114,6 +114,12 @@ impl Process {
         Self::start(command, expected, None)
     }
 
+    /// The configuration file it was started with, for a test to change
+    /// before a reload.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self._config.as_ref().map(|file| file.path())
+    }
+
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.listeners
             .iter()
