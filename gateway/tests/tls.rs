@@ -884,6 +884,25 @@ struct BadConfig {
     paths: Option<Vec<PathBuf>>,
 }
 
+impl BadConfig {
+    /// A case in `[server]` alone.
+    fn server(
+        case: &'static str,
+        server: String,
+        keys: &'static [&'static str],
+        paths: Option<Vec<PathBuf>>,
+    ) -> Self {
+        Self {
+            case,
+            server,
+            upstream: String::new(),
+            url: None,
+            keys,
+            paths,
+        }
+    }
+}
+
 async fn tls_config_errors_are_exit_78_naming_file_and_key(backend: Backend) {
     let folder = tempfile::tempdir().unwrap();
     let dir = folder.path();
@@ -926,86 +945,66 @@ async fn tls_config_errors_are_exit_78_naming_file_and_key(backend: Backend) {
 
     let tls = |c: &Path, k: &Path| server_lines(c, k);
     let cases = [
-        BadConfig {
-            case: "missing certificate file",
-            server: tls(&missing, &key),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_cert"],
-            paths: Some(vec![missing.clone()]),
-        },
-        BadConfig {
-            case: "missing key file",
-            server: tls(&cert, &missing),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_key"],
-            paths: Some(vec![missing.clone()]),
-        },
-        BadConfig {
-            case: "unreadable key file (a folder)",
-            server: tls(&cert, &a_folder),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_key"],
-            paths: Some(vec![a_folder.clone()]),
-        },
-        BadConfig {
-            case: "missing certificate file, relative to the config's folder",
-            server: format!("tls_cert = \"nowhere.crt\"\ntls_key = {key:?}"),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_cert"],
-            paths: Some(vec![dir.join("nowhere.crt")]),
-        },
-        BadConfig {
-            case: "certificate file with no certificate",
-            server: tls(&key_only, &key),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_cert"],
-            paths: Some(vec![key_only.clone()]),
-        },
-        BadConfig {
-            case: "key file with no key",
-            server: tls(&cert, &cert_only),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_key"],
-            paths: Some(vec![cert_only.clone()]),
-        },
-        BadConfig {
-            case: "garbage key file",
-            server: tls(&cert, &garbage),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_key"],
-            paths: Some(vec![garbage.clone()]),
-        },
-        BadConfig {
-            case: "key not matching the certificate",
-            server: tls(&cert, &other_key),
-            upstream: String::new(),
-            url: None,
-            keys: &["server.tls_key", "server.tls_cert"],
-            paths: Some(vec![other_key.clone(), cert.clone()]),
-        },
-        BadConfig {
-            case: "tls_cert without tls_key",
-            server: format!("tls_cert = {cert:?}"),
-            upstream: String::new(),
-            url: None,
-            keys: &["tls_key"],
-            paths: None,
-        },
-        BadConfig {
-            case: "tls_key without tls_cert",
-            server: format!("tls_key = {key:?}"),
-            upstream: String::new(),
-            url: None,
-            keys: &["tls_cert"],
-            paths: None,
-        },
+        BadConfig::server(
+            "missing certificate file",
+            tls(&missing, &key),
+            &["server.tls_cert"],
+            Some(vec![missing.clone()]),
+        ),
+        BadConfig::server(
+            "missing key file",
+            tls(&cert, &missing),
+            &["server.tls_key"],
+            Some(vec![missing.clone()]),
+        ),
+        BadConfig::server(
+            "unreadable key file (a folder)",
+            tls(&cert, &a_folder),
+            &["server.tls_key"],
+            Some(vec![a_folder.clone()]),
+        ),
+        BadConfig::server(
+            "missing certificate file, relative to the config's folder",
+            format!("tls_cert = \"nowhere.crt\"\ntls_key = {key:?}"),
+            &["server.tls_cert"],
+            Some(vec![dir.join("nowhere.crt")]),
+        ),
+        BadConfig::server(
+            "certificate file with no certificate",
+            tls(&key_only, &key),
+            &["server.tls_cert"],
+            Some(vec![key_only.clone()]),
+        ),
+        BadConfig::server(
+            "key file with no key",
+            tls(&cert, &cert_only),
+            &["server.tls_key"],
+            Some(vec![cert_only.clone()]),
+        ),
+        BadConfig::server(
+            "garbage key file",
+            tls(&cert, &garbage),
+            &["server.tls_key"],
+            Some(vec![garbage.clone()]),
+        ),
+        BadConfig::server(
+            "key not matching the certificate",
+            tls(&cert, &other_key),
+            &["server.tls_key", "server.tls_cert"],
+            Some(vec![other_key.clone(), cert.clone()]),
+        ),
+        BadConfig::server(
+            "tls_cert without tls_key",
+            format!("tls_cert = {cert:?}"),
+            &["tls_key"],
+            None,
+        ),
+        BadConfig::server(
+            "tls_key without tls_cert",
+            format!("tls_key = {key:?}"),
+            &["tls_cert"],
+            None,
+        ),
         BadConfig {
             case: "missing CA file",
             server: String::new(),
