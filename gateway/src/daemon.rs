@@ -178,7 +178,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
             source,
         })?;
         let server = &config.server;
-        let settings = |name, idle_timeout_ms, metrics| {
+        let settings = |name, idle_timeout_ms, metrics, tls| {
             forever(ServerSettings {
                 name,
                 header_read_timeout: ms(server.header_read_timeout_ms),
@@ -186,7 +186,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
                 max_header_bytes: server.max_header_bytes,
                 access_log: config.log.access,
                 metrics,
-                tls: None,
+                tls,
             })
         };
         // What the systemd status line reports: the public listener's
@@ -199,7 +199,8 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
             // Upstream clients keep idle connections for a while; the
             // counter keeps them longer, so it is never the one to close
             // a connection a client is about to reuse.
-            let counter_settings = settings("counter", server.idle_timeout_ms.max(120_000), None);
+            let counter_settings =
+                settings("counter", server.idle_timeout_ms.max(120_000), None, None);
             let connections = forever(Connections::new(usize::MAX >> 4));
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
@@ -221,10 +222,8 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
                 Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
             ));
             status_source = Some((connections, Box::new(|| metrics.requests_total())));
-            let public_settings = forever(ServerSettings {
-                tls: server_tls,
-                ..settings("public", server.idle_timeout_ms, Some(metrics)).clone()
-            });
+            let public_settings =
+                settings("public", server.idle_timeout_ms, Some(metrics), server_tls);
             let (listener, _) = adopt::<R>("public", listener)?;
             // Per core, one service per worker, each on its worker's own
             // upstream pool (or, under a cap smaller than the worker
@@ -242,7 +241,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
             public.serve::<R, _>(listener, services.leak(), public_settings, connections);
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
-                let admin_settings = settings("admin", server.idle_timeout_ms, None);
+                let admin_settings = settings("admin", server.idle_timeout_ms, None, None);
                 let connections = forever(Connections::new(ADMIN_MAX_CONNECTIONS));
                 let service = forever(Admin::new(metrics));
                 admin.serve::<R, _>(listener, forever([service]), admin_settings, connections);

@@ -78,38 +78,25 @@ impl Reloader {
 /// The sections (or keys) of `new` that differ from `running` in what a
 /// reload does not apply.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    // Compared through their Debug text: every field of every section
-    // shows there, and a key added later is compared without a change here.
-    fn differ(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
-        format!("{a:?}") != format!("{b:?}")
-    }
-    let mut changed = Vec::new();
-    let tls_on = |c: &Config| c.server.tls_cert.is_some();
-    if tls_on(running) != tls_on(new) {
-        changed.push("server.tls_cert (turning HTTPS on or off)");
-    }
     let without_tls = |c: &Config| {
         let mut server = c.server.clone();
         (server.tls_cert, server.tls_key) = (None, None);
         server
     };
-    if differ(&without_tls(running), &without_tls(new)) {
-        changed.push("server");
-    }
-    let access = |c: &Config| c.log.access;
-    if access(running) != access(new) {
-        changed.push("log.access");
-    }
-    for (name, differs) in [
-        ("runtime", differ(&running.runtime, &new.runtime)),
-        ("upstream", differ(&running.upstream, &new.upstream)),
-        ("responses", differ(&running.responses, &new.responses)),
-        ("admin", differ(&running.admin, &new.admin)),
-        ("counter", differ(&running.counter, &new.counter)),
-    ] {
-        if differs {
-            changed.push(name);
-        }
-    }
-    changed
+    [
+        (
+            "server.tls_cert (turning HTTPS on or off)",
+            running.server.tls_cert.is_some() != new.server.tls_cert.is_some(),
+        ),
+        ("server", without_tls(running) != without_tls(new)),
+        ("log.access", running.log.access != new.log.access),
+        ("runtime", running.runtime != new.runtime),
+        ("upstream", running.upstream != new.upstream),
+        ("responses", running.responses != new.responses),
+        ("admin", running.admin != new.admin),
+        ("counter", running.counter != new.counter),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }

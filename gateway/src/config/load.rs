@@ -85,8 +85,7 @@ impl Config {
             }
             _ => None,
         };
-        let unchanged =
-            running.filter(|r| format!("{:?}", r.upstream) == format!("{:?}", self.upstream));
+        let unchanged = running.filter(|r| r.upstream == self.upstream);
         let upstream_roots = if let Some(running) = unchanged {
             running.tls.upstream_roots.clone()
         } else if UpstreamTarget::parse(&self.upstream.url).is_ok_and(|t| t.tls) {

@@ -118,7 +118,7 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// (a panic), 100,000 had the OS refuse threads.
 pub const MAX_WORKERS: usize = 1024;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub backend: Backend,
@@ -154,7 +154,7 @@ pub const MAX_CONNECTIONS: usize = 1 << 31;
 /// 1 MiB is Go's `net/http` default, 64 times the default here.
 pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -184,7 +184,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub url: String,
@@ -213,7 +213,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResponsesConfig {
     pub welcome: String,
@@ -229,7 +229,7 @@ impl Default for ResponsesConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -243,7 +243,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CounterConfig {
     pub listen: SocketAddr,
@@ -328,7 +328,7 @@ pub enum StoreKind {
     Postgres,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,

@@ -276,25 +276,24 @@ async fn serve_tls<R: Runtime, S: Service>(
             let version = tls::version_name(&stream);
             return serve_connection::<R, S, _>(stream, version, connection).await;
         }
-        Err(HandshakeFailure::Silent) => {
-            tracing::debug!(%peer, "closed before a TLS handshake");
-            return;
-        }
         Err(failure) => failure,
     };
-    if let Some(metrics) = settings.metrics {
+    // A client that left without a byte (a health check's connect) failed
+    // no handshake.
+    if let (Some(metrics), false) = (
+        settings.metrics,
+        matches!(failure, HandshakeFailure::Silent),
+    ) {
         metrics.record_tls_handshake_failure();
     }
     match failure {
-        HandshakeFailure::Silent => {}
+        HandshakeFailure::Silent => tracing::debug!(%peer, "closed before a TLS handshake"),
         HandshakeFailure::NotTls(stream) => {
             tracing::debug!(%peer, "plain HTTP on the TLS listener; answered 400");
             let _ = timeout_at::<R, _>(deadline, tls::refuse_plain_http(stream)).await;
         }
         HandshakeFailure::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),
-        HandshakeFailure::Failed(error) => {
-            tracing::debug!(%peer, %error, "TLS handshake failed")
-        }
+        HandshakeFailure::Failed(error) => tracing::debug!(%peer, %error, "TLS handshake failed"),
     }
 }
 

@@ -29,8 +29,10 @@ pub struct FuturesIo<S> {
     not_tls: bool,
     /// Whether any byte has been read.
     read_any: bool,
-    /// Where the bytes read so far end in the peer's records.
-    records: RecordBoundary,
+    /// For a client: where the bytes read so far end in the server's
+    /// records, for [`FuturesIo::at_record_boundary`] (a server never
+    /// asks, and does not track them).
+    records: Option<RecordBoundary>,
 }
 
 /// Where a stream of TLS records has got to: within a header (how much
@@ -77,7 +79,7 @@ impl<S> FuturesIo<S> {
             check_first_byte: false,
             not_tls: false,
             read_any: false,
-            records: RecordBoundary::default(),
+            records: Some(RecordBoundary::default()),
         }
     }
 
@@ -87,6 +89,7 @@ impl<S> FuturesIo<S> {
     pub fn expecting_tls(inner: S) -> Self {
         Self {
             check_first_byte: true,
+            records: None,
             ..Self::new(inner)
         }
     }
@@ -104,7 +107,9 @@ impl<S> FuturesIo<S> {
     /// not, rustls holds the start of a record it cannot decrypt yet, which
     /// neither it nor the socket shows as unread data.
     pub fn at_record_boundary(&self) -> bool {
-        self.records.at_boundary()
+        self.records
+            .as_ref()
+            .is_none_or(RecordBoundary::at_boundary)
     }
 
     pub fn get_mut(&mut self) -> &mut S {
@@ -127,7 +132,9 @@ impl<S: Read + Unpin> AsyncRead for FuturesIo<S> {
         let filled = read.filled();
         let this = &mut *self;
         this.read_any |= !filled.is_empty();
-        this.records.advance(filled);
+        if let Some(records) = &mut this.records {
+            records.advance(filled);
+        }
         if self.check_first_byte {
             if let Some(&first) = filled.first() {
                 self.check_first_byte = false;

@@ -40,10 +40,15 @@ const HTTP_1_1: &[u8] = b"http/1.1";
 /// The public listener's TLS: its settings, and the certificate it
 /// presents, which [`ServerTls::replace_certificate`] swaps for the
 /// connections that come after.
-#[derive(Debug)]
 pub struct ServerTls {
-    config: Arc<ServerConfig>,
+    acceptor: futures_rustls::TlsAcceptor,
     certificate: Arc<CurrentCertificate>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
 }
 
 /// The certificate and key every handshake presents, read at each
@@ -91,7 +96,7 @@ impl ServerTls {
         config.alpn_protocols = vec![HTTP_1_1.to_vec()];
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(Self {
-            config: Arc::new(config),
+            acceptor: futures_rustls::TlsAcceptor::from(Arc::new(config)),
             certificate: current,
         })
     }
@@ -112,8 +117,8 @@ impl ServerTls {
         stream: S,
         deadline: Instant,
     ) -> Result<ServerStream<S>, HandshakeFailure<S>> {
-        let acceptor = futures_rustls::TlsAcceptor::from(self.config.clone());
-        let handshake = acceptor
+        let handshake = self
+            .acceptor
             .accept(FuturesIo::expecting_tls(stream))
             .into_fallible();
         match timeout_at::<R, _>(deadline, handshake).await {
