@@ -357,9 +357,12 @@ pub async fn tls_connect(
         .map_err(|_| std::io::Error::other("TLS handshake took over 5 s"))?
 }
 
-/// The rustls error behind a failed handshake, if that is what failed it.
-pub fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
-    error.get_ref()?.downcast_ref::<rustls::Error>()
+/// The certificate problem behind a failed handshake, if that is what failed it.
+pub fn certificate_error(error: &std::io::Error) -> Option<&rustls::CertificateError> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(error) => Some(error),
+        _ => None,
+    }
 }
 
 /// A keep-alive HTTPS client connection (hyper over tokio-rustls).
