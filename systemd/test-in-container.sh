@@ -11,8 +11,8 @@
 #     → smol → tokio), and the built-in counter's count (a file in
 #     StateDirectory) comes through both restarts exact;
 #   - journalctl shows the startup line of each backend;
-#   - HTTPS under the hardened unit, both ways the README's "HTTPS under
-#     the hardened unit" gives: 1. a key 0640 root:ssl-cert, read through
+#   - HTTPS under the hardened unit, both ways docs/tls.md ("Under
+#     the hardened unit") gives: 1. a key 0640 root:ssl-cert, read through
 #     a `SupplementaryGroups=ssl-cert` drop-in (and not without it),
 #     renewed by `systemctl reload` in the same process, a broken key on
 #     reload leaving the old certificate serving; 2. `LoadCredential=` of
@@ -325,7 +325,7 @@ in_container systemctl reload gateway || fail "systemctl reload gateway (credent
 wait_reload "$reloaded" "$seen" || fail "no '$reloaded' line, or not active, 10 s after systemctl reload"
 journal_last "$reloaded"
 echo "after systemctl reload: serial $(serial) (the credential is the copy made at start)"
-[ "$(serial)" = 1003 ] || fail "the reload refreshed the credential: the README's way 2 says it does not"
+[ "$(serial)" = 1003 ] || fail "the reload refreshed the credential: docs/tls.md's way 2 says it does not"
 pid_before=$(in_container systemctl show gateway -p MainPID --value)
 start_load "Welcome to my site!" --cacert "$ca" https://localhost:3000/
 in_container systemctl restart gateway
