@@ -3,10 +3,13 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, raw_exchange, request};
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 async fn get_is_welcomed_and_counted(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
@@ -208,6 +211,137 @@ async fn content_length_with_transfer_encoding_is_never_smuggled(backend: Backen
     );
 }
 
+/// Sends `bytes` on a new connection and reads until the server closes
+/// it; fails if it is still open after 5 s (the idle timeout is 60 s).
+async fn exchange_until_closed(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(read.is_ok(), "still open 5 s after answering: {reply:?}");
+    reply
+}
+
+/// The value of every `connection` line in the first answer's head, in
+/// order, lowercased.
+fn connection_lines(reply: &str) -> Vec<String> {
+    let head = reply.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("connection"))
+        .map(|(_, value)| value.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// Every answer after which the connection closes says `connection:
+/// close` and nothing else, and the connection does close (a request sent
+/// behind it is not answered): to HTTP/1.1 clients, and to HTTP/1.0
+/// clients that asked for keep-alive, whom hyper would also tell
+/// `keep-alive`.
+async fn answers_that_close_say_connection_close_alone(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("idle_timeout_ms = 60000")
+        .start();
+    let counter = common::start_counter(backend);
+    let public = gateway.addr("public");
+    let counted = counter.addr("counter");
+    // (case, listener, request line's target and method, head lines, body,
+    // status)
+    let cases: [(&str, SocketAddr, &str, &str, &str, u16); 6] = [
+        (
+            "GET with a body",
+            public,
+            "GET /",
+            "host: x\r\ncontent-length: 3\r\n",
+            "abc",
+            200,
+        ),
+        (
+            "two host lines",
+            public,
+            "GET /",
+            "host: a\r\nhost: b\r\n",
+            "",
+            400,
+        ),
+        ("an invalid host", public, "GET /", "host: a b\r\n", "", 400),
+        (
+            "the counter's 400 for a count of 0",
+            counted,
+            "POST /counter",
+            "host: x\r\ncontent-length: 1\r\n",
+            "0",
+            400,
+        ),
+        (
+            "the counter's 400 for a count too long",
+            counted,
+            "POST /counter",
+            "host: x\r\ncontent-length: 8\r\n",
+            "12345678",
+            400,
+        ),
+        (
+            "the counter's 400 for a count that is not digits",
+            counted,
+            "POST /counter",
+            "host: x\r\ncontent-length: 2\r\n",
+            "1x",
+            400,
+        ),
+    ];
+    for (version, asks) in [("HTTP/1.0", "connection: keep-alive\r\n"), ("HTTP/1.1", "")] {
+        for (case, addr, target, lines, body, status) in cases {
+            let next = format!("GET / {version}\r\n{asks}host: x\r\n\r\n");
+            let request = format!("{target} {version}\r\n{asks}{lines}\r\n{body}{next}");
+            let reply = exchange_until_closed(addr, request.as_bytes()).await;
+            assert!(
+                reply.starts_with(&format!("{version} {status} ")),
+                "{case}, {version}: {reply:?}"
+            );
+            assert_eq!(
+                connection_lines(&reply),
+                ["close"],
+                "{case}, {version}: {reply:?}"
+            );
+            assert_eq!(
+                reply.matches(version).count(),
+                1,
+                "{case}, {version}: the request behind it was answered: {reply:?}"
+            );
+        }
+    }
+    // Keep-alive answers to the same clients still say keep-alive (to
+    // HTTP/1.0) or nothing (to HTTP/1.1).
+    for (version, asks, said) in [
+        (
+            "HTTP/1.0",
+            "connection: keep-alive\r\n",
+            &["keep-alive"][..],
+        ),
+        ("HTTP/1.1", "", &[]),
+    ] {
+        let request = format!(
+            "GET / {version}\r\n{asks}host: x\r\n\r\nGET / {version}\r\nhost: x\r\nconnection: close\r\n\r\n"
+        );
+        let reply = exchange_until_closed(public, request.as_bytes()).await;
+        assert_eq!(connection_lines(&reply), said, "{version}: {reply:?}");
+        assert_eq!(reply.matches(version).count(), 2, "{version}: {reply:?}");
+    }
+}
+
 both_backends!(
     get_is_welcomed_and_counted,
     upstream_request_is_an_empty_post_with_host_and_forwarded_for,
@@ -219,4 +353,5 @@ both_backends!(
     oversized_head_gets_431,
     malformed_requests_get_400_and_a_close,
     content_length_with_transfer_encoding_is_never_smuggled,
+    answers_that_close_say_connection_close_alone,
 );

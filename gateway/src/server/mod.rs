@@ -31,12 +31,12 @@ use self::phase::{Activity, Phase, WatchedIo};
 use crate::forever;
 use crate::metrics::Metrics;
 use crate::request_rules;
-use crate::service::{Service, status_only};
+use crate::service::{Body, Service, status_only};
 use crate::shutdown::{Latch, Stop, wait_until};
 use crate::time::timeout_at;
 use crate::tls::{self, HandshakeFailure, ServerTls};
-use http::StatusCode;
 use http::header::{CONNECTION, HeaderValue};
+use http::{Response, StatusCode, Version};
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -324,6 +324,7 @@ where
         hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let head_complete = Instant::now();
             service_activity.enter(Phase::Busy, head_complete);
+            let version = request.version();
             let activity = service_activity.clone();
             let logged = settings
                 .access_log
@@ -351,10 +352,8 @@ where
                     Some(response) => response.await,
                     None => status_only(StatusCode::BAD_REQUEST),
                 };
-                if refused || carries_body {
-                    response
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                if refused || carries_body || asks_to_close(&response) {
+                    close_after(&mut response, version);
                 }
                 let answered = Instant::now();
                 activity.enter(activity.after_answer(), answered);
@@ -468,6 +467,36 @@ where
         Ended::TimedOut(phase) => tracing::debug!(%peer, ?phase, "connection timed out"),
     }
     drop(open);
+}
+
+/// Whether a service asked for its connection to close after `response`
+/// (the counter does, after a body it could not read whole).
+fn asks_to_close(response: &Response<Body>) -> bool {
+    response
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// Makes `response` the last on its connection, and says so with
+/// `connection: close` and nothing else.
+///
+/// To a client that sent HTTP/1.0 with `connection: keep-alive`, hyper
+/// adds `keep-alive` to any response whose own version is 1.1 (as every
+/// `http::Response` starts) without looking for a `close` already there,
+/// then closes for that `close` all the same: the client would be told
+/// both. A response versioned 1.0 lacking `keep-alive` makes hyper end the
+/// keep-alive instead; its status line says HTTP/1.0 to such a client
+/// either way.
+fn close_after(response: &mut Response<Body>, request_version: Version) {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    if request_version == Version::HTTP_10 {
+        *response.version_mut() = Version::HTTP_10;
+    }
 }
 
 /// Runs `future` on its own task and reports when it has finished.
