@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use gateway::config::Config;
 use gateway::daemon::{self, Mode};
+use gateway::startup_signals::StartupSignals;
 use libfuzzer_sys::fuzz_target;
 
 fn free_port() -> u16 {
@@ -43,8 +44,9 @@ fn gateway() -> SocketAddr {
              [counter]\nlisten = \"127.0.0.1:{counter}\"\nstore = \"memory\"\n"
         );
         let config = Config::parse(Path::new("fuzz.toml"), &text).expect("valid fuzz config");
+        let signals = StartupSignals::catch().expect("catch signals");
         std::thread::spawn(move || {
-            if let Err(error) = daemon::run(config, Mode::Gateway, gateway::logging::LogLevel::none()) {
+            if let Err(error) = daemon::run(config, Mode::Gateway, gateway::logging::LogLevel::none(), signals) {
                 eprintln!("gateway failed: {error}");
                 std::process::abort();
             }

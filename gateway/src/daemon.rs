@@ -6,7 +6,8 @@
 //! else generically over it. On SIGTERM/SIGINT the public listener stops
 //! accepting and drains first; the built-in counter it may be forwarding to
 //! stops after it. SIGHUP reloads (the `reload` module says what);
-//! SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//! SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored. Those that came
+//! while it started (`startup_signals`) are acted on once it is up.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::reload::Reloader;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
 use crate::shutdown::{Latch, Stop};
+use crate::startup_signals::StartupSignals;
 use crate::systemd;
 use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::Upstream;
@@ -77,16 +79,25 @@ impl Fatal {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, on the backend the config names;
-/// a reload sets `log`'s level.
-pub fn run(config: Config, mode: Mode, log: LogLevel) -> Result<(), Fatal> {
-    struct Daemon(Config, Mode, LogLevel);
+/// a reload sets `log`'s level. `startup_signals` were caught since the
+/// process began: those that came are acted on once the daemon is up.
+pub fn run(
+    config: Config,
+    mode: Mode,
+    log: LogLevel,
+    startup_signals: StartupSignals,
+) -> Result<(), Fatal> {
+    struct Daemon(Config, Mode, LogLevel, StartupSignals);
     impl OnRuntime for Daemon {
         type Output = Result<(), Fatal>;
         fn run<R: Runtime>(self) -> Self::Output {
-            run_on::<R>(self.0, self.1, self.2)
+            run_on::<R>(self.0, self.1, self.2, self.3)
         }
     }
-    on_backend(config.runtime.backend, Daemon(config, mode, log))
+    on_backend(
+        config.runtime.backend,
+        Daemon(config, mode, log, startup_signals),
+    )
 }
 
 /// Work written over the runtime trait, for [`on_backend`] to run.
@@ -124,8 +135,13 @@ fn adopt<R: Runtime>(
     Ok((listener, addr))
 }
 
-fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), Fatal> {
-    raise_open_file_limit(&config);
+fn run_on<R: Runtime>(
+    config: Config,
+    mode: Mode,
+    log: LogLevel,
+    startup_signals: StartupSignals,
+) -> Result<(), Fatal> {
+    raise_open_file_limit(&config, mode);
     let workers = config.runtime.worker_count();
     // The store first: a state file that is corrupt or in use by another
     // process stops the start before anything listens.
@@ -177,6 +193,7 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
             backend: R::NAME,
             source,
         })?;
+        let during_startup = startup_signals.take();
         let server = &config.server;
         let settings = |name, idle_timeout_ms, metrics, tls| {
             forever(ServerSettings {
@@ -267,18 +284,29 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
         R::spawn(report_to_systemd::<R>(move || reported()));
 
         let mut reloader = Reloader::new(config.clone(), server_tls, log);
-        loop {
-            match signals.next().await {
-                Some(Signal::Terminate | Signal::Interrupt) | None => break,
-                Some(Signal::Hangup) => {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    systemd::reloading();
-                    reloader.reload();
-                    systemd::ready(&status());
-                }
-                // The write that raised it fails, and says so itself.
-                Some(Signal::FileSizeLimit) => {}
-                Some(other) => tracing::warn!(signal = other.name(), "signal ignored"),
+        let mut on_signal = |signal, when| match signal {
+            Signal::Terminate | Signal::Interrupt => Stopping::Yes,
+            Signal::Hangup => {
+                tracing::info!("SIGHUP{when}: reloading the configuration");
+                systemd::reloading();
+                reloader.reload();
+                systemd::ready(&status());
+                Stopping::No
+            }
+            // The write that raised it fails, and says so itself.
+            Signal::FileSizeLimit => Stopping::No,
+            other => {
+                tracing::warn!(signal = other.name(), "signal{when} ignored");
+                Stopping::No
+            }
+        };
+        // Never a stop: SIGTERM and SIGINT end a start by their default action.
+        for signal in during_startup {
+            on_signal(signal, " during start-up");
+        }
+        while let Some(signal) = signals.next().await {
+            if on_signal(signal, "") == Stopping::Yes {
+                break;
             }
         }
         tracing::info!("shutdown signal received");
@@ -298,6 +326,13 @@ fn run_on<R: Runtime>(config: Config, mode: Mode, log: LogLevel) -> Result<(), F
         backend: R::NAME,
         source,
     })?
+}
+
+/// Whether a signal stops the daemon.
+#[derive(PartialEq, Eq)]
+enum Stopping {
+    Yes,
+    No,
 }
 
 /// Connections the admin listener holds at most: scrapes and health
@@ -430,8 +465,8 @@ async fn report_to_systemd<R: Runtime>(status: impl Fn() -> String + Send + 'sta
 
 /// Raises the open-file soft limit to the hard limit, and warns when even
 /// that is short of what the configured connection caps need.
-fn raise_open_file_limit(config: &Config) {
-    let needed = open_files_needed(config);
+fn raise_open_file_limit(config: &Config, mode: Mode) {
+    let needed = open_files_needed(config, mode);
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,
@@ -446,8 +481,13 @@ fn raise_open_file_limit(config: &Config) {
 /// Descriptors the configured caps can hold open at once: every client
 /// connection, every upstream connection (twice with the built-in counter
 /// in this process: it holds the other end), the admin listener's cap, and
-/// a few for listeners, the journal and the like.
-fn open_files_needed(config: &Config) -> u64 {
+/// a few for listeners, the journal and the like. `gateway counter` has
+/// none of those caps: its clients' connections are not capped.
+fn open_files_needed(config: &Config, mode: Mode) -> u64 {
+    const FEW: u64 = 64;
+    if mode == Mode::CounterOnly {
+        return FEW;
+    }
     let upstream = config.upstream.max_connections as u64;
     let counter_ends = if config.counter.is_some() {
         upstream
@@ -459,20 +499,21 @@ fn open_files_needed(config: &Config) -> u64 {
     } else {
         0
     };
-    config.server.max_connections as u64 + upstream + counter_ends + admin + 64
+    config.server.max_connections as u64 + upstream + counter_ends + admin + FEW
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Config, open_files_needed, pool_shares};
+    use super::{Config, Mode, open_files_needed, pool_shares};
 
     #[test]
     fn open_files_needed_counts_every_listener_and_both_ends_of_the_counter() {
         let config = |text: &str| Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let open_files_needed = |config| open_files_needed(&config, Mode::Gateway);
         let caps = "[server]\nmax_connections = 1000\n[upstream]\nmax_connections = 100\n";
-        assert_eq!(open_files_needed(&config(caps)), 1000 + 100 + 64);
+        assert_eq!(open_files_needed(config(caps)), 1000 + 100 + 64);
         assert_eq!(
-            open_files_needed(&config(&format!("{caps}[counter]\n[admin]\n"))),
+            open_files_needed(config(&format!("{caps}[counter]\n[admin]\n"))),
             1000 + 100 + 100 + 1024 + 64
         );
         // The largest caps the configuration allows add up without overflow.
@@ -480,7 +521,7 @@ mod tests {
             "[server]\nmax_connections = {max}\n[upstream]\nmax_connections = {max}\n[counter]\n[admin]\n",
             max = crate::config::MAX_CONNECTIONS
         );
-        assert_eq!(open_files_needed(&config(&most)), 3 * (1 << 31) + 1024 + 64);
+        assert_eq!(open_files_needed(config(&most)), 3 * (1 << 31) + 1024 + 64);
     }
 
     #[test]

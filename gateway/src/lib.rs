@@ -18,7 +18,8 @@
 //! - [`counter`]: the built-in counter, the reference upstream.
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`; [`logging`], stderr
-//!   at a level a reload can change.
+//!   at a level a reload can change; [`startup_signals`], the signals
+//!   noted before the runtime catches them.
 //! - [`stats`]: per-thread counters and histograms summed when read.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
@@ -38,6 +39,7 @@ pub mod request_rules;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod startup_signals;
 pub mod stats;
 pub mod store;
 pub mod systemd;

@@ -10,6 +10,7 @@ use gateway::config::{
     self, Backend, Config, ConfigError, CounterConfig, RuntimeConfig, StoreKind,
 };
 use gateway::daemon::{self, Mode};
+use gateway::startup_signals::StartupSignals;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +57,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything that can take time: a reload asked for now is acted
+    // on once the daemon is up, not the end of it.
+    let startup_signals = match StartupSignals::catch() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("gateway: cannot catch signals: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
     let (config, mode) = match cli.command {
         Some(Command::Counter {
@@ -109,7 +119,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let log = gateway::logging::init(&config.log.level);
-    match daemon::run(config, mode, log) {
+    match daemon::run(config, mode, log, startup_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -3,7 +3,9 @@
 //! `kill -9` under load (never below the 200s answered, never above them
 //! plus the visits in flight); a corrupt state file or a second process on
 //! it stops the start, naming the file; a write the disk refuses is a 503
-//! from the counter (a 502 for the visit), never a 200.
+//! from the counter (a 502 for the visit), never a 200. Making a state
+//! file removes nothing else, a torn first commit leaves the new file
+//! readable, and a state file removed while in use is written again.
 
 mod common;
 
@@ -206,7 +208,125 @@ async fn a_write_the_disk_refuses_is_never_a_200(backend: Backend) {
     );
 }
 
+/// `count` POSTs to the counter at `listen`, each answered 200.
+async fn count_visits(listen: SocketAddr, count: u64) {
+    let mut client = Client::connect(listen).await;
+    for _ in 0..count {
+        assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+    }
+}
+
+/// Stops the counter with SIGTERM, waiting for it to exit 0.
+async fn stop(counter: Process) {
+    counter.terminate();
+    counter.assert_exits_0_within(Duration::from_secs(5)).await;
+}
+
+/// A counter creating its state file removes no file it did not make,
+/// whatever its name: here the live state file of another counter, named
+/// as an earlier version named its own temporary file.
+async fn a_new_state_file_removes_no_file_beside_it(backend: Backend) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let other_state = state_dir.path().join("s.new");
+    let other_listen = TestUpstream::closed_port().await;
+    let neighbour =
+        Process::start_command(counter_command(backend, other_listen, &other_state, ""), 1);
+    count_visits(other_listen, 20).await;
+
+    let listen = TestUpstream::closed_port().await;
+    let state = state_dir.path().join("s");
+    let counter = Process::start_command(counter_command(backend, listen, &state, ""), 1);
+    assert!(
+        other_state.exists(),
+        "the other counter's state file was removed"
+    );
+    stop(counter).await;
+    count_visits(other_listen, 2).await;
+    stop(neighbour).await;
+
+    let _restarted = Process::start_command(
+        counter_command(other(backend), other_listen, &other_state, ""),
+        1,
+    );
+    assert_eq!(
+        counter_tally(other_listen).await,
+        22,
+        "every visit answered 200 is counted"
+    );
+}
+
+/// The first commit into a new state file writes the slot the file was
+/// made without: torn by a crash, it leaves the file's first slot, and the
+/// counter starts from it.
+async fn a_torn_first_commit_leaves_the_new_file_readable(backend: Backend) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("counter.state");
+    let listen = TestUpstream::closed_port().await;
+    let counter = Process::start_command(counter_command(backend, listen, &state, ""), 1);
+    count_visits(listen, 1).await;
+    stop(counter).await;
+    // The slot holding sequence number 2 (little-endian, after the 8-byte
+    // magic) is the first commit's: 16 bytes of it as a torn write leaves them.
+    let bytes = std::fs::read(&state).unwrap();
+    let first_commit = (0..2)
+        .find(|slot| bytes[slot * 32 + 8..slot * 32 + 16] == 2u64.to_le_bytes())
+        .expect("a slot with sequence 2");
+    let mut torn = bytes.clone();
+    torn[first_commit * 32 + 8..first_commit * 32 + 24].fill(0xa5);
+    std::fs::write(&state, torn).unwrap();
+
+    let _restarted = Process::start_command(counter_command(backend, listen, &state, ""), 1);
+    assert_eq!(
+        counter_tally(listen).await,
+        0,
+        "the commit torn was never answered"
+    );
+}
+
+/// A state file removed while the counter holds it (an operator's `rm`, a
+/// cleaner of old files) is written again with its count at the next
+/// commit: no 200 goes into a file the next start cannot read.
+async fn a_state_file_removed_while_counting_is_written_again(backend: Backend) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("counter.state");
+    let listen = TestUpstream::closed_port().await;
+    let counter = Process::start_command(counter_command(backend, listen, &state, ""), 1);
+    count_visits(listen, 3).await;
+    std::fs::remove_file(&state).unwrap();
+    count_visits(listen, 2).await;
+    assert!(state.exists(), "the state file was not written again");
+    assert!(
+        counter.log_text().contains("written again with its count"),
+        "{}",
+        counter.log_text()
+    );
+    stop(counter).await;
+
+    let _restarted = Process::start_command(counter_command(other(backend), listen, &state, ""), 1);
+    assert_eq!(counter_tally(listen).await, 5);
+}
+
+/// A state file that cannot be made (no byte may be written: SIGXFSZ, whose
+/// default action would kill the process unannounced) stops the start with
+/// exit 1 naming it, and leaves nothing behind.
+async fn a_state_file_that_cannot_be_made_stops_the_start_naming_it(backend: Backend) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("c.state");
+    let listen = TestUpstream::closed_port().await;
+    let output = failed_start(counter_command(backend, listen, &state, "ulimit -f 0 &&"));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains(&state.display().to_string()), "{message}");
+    assert!(message.contains("cannot create it"), "{message}");
+    let left: Vec<_> = std::fs::read_dir(state_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 both_backends!(
+    a_new_state_file_removes_no_file_beside_it,
+    a_torn_first_commit_leaves_the_new_file_readable,
+    a_state_file_removed_while_counting_is_written_again,
+    a_state_file_that_cannot_be_made_stops_the_start_naming_it,
     the_count_survives_a_restart_that_switches_backend,
     a_kill_9_under_load_loses_no_200,
     a_corrupt_state_file_stops_the_start_naming_it,

@@ -1,11 +1,12 @@
 //! Connection lifetimes and process lifetime: header-read and idle
-//! timeouts, the connection cap, and SIGTERM.
+//! timeouts, the connection cap, SIGTERM, and the signals that must not end
+//! the process, during start-up too.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, read_until_close};
+use common::{Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, read_until_close};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -289,6 +290,116 @@ async fn stray_signals_neither_stop_nor_disturb_the_daemon(backend: Backend) {
     gateway.assert_exits_0_within(Duration::from_secs(5)).await;
 }
 
+/// A SIGHUP (`systemctl reload`) or SIGUSR1 that comes while the daemon
+/// still starts, its database slow to answer, neither ends it nor is lost:
+/// once up, it reloads the configuration changed meanwhile, and says the
+/// other was ignored.
+async fn signals_during_a_slow_start_are_acted_on_once_up(backend: Backend) {
+    // A "database" that takes the counter's connection and says nothing
+    // until the test closes it.
+    let database = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let counter = TestUpstream::closed_port().await;
+    let folder = tempfile::tempdir().unwrap();
+    let config_path = folder.path().join("gateway.toml");
+    let config = |level: &str| {
+        format!(
+            "[runtime]\nbackend = \"{}\"\nworkers = 2\n[server]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"http://{counter}/counter\"\n\
+             [counter]\nlisten = \"{counter}\"\nstore = \"postgres\"\n\
+             postgres_url = \"postgres://gateway@{}/gateway\"\n[log]\nlevel = \"{level}\"\n",
+            backend.name(),
+            database.local_addr().unwrap(),
+        )
+    };
+    std::fs::write(&config_path, config("info")).unwrap();
+    let mut command = std::process::Command::new(common::gateway_binary());
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG");
+    let mut gateway = Process::spawn_command(command);
+    let (connection, _) = tokio::time::timeout(Duration::from_secs(10), database.accept())
+        .await
+        .expect("the counter connects to its database")
+        .unwrap();
+    // It is opening its store: the start is under way.
+    std::fs::write(&config_path, config("debug")).unwrap();
+    gateway.signal("HUP");
+    gateway.signal("USR1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(connection);
+    let mut gateway = tokio::task::spawn_blocking(move || {
+        gateway.wait_for_listeners(2);
+        gateway
+    })
+    .await
+    .unwrap();
+    gateway
+        .wait_for_log_line(0, |line| {
+            line.contains("SIGUSR1") && line.contains("signal during start-up ignored")
+        })
+        .await;
+    gateway
+        .wait_for_log_line(0, |line| {
+            line.contains("SIGHUP during start-up: reloading the configuration")
+        })
+        .await;
+    gateway
+        .wait_for_log_line(0, |line| {
+            line.contains("reloaded") && line.contains("log.level")
+        })
+        .await;
+    gateway.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gateway.child.try_wait().unwrap(),
+        None,
+        "a later SIGHUP ended it"
+    );
+    gateway.terminate();
+    gateway.assert_exits_0_within(Duration::from_secs(5)).await;
+}
+
+/// Under an open-file limit below what the connection caps need, the
+/// gateway warns; `gateway counter`, which has no such caps, does not.
+async fn only_the_caps_in_use_are_held_against_the_open_file_limit(backend: Backend) {
+    const WARNING: &str = "the open-file limit is below";
+    let limited = |arguments: &[&str]| {
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+            .arg(common::gateway_binary())
+            .args(arguments)
+            .env_remove("RUST_LOG");
+        command
+    };
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let config = GatewayConfig::new(backend, upstream.addr);
+    let gateway = config.start_with(|command| {
+        let config_file = command.get_args().nth(1).unwrap().to_owned();
+        *command = limited(&["--config", config_file.to_str().unwrap()]);
+    });
+    gateway
+        .wait_for_log_line(0, |line| line.contains(WARNING))
+        .await;
+
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("counter.state");
+    let mut command = limited(&[
+        "counter",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        backend.name(),
+    ]);
+    command.arg("--path").arg(&path);
+    let counter = Process::start_command(command, 1);
+    common::counter_tally(counter.addr("counter")).await;
+    let log = counter.log_text();
+    assert!(!log.contains(WARNING), "{log}");
+}
+
 /// Log lines carry a timestamp, except under journald (`JOURNAL_STREAM`
 /// set), which stamps them itself.
 async fn log_lines_are_timestamped_except_under_journald(backend: Backend) {
@@ -324,6 +435,8 @@ both_backends!(
     sigterm_closes_what_is_left_within_one_shutdown_timeout,
     sigint_answers_the_request_in_flight_and_exits_0,
     stray_signals_neither_stop_nor_disturb_the_daemon,
+    signals_during_a_slow_start_are_acted_on_once_up,
+    only_the_caps_in_use_are_held_against_the_open_file_limit,
     the_counter_outlasts_the_public_idle_timeout,
     log_lines_are_timestamped_except_under_journald,
 );

@@ -58,6 +58,8 @@ pub struct Process {
     pub log: Arc<Mutex<Vec<String>>>,
     /// `(name, address)` of each "listening on ADDR (NAME)" line.
     pub listeners: Vec<(String, SocketAddr)>,
+    /// Those lines as the log reader finds them.
+    listening: std::sync::mpsc::Receiver<(String, SocketAddr)>,
     _config: Option<tempfile::NamedTempFile>,
     /// The folder of the counter's state file, removed with the process.
     pub state: Option<tempfile::TempDir>,
@@ -65,11 +67,14 @@ pub struct Process {
 
 impl Process {
     /// Starts `command` and waits until `expected` listeners are logged.
-    fn start(
-        mut command: Command,
-        expected: usize,
-        config: Option<tempfile::NamedTempFile>,
-    ) -> Self {
+    fn start(command: Command, expected: usize, config: Option<tempfile::NamedTempFile>) -> Self {
+        let mut process = Self::spawn(command, config);
+        process.wait_for_listeners(expected);
+        process
+    }
+
+    /// Starts `command`, without waiting for it to listen.
+    fn spawn(mut command: Command, config: Option<tempfile::NamedTempFile>) -> Self {
         command.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn gateway");
         let stderr = child.stderr.take().expect("stderr");
@@ -85,28 +90,35 @@ impl Process {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut listeners = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while listeners.len() < expected {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(listener) => listeners.push(listener),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "gateway did not start; its log:\n{}",
-                        log.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        }
         Self {
             child,
             log,
-            listeners,
+            listeners: Vec::new(),
+            listening: rx,
             _config: config,
             state: None,
         }
+    }
+
+    /// Waits until `expected` listeners are logged; kills the process and
+    /// fails the test if they are not within 20 s.
+    pub fn wait_for_listeners(&mut self, expected: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.listeners.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.listening.recv_timeout(left) {
+                Ok(listener) => self.listeners.push(listener),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("gateway did not start; its log:\n{}", self.log_text());
+                }
+            }
+        }
+    }
+
+    /// Starts a prepared command, without waiting for it to listen.
+    pub fn spawn_command(command: Command) -> Self {
+        Self::spawn(command, None)
     }
 
     /// Starts a prepared command; waits for `expected` listeners.
@@ -130,6 +142,27 @@ impl Process {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (at most 5 s) for a log line from index `from` on that
+    /// satisfies `wanted`; the line.
+    pub async fn wait_for_log_line(&self, from: usize, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = self.log.lock().unwrap()[from..]
+                .iter()
+                .find(|line| wanted(line))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such log line within 5 s; the log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Sends SIGTERM.
