@@ -4,8 +4,12 @@
 //! commit whose connection was lost is settled, or answered 504 when the
 //! database stays away), and 200s come back by themselves once it is up; a counter started before
 //! its database answers 503 until it is there; a database that refuses
-//! the counter stops its start, naming it. Skipped, saying so, where
-//! PostgreSQL is not installed.
+//! the counter stops its start, naming it; a connection the server closed
+//! while idle (`idle_session_timeout`, `pg_terminate_backend`) costs no
+//! visit; a role with no right to make tables runs the counter once they
+//! exist; a count removed under a running counter refuses visits instead
+//! of starting again from 0. Skipped, saying so, where PostgreSQL is not
+//! installed.
 
 mod common;
 
@@ -480,7 +484,171 @@ async fn a_commit_stuck_behind_a_lock_is_refused_not_held(backend: Backend) {
     assert_eq!(db.total(), 1);
 }
 
+/// Visits a counter whose database connection the server has closed
+/// meanwhile: each is counted, once. The close was seen before the batch
+/// was sent, so the batch goes out on a new connection instead of being
+/// refused.
+async fn post_after_each_close(counter: &Process, visits: u64, close: impl Fn()) {
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    for visit in 1..=visits {
+        tokio::task::block_in_place(&close);
+        let answer = client.post("/counter").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "visit {visit}:\n{}",
+            counter.log_text()
+        );
+    }
+    assert_eq!(counter_tally(addr).await, visits);
+}
+
+/// A server that ends idle sessions (`idle_session_timeout`, as a pooler or
+/// a failover proxy does too): the visits that come after each idle
+/// spell are counted, not refused.
+async fn a_database_that_closes_idle_sessions_still_counts_every_visit(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    db.query("ALTER ROLE gateway SET idle_session_timeout = '400ms'");
+    let counter = start_counter(backend, &db.url());
+    post_after_each_close(&counter, 5, || {
+        std::thread::sleep(Duration::from_millis(900))
+    })
+    .await;
+    assert_eq!(db.total(), 5);
+    assert!(
+        counter
+            .log_text()
+            .contains("terminating connection due to idle-session timeout"),
+        "the closes went unseen:\n{}",
+        counter.log_text()
+    );
+}
+
+/// Ends the one counter's session from another, then lets it sit closed a
+/// while, as an operator's or a pooler's close comes between visits.
+fn end_the_counters_session(db: &Postgres) {
+    assert_eq!(db.terminate_counter_sessions(), 1);
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+/// An operator's `pg_terminate_backend` of the counter's session: the next
+/// visits are counted on a new connection, which makes no tables again.
+async fn a_terminated_session_is_replaced_without_refusing_visits(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let counter = start_counter(backend, &db.url());
+    assert_eq!(counter_tally(counter.addr("counter")).await, 0);
+    post_after_each_close(&counter, 3, || end_the_counters_session(&db)).await;
+    assert_eq!(db.total(), 3);
+    let log = counter.log_text();
+    assert!(!log.contains("already exists"), "{log}");
+    assert!(!log.contains("lost the database"), "{log}");
+}
+
+/// A least-privilege deployment: the tables made once (here by a first
+/// start as their owner), then the counter run as a role that may only
+/// read and write their rows, with no `CREATE` on the schema. It starts,
+/// counts, reconnects, and logs no notice about tables that exist.
+async fn a_role_that_may_only_use_the_tables_runs_the_counter(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let owner = start_counter(backend, &db.url());
+    assert_eq!(counter_tally(owner.addr("counter")).await, 0);
+    drop(owner);
+    db.query(
+        "CREATE ROLE visits LOGIN; \
+         REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA public TO visits; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON gateway_counter, gateway_counter_writers TO visits",
+    );
+    assert_eq!(
+        db.query("SELECT has_schema_privilege('visits', 'public', 'CREATE')"),
+        "f"
+    );
+    let counter = start_counter(backend, &db.url_as("visits"));
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+    end_the_counters_session(&db);
+    assert_eq!(
+        client.post("/counter").await.status,
+        StatusCode::OK,
+        "{}",
+        counter.log_text()
+    );
+    assert_eq!(counter_tally(addr).await, 2);
+    assert_eq!(db.total(), 2);
+    let log = counter.log_text();
+    assert!(!log.contains("already exists"), "{log}");
+}
+
+/// POSTs and GETs to a counter whose count was removed under it: each is
+/// refused, across reconnects too.
+async fn refused_while_removed(client: &mut Client, counter: &Process, db: &Postgres) {
+    for _ in 0..3 {
+        assert_eq!(
+            client.post("/counter").await.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            counter.log_text()
+        );
+        assert_eq!(
+            client.get("/counter").await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        db.terminate_counter_sessions();
+    }
+}
+
+/// The total's row deleted, then the tables dropped, under a running
+/// counter: its visits are refused, and neither is made again behind the
+/// operator's back (which would start the count again from 0). The row
+/// restored, counting goes on from it.
+async fn a_count_removed_under_a_running_counter_is_an_error_not_a_fresh_count(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let counter = start_counter(backend, &db.url());
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    for _ in 0..3 {
+        assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+    }
+
+    db.query("DELETE FROM gateway_counter");
+    refused_while_removed(&mut client, &counter, &db).await;
+    assert_eq!(
+        db.query("SELECT count(*) FROM gateway_counter"),
+        "0",
+        "the row was made again:\n{}",
+        counter.log_text()
+    );
+    assert!(
+        counter.log_text().contains("row (id = 1) is gone"),
+        "{}",
+        counter.log_text()
+    );
+    db.query("INSERT INTO gateway_counter (id, total) VALUES (1, 3)");
+    assert_eq!(client.post("/counter").await.status, StatusCode::OK);
+    assert_eq!(counter_tally(addr).await, 4);
+
+    db.query("DROP TABLE gateway_counter, gateway_counter_writers");
+    refused_while_removed(&mut client, &counter, &db).await;
+    assert_eq!(
+        db.query("SELECT to_regclass('gateway_counter') IS NULL"),
+        "t",
+        "the tables were made again:\n{}",
+        counter.log_text()
+    );
+    assert!(
+        counter.log_text().contains("tables are gone"),
+        "{}",
+        counter.log_text()
+    );
+}
+
 both_backends!(
+    a_database_that_closes_idle_sessions_still_counts_every_visit,
+    a_terminated_session_is_replaced_without_refusing_visits,
+    a_role_that_may_only_use_the_tables_runs_the_counter,
+    a_count_removed_under_a_running_counter_is_an_error_not_a_fresh_count,
     a_commit_stuck_behind_a_lock_is_refused_not_held,
     a_commit_that_ends_after_its_connection_was_lost_is_settled_as_counted,
     two_hosts_share_one_count_through_a_partition,

@@ -1,8 +1,7 @@
 //! The PostgreSQL store: one count shared by every counter process pointed
 //! at the same database, on as many hosts as there are.
 //!
-//! The schema, created if absent (under an advisory lock, so that counters
-//! starting together do not race on it):
+//! The schema:
 //!
 //! ```sql
 //! gateway_counter (id smallint PRIMARY KEY CHECK (id = 1), total bigint NOT NULL)
@@ -10,12 +9,24 @@
 //!                          updated timestamptz NOT NULL)
 //! ```
 //!
+//! The tables are looked for once per process, on its first connection
+//! (under an advisory lock, so that counters starting together do not
+//! race), and only a table that is absent is made: once a DBA has made
+//! them, the counter's role needs no right on the schema beyond using it.
+//! Later connections only set the session's limits, so that tables that
+//! vanish under a running counter (dropped) refuse its visits instead of
+//! being made again with a count of 0; so does a missing total's row.
+//!
 //! A batch is one transaction: add its increments to the total and record
 //! its number as the last batch of this process (the writer, a random id
 //! drawn at start). When the connection is lost before the `COMMIT`'s answer
 //! came back, whether it committed is settled on a new connection: once the
 //! total's row lock is taken (so the lost transaction has ended, one way or
 //! the other), the writer's last batch says. A batch is never sent twice.
+//! A connection the server closed while it was idle (an idle-session
+//! timeout, a terminated backend, a pooler or a proxy letting go) is
+//! noticed before a batch is handed to it, and the batch goes out on a new
+//! one instead: see [`closed_while_idle`] for where that line is drawn.
 //!
 //! The client is the blocking `postgres` crate, on the commit thread: it
 //! runs the same under every runtime the gateway serves on.
@@ -25,6 +36,7 @@ use std::io::{self, Read as _};
 use std::time::{Duration, Instant};
 
 use postgres::config::Host;
+use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::{Client, Config, NoTls, SimpleQueryMessage, SimpleQueryRow};
 
 use super::{CommitError, Durable};
@@ -45,29 +57,123 @@ const NETWORK_TIMEOUT: Duration = Duration::from_secs(5);
 /// wait for a synchronous standby would leave it committed locally only,
 /// and answered as if replicated.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may have been left alone before it is looked at
+/// for a close by the server before use. Looking costs up to a millisecond
+/// (see [`closed_while_idle`]): batches that follow one another at once
+/// skip it, and a close that lands in that gap is settled as before.
+const LOOK_AFTER_IDLE: Duration = Duration::from_millis(10);
 
-/// The session's limits, then the schema, created if absent (the advisory
-/// lock's key is "gwcount" in ASCII), with the total's row in place so
-/// that settling always has a row to lock. Writers idle for a week are
-/// forgotten, never this one (`{writer}`).
-fn schema(writer: &str) -> String {
+/// The session's limits, set on every connection.
+fn limits() -> String {
     let timeout = STATEMENT_TIMEOUT.as_millis();
-    format!(
-        "SET statement_timeout = '{timeout}ms'; SET lock_timeout = '{timeout}ms';
-         BEGIN;
+    format!("SET statement_timeout = '{timeout}ms'; SET lock_timeout = '{timeout}ms';")
+}
+
+/// The tables, made where absent.
+const COUNTER_TABLE: &str = "CREATE TABLE gateway_counter (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    total bigint NOT NULL CHECK (total >= 0));";
+const WRITERS_TABLE: &str = "CREATE TABLE gateway_counter_writers (
+    writer text PRIMARY KEY,
+    last_batch bigint NOT NULL,
+    updated timestamptz NOT NULL);";
+
+/// Readies the database, once per process: under an advisory lock (its
+/// key is "gwcount" in ASCII), makes whichever table is absent (looked up
+/// on the search path, as the counter's statements find it), puts the
+/// total's row in place so that settling always has a row to lock, and
+/// forgets writers idle for a week, never this one. A `CREATE ... IF NOT
+/// EXISTS` would need `CREATE` on the schema even where the table exists,
+/// and log a notice each time.
+fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> {
+    let messages = client.simple_query(
+        "BEGIN;
          SELECT pg_advisory_xact_lock(29123191556632180);
-         CREATE TABLE IF NOT EXISTS gateway_counter (
-             id smallint PRIMARY KEY CHECK (id = 1),
-             total bigint NOT NULL CHECK (total >= 0));
-         CREATE TABLE IF NOT EXISTS gateway_counter_writers (
-             writer text PRIMARY KEY,
-             last_batch bigint NOT NULL,
-             updated timestamptz NOT NULL);
-         INSERT INTO gateway_counter (id, total) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+         SELECT to_regclass('gateway_counter') IS NULL,
+                to_regclass('gateway_counter_writers') IS NULL;",
+    )?;
+    let absent = last_row(&messages, 2)?
+        .ok_or_else(|| io::Error::other("no answer to whether the tables exist"))?;
+    let mut statements = String::new();
+    if parse_bool(absent[0].as_deref())? {
+        statements.push_str(COUNTER_TABLE);
+    }
+    if parse_bool(absent[1].as_deref())? {
+        statements.push_str(WRITERS_TABLE);
+    }
+    // The hex writer id only: nothing here needs quoting.
+    let _ = write!(
+        statements,
+        "INSERT INTO gateway_counter (id, total) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
          DELETE FROM gateway_counter_writers
            WHERE updated < now() - interval '7 days' AND writer <> '{writer}';
          COMMIT;"
-    )
+    );
+    client.batch_execute(&statements)?;
+    Ok(())
+}
+
+/// Why visits are refused once the total's row was deleted: it is not
+/// made again, which would start the count again from 0.
+const ROW_GONE: &str = "the counter's total row (id = 1) is gone: restore it to go on counting";
+
+/// Why a connection could not be readied, or a read failed.
+#[derive(Debug)]
+enum Failure {
+    /// The connection's or the server's error.
+    Postgres(postgres::Error),
+    /// An answer that is not what this store's query gives.
+    Unreadable(io::Error),
+}
+
+impl From<postgres::Error> for Failure {
+    fn from(error: postgres::Error) -> Self {
+        Self::Postgres(error)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(error: io::Error) -> Self {
+        Self::Unreadable(error)
+    }
+}
+
+impl Failure {
+    fn explain(&self) -> String {
+        match self {
+            Self::Postgres(error) => explain(error),
+            Self::Unreadable(error) => error.to_string(),
+        }
+    }
+}
+
+/// Whether the server closed `client`'s connection while it sat idle
+/// since `since`, and why: looked at before anything is handed to it.
+///
+/// The client reads its socket only while a call runs, so what the server
+/// sent meanwhile (the FATAL of an idle-session timeout or of
+/// `pg_terminate_backend`, or the close of a pooler or proxy) lies unread
+/// and `is_closed` still says no. Asking for notifications with a zero
+/// timeout sends nothing and lets the client's reactor turn once, which
+/// reads it and ends the client. A close found here proves that nothing of
+/// the next batch reached the server: the batch has not been handed to the
+/// client yet (and a closed client refuses one unsent). Once it has been,
+/// no failure proves that: the client queues it for its connection task,
+/// and the same errors (the FATAL, or `Error::is_closed`) come whether the
+/// close was read before the batch was written or came as its answer. So
+/// such a batch is settled, never sent again. Looking waits for the
+/// reactor's next millisecond tick, so a connection that answered within
+/// [`LOOK_AFTER_IDLE`] is only asked whether it is known closed.
+fn closed_while_idle(client: &mut Client, since: Instant) -> Option<String> {
+    if !client.is_closed() && since.elapsed() >= LOOK_AFTER_IDLE {
+        let looked = client.notifications().timeout_iter(Duration::ZERO).next();
+        if let Err(error) = looked {
+            return Some(explain(&error));
+        }
+    }
+    client
+        .is_closed()
+        .then(|| "the server closed the connection".to_owned())
 }
 
 /// A count kept in PostgreSQL.
@@ -84,6 +190,11 @@ pub struct PostgresStore {
     batch: u64,
     /// A batch whose connection was lost in flight, not yet settled.
     unsettled: Option<u64>,
+    /// Whether the tables were found (or made) on a connection of this
+    /// process: later connections do not make them again.
+    prepared: bool,
+    /// When the connection last answered, or was made.
+    answered: Instant,
 }
 
 /// `error` with what the server said, if it said something ("db error" alone
@@ -117,6 +228,20 @@ fn is_statement_error(error: &postgres::Error) -> bool {
         .is_some_and(|db| db.parsed_severity() == Some(postgres::error::Severity::Error))
 }
 
+/// Why a statement's ERROR refuses visits; for tables that are gone, what
+/// to do, since they are not made again behind the operator's back.
+fn refusal(error: &postgres::Error) -> io::Error {
+    let why = explain(error);
+    if error.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
+        io::Error::other(format!(
+            "{why}: the counter's tables are gone (dropped while it ran?); \
+             restore them to go on counting, or restart the counter to make them again from 0"
+        ))
+    } else {
+        io::Error::other(why)
+    }
+}
+
 /// `postgres_url` parsed, as the configuration checks it: an error says why.
 pub fn parse_url(url: &str) -> Result<Config, String> {
     let config: Config = url.parse().map_err(|e| format!("{e}"))?;
@@ -130,11 +255,11 @@ pub fn parse_url(url: &str) -> Result<Config, String> {
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` and creates the schema if absent;
+    /// Connects to the database at `url` and makes the tables where absent;
     /// returns the store and the count it holds. A database that cannot be
     /// reached is tried again with the first commit (visits are answered
     /// 503 until then); one that answers with an error (a wrong password,
-    /// no such database, no right to create the tables) is an error here.
+    /// no such database, no right to make absent tables) is an error here.
     pub fn open(url: &str) -> io::Result<(Self, u64)> {
         let mut config = parse_url(url).map_err(io::Error::other)?;
         config
@@ -153,64 +278,79 @@ impl PostgresStore {
             writer: writer_id()?,
             batch: 0,
             unsettled: None,
+            prepared: false,
+            answered: Instant::now(),
         };
-        let total = match store.connect().and_then(read_total) {
-            Ok(Ok(total)) => total,
-            Ok(Err(unreadable)) => {
-                return Err(io::Error::other(format!(
-                    "{}: {unreadable}",
-                    store.describe()
-                )));
-            }
-            Err(error) if error.as_db_error().is_some() && !transient(&error) => {
-                return Err(io::Error::other(format!(
-                    "{}: {}",
-                    store.describe(),
-                    explain(&error)
-                )));
-            }
-            Err(error) => {
+        let opened = store.connect().and_then(read_total);
+        let total = match opened {
+            Ok(total) => total,
+            Err(Failure::Postgres(error)) if error.as_db_error().is_none() || transient(&error) => {
                 tracing::warn!(
                     store = store.describe(),
                     error = explain(&error),
                     "cannot reach the database; visits are answered 503 until it is back"
                 );
-                store.lost(error);
+                store.lost(&explain(&error));
                 0
+            }
+            Err(failure) => {
+                return Err(io::Error::other(format!(
+                    "{}: {}",
+                    store.describe(),
+                    failure.explain()
+                )));
             }
         };
         Ok((store, total))
     }
 
-    /// A new connection, with the schema in place.
-    fn connect(&mut self) -> Result<&mut Client, postgres::Error> {
+    /// A new connection, with its session's limits set, and the tables
+    /// looked for if no connection of this process has yet.
+    fn connect(&mut self) -> Result<&mut Client, Failure> {
         self.client = None;
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&schema(&self.writer))?;
+        client.batch_execute(&limits())?;
+        if !self.prepared {
+            prepare(&mut client, &self.writer)?;
+            self.prepared = true;
+        }
         if let Some(since) = self.lost_since.take() {
             tracing::info!(store = self.describe(), after = ?since.elapsed(), "database reconnected");
         }
+        self.answered = Instant::now();
         Ok(self.client.insert(client))
     }
 
-    /// Forgets the connection after `error`.
-    fn lost(&mut self, error: postgres::Error) {
+    /// Forgets the connection after an error that says the database is
+    /// unreachable, and waits a while before trying again.
+    fn lost(&mut self, why: &str) {
         self.client = None;
         self.next_connect = Instant::now() + RECONNECT_EVERY;
         if self.lost_since.is_none() {
             self.lost_since = Some(Instant::now());
             tracing::warn!(
                 store = self.describe(),
-                error = explain(&error),
+                error = why,
                 "lost the database; reconnecting"
             );
         }
     }
 
     /// The open connection, or a new one; an error if there is none and it
-    /// is not yet time to try again.
+    /// is not yet time to try again. An open connection the server has
+    /// closed meanwhile is replaced at once: nothing was sent on it.
     fn connected(&mut self) -> Result<&mut Client, CommitError> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
+        let answered = self.answered;
+        if let Some(why) = self
+            .client
+            .as_mut()
+            .and_then(|client| closed_while_idle(client, answered))
+        {
+            tracing::info!(
+                store = self.describe(),
+                why,
+                "the database closed the idle connection; using a new one"
+            );
             self.client = None;
         }
         if self.client.is_none() {
@@ -219,10 +359,10 @@ impl PostgresStore {
                     "no connection to the database (reconnecting)",
                 )));
             }
-            if let Err(error) = self.connect() {
-                let refused = CommitError::Refused(io::Error::other(explain(&error)));
-                self.lost(error);
-                return Err(refused);
+            if let Err(failure) = self.connect() {
+                let why = failure.explain();
+                self.lost(&why);
+                return Err(CommitError::Refused(io::Error::other(why)));
             }
         }
         self.client
@@ -231,13 +371,20 @@ impl PostgresStore {
     }
 
     fn read(&mut self) -> Result<u64, CommitError> {
-        match read_total(self.connected()?) {
-            Ok(answer) => answer.map_err(CommitError::Refused),
-            Err(error) => {
-                let refused = CommitError::Refused(io::Error::other(explain(&error)));
-                self.lost(error);
-                Err(refused)
+        let answer = read_total(self.connected()?);
+        self.answered = Instant::now();
+        match answer {
+            Ok(total) => Ok(total),
+            // A lone SELECT's ERROR leaves the session as it was.
+            Err(Failure::Postgres(error)) if is_statement_error(&error) => {
+                Err(CommitError::Refused(refusal(&error)))
             }
+            Err(Failure::Postgres(error)) => {
+                let why = explain(&error);
+                self.lost(&why);
+                Err(CommitError::Refused(io::Error::other(why)))
+            }
+            Err(Failure::Unreadable(error)) => Err(CommitError::Refused(error)),
         }
     }
 
@@ -261,10 +408,11 @@ impl PostgresStore {
             Ok(client) => client.simple_query(&query),
             Err(error) => return Err(error.into_io()),
         };
+        self.answered = Instant::now();
         let messages = answer.map_err(|error| {
-            let why = io::Error::other(explain(&error));
-            self.lost(error);
-            why
+            let why = explain(&error);
+            self.lost(&why);
+            io::Error::other(why)
         })?;
         let Some(values) = last_row(&messages, 2)? else {
             return Err(io::Error::other("the counter's row is missing"));
@@ -294,10 +442,11 @@ impl Durable for PostgresStore {
         })?;
         let (writer, batch) = (&self.writer, self.batch + 1);
         // Numbers and the hex writer id only: nothing here needs quoting.
+        // An UPDATE, not an upsert: a total's row deleted meanwhile is an
+        // error, not a count started again from this batch.
         let query = format!(
             "BEGIN;
-             INSERT INTO gateway_counter (id, total) VALUES (1, {increments})
-               ON CONFLICT (id) DO UPDATE SET total = gateway_counter.total + EXCLUDED.total
+             UPDATE gateway_counter SET total = total + {increments} WHERE id = 1
                RETURNING total;
              INSERT INTO gateway_counter_writers (writer, last_batch, updated) VALUES ('{writer}', {batch}, now())
                ON CONFLICT (writer) DO UPDATE
@@ -306,15 +455,24 @@ impl Durable for PostgresStore {
              SET LOCAL statement_timeout = 0;
              COMMIT;"
         );
+        // Up to here nothing of the batch has been handed to the client:
+        // a connection found closed was replaced, and the batch goes out
+        // on the new one (see `closed_while_idle`).
         let answer = self.connected()?.simple_query(&query);
         // Sent, or maybe sent: this number is never used again.
         self.batch = batch;
+        self.answered = Instant::now();
         // The answer comes back after the COMMIT's: a total here is durable.
         match answer {
-            Ok(messages) => match first_row(&messages, 1)
-                .and_then(|row| parse_number(row.and_then(|r| r[0].clone()).as_deref()))
-            {
-                Ok(total) => Ok(total),
+            Ok(messages) => match first_row(&messages, 1) {
+                Ok(Some(row)) => parse_number(row[0].as_deref()).map_err(|error| {
+                    self.unsettled = Some(batch);
+                    CommitError::Unsettled(error)
+                }),
+                // Every statement was answered, the COMMIT too, and the
+                // UPDATE found no row: nothing was added (the writer's
+                // record of this number alone committed, harmlessly).
+                Ok(None) => Err(CommitError::Refused(io::Error::other(ROW_GONE))),
                 // An answer this store's query does not give: settled
                 // like a lost one, by the writer's record.
                 Err(error) => {
@@ -327,16 +485,15 @@ impl Durable for PostgresStore {
             // transaction, so it is not used again.
             Err(error) if is_statement_error(&error) => {
                 self.client = None;
-                Err(CommitError::Refused(io::Error::other(explain(&error))))
+                Err(CommitError::Refused(refusal(&error)))
             }
             Err(error) => {
-                let why = io::Error::other(format!(
-                    "the connection was lost during the commit: {}",
-                    explain(&error)
-                ));
-                self.lost(error);
+                let why = explain(&error);
+                self.lost(&why);
                 self.unsettled = Some(batch);
-                Err(CommitError::Unsettled(why))
+                Err(CommitError::Unsettled(io::Error::other(format!(
+                    "the connection was lost during the commit: {why}"
+                ))))
             }
         }
     }
@@ -395,15 +552,12 @@ pub fn describe(config: &Config) -> String {
     line
 }
 
-/// The total in the database (0 if its row is not there yet): the outer
-/// error is the connection's or the server's, the inner one an answer that
-/// is not a count.
-fn read_total(client: &mut Client) -> Result<io::Result<u64>, postgres::Error> {
+/// The total in the database. Its row is made with the tables, so a
+/// missing one was deleted: an error, not a count of 0.
+fn read_total(client: &mut Client) -> Result<u64, Failure> {
     let messages = client.simple_query("SELECT total FROM gateway_counter WHERE id = 1")?;
-    Ok(first_row(&messages, 1).and_then(|row| match row {
-        Some(values) => parse_number(values[0].as_deref()),
-        None => Ok(0),
-    }))
+    let row = first_row(&messages, 1)?.ok_or_else(|| io::Error::other(ROW_GONE))?;
+    Ok(parse_number(row[0].as_deref())?)
 }
 
 /// The values of the first row in a simple query's answer, which must have
@@ -451,6 +605,16 @@ fn row_values(
         })
         .collect::<io::Result<Vec<_>>>()
         .map(Some)
+}
+
+fn parse_bool(value: Option<&str>) -> io::Result<bool> {
+    match value {
+        Some("t") => Ok(true),
+        Some("f") => Ok(false),
+        _ => Err(io::Error::other(format!(
+            "expected true or false, the database answered {value:?}"
+        ))),
+    }
 }
 
 fn parse_number(value: Option<&str>) -> io::Result<u64> {

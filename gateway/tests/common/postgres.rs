@@ -164,7 +164,25 @@ impl Postgres {
 
     /// The URL the counter is given.
     pub fn url(&self) -> String {
-        format!("postgres://gateway@{}:{}/postgres", self.addr, self.port)
+        self.url_as("gateway")
+    }
+
+    /// The URL for logging in as `role` (trusted, like every role here).
+    pub fn url_as(&self, role: &str) -> String {
+        format!("postgres://{role}@{}:{}/postgres", self.addr, self.port)
+    }
+
+    /// Ends every counter's session from another session, as an operator's
+    /// `pg_terminate_backend` does, and returns once they are gone; how
+    /// many there were.
+    pub fn terminate_counter_sessions(&self) -> u64 {
+        let ended = self.query(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) \
+             FROM pg_stat_activity WHERE application_name = 'gateway counter'",
+        );
+        ended
+            .parse()
+            .unwrap_or_else(|_| panic!("a number of sessions, not {ended:?}"))
     }
 
     /// Starts the server and returns once it accepts connections.
