@@ -4,11 +4,16 @@
 //! restart (a listener, the backend, the workers…) is logged as such and
 //! left as it runs. A file that no longer loads (a bad key, a certificate
 //! that does not match it) changes nothing: the gateway keeps serving as
-//! it was, and says so. No connection is touched either way.
+//! it was, and says so. No connection is touched either way. A
+//! certificate out of its validity period is served, with a warning, at
+//! start and on each reload that reads it.
 
-use crate::config::Config;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, Escaped};
 use crate::logging::LogLevel;
-use crate::tls::ServerTls;
+use crate::tls::{self, ServerTls};
 
 /// What a reload compares against and acts on.
 pub struct Reloader {
@@ -20,7 +25,12 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Made once the daemon serves, which is when the certificate it
+    /// started with is warned about if it is out of date.
     pub fn new(running: Config, server_tls: Option<&'static ServerTls>, log: LogLevel) -> Self {
+        if server_tls.is_some() {
+            warn_if_out_of_date(&running);
+        }
         Self {
             running,
             server_tls,
@@ -48,6 +58,7 @@ impl Reloader {
         let mut applied = Vec::new();
         if let (Some(tls), Some(certificate)) = (self.server_tls, &new.tls.server) {
             tls.replace_certificate(certificate.clone());
+            warn_if_out_of_date(&new);
             self.running.server.tls_cert = new.server.tls_cert.clone();
             self.running.server.tls_key = new.server.tls_key.clone();
             self.running.tls.server = Some(certificate.clone());
@@ -72,6 +83,44 @@ impl Reloader {
                 "reloaded; the changes in needs_restart take a restart to apply"
             );
         }
+    }
+}
+
+/// Warns when the certificate `config` serves is outside its validity
+/// period: rustls serves it without a word, and clients refuse it, so
+/// the log is where an operator learns why.
+fn warn_if_out_of_date(config: &Config) {
+    let (Some(certificate), Some(file)) = (&config.tls.server, &config.server.tls_cert) else {
+        return;
+    };
+    // A clock before 1970 is no clock to judge a certificate by.
+    let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        return;
+    };
+    let Some(out_of_date) = tls::out_of_date(certificate, now.as_secs() as i64) else {
+        return;
+    };
+    // Relative to the configuration file's folder, as it was read.
+    let file = config.path.parent().unwrap_or(Path::new("")).join(file);
+    let file = Escaped(file.display());
+    let tls::OutOfDate {
+        expired,
+        not_before,
+        not_after,
+    } = out_of_date;
+    if expired {
+        tracing::warn!(
+            %file,
+            %not_after,
+            "server.tls_cert: the certificate has expired; clients that verify it refuse it"
+        );
+    } else {
+        tracing::warn!(
+            %file,
+            %not_before,
+            %not_after,
+            "server.tls_cert: the certificate is not valid yet; clients that verify it refuse it until not_before"
+        );
     }
 }
 

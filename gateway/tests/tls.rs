@@ -239,7 +239,7 @@ async fn sec1_and_pkcs1_keys_serve_too(backend: Backend) {
     std::fs::write(&cert, leaf.chain_pem()).unwrap();
     std::fs::write(&key, leaf.key_sec1_pem()).unwrap();
     let mut served = vec![("SEC1", cert, key, leaf.der.clone())];
-    match ca.rsa_leaf(SERVER_NAMES, folder.path()) {
+    match ca.rsa_leaf(SERVER_NAMES, folder.path(), 2048) {
         Some((cert, key, der)) => served.push(("PKCS#1", cert, key, der)),
         None => common::tls::skip_for_want_of("openssl", "the PKCS#1 key (openssl makes it)"),
     }
@@ -450,6 +450,112 @@ async fn an_expired_certificate_fails_client_verification(backend: Backend) {
             .await
             .is_err()
     );
+}
+
+/// A certificate out of its validity period is served (clients refuse
+/// it, as `an_expired_certificate_fails_client_verification` shows), but
+/// the log says so, naming the file and the date, at start and on each
+/// reload that reads one; a reload to a valid certificate warns of nothing.
+async fn an_out_of_date_certificate_is_warned_of_at_start_and_on_reload(backend: Backend) {
+    let folder = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let expired = ca.leaf_with(SERVER_NAMES, |params| {
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    });
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let mut gateway = serve_tls(
+        GatewayConfig::new(backend, upstream.addr),
+        &expired,
+        folder.path(),
+    );
+    let cert = folder.path().join("server.crt");
+    let cert = cert.to_str().unwrap();
+    let line = wait_for_log_line(&gateway, 0, |line| line.contains("expired")).await;
+    eprintln!("logged at start: {line}");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(cert), "names the file: {line}");
+    assert!(line.contains("2001-01-01 00:00:00 UTC"), "{line}");
+
+    // Not valid yet, on reload.
+    let early = ca.leaf_with(SERVER_NAMES, |params| {
+        params.not_before = rcgen::date_time_ymd(3000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(3001, 1, 1);
+    });
+    early.write(folder.path(), "server");
+    let logged = gateway.log.lock().unwrap().len();
+    gateway.signal("HUP");
+    let line = wait_for_log_line(&gateway, logged, |line| line.contains("not valid yet")).await;
+    eprintln!("logged on reload: {line}");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(cert), "names the file: {line}");
+    assert!(line.contains("3000-01-01 00:00:00 UTC"), "{line}");
+    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+
+    // Expired again, on reload: the reload that reads it warns again.
+    expired.write(folder.path(), "server");
+    let logged = gateway.log.lock().unwrap().len();
+    gateway.signal("HUP");
+    let line = wait_for_log_line(&gateway, logged, |line| line.contains("expired")).await;
+    assert!(line.contains("2001-01-01 00:00:00 UTC"), "{line}");
+    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+
+    // A valid one: served, and nothing to warn of.
+    let valid = ca.leaf(SERVER_NAMES);
+    valid.write(folder.path(), "server");
+    let logged = gateway.log.lock().unwrap().len();
+    gateway.signal("HUP");
+    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    wait_for_certificate(gateway.addr("public"), &ca, &valid).await;
+    let after = gateway.log.lock().unwrap()[logged..].join("\n");
+    assert!(!after.contains("server.tls_cert: the"), "{after}");
+    assert_alive(&mut gateway);
+}
+
+/// An RSA key too small for ring (1024 bits) is a configuration error
+/// (exit 78) that names the key's file and says why, not one saying the
+/// key does not go with its certificate.
+async fn an_rsa_key_of_1024_bits_is_refused_saying_why(backend: Backend) {
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    let ca = TestCa::new("test CA");
+    let Some((cert, key, _)) = ca.rsa_leaf(SERVER_NAMES, dir, 1024) else {
+        common::tls::skip_for_want_of("openssl", "the 1024-bit RSA key (openssl makes it)");
+        return;
+    };
+    let file = dir.join("gateway.toml");
+    let config = GatewayConfig::new(backend, "127.0.0.1:9".parse().unwrap())
+        .server(&server_lines(&cert, &key));
+    std::fs::write(&file, config.render()).unwrap();
+    for check in [true, false] {
+        let how = if check { "--check" } else { "a plain start" };
+        let mut command = tokio::process::Command::new(common::gateway_binary());
+        if check {
+            command.arg("--check");
+        }
+        command
+            .arg("--config")
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{how}: still running after 10 s"))
+            .expect("run gateway");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{how}: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|line| line.contains("server.tls_key"))
+            .unwrap_or_else(|| panic!("{how}: no line names server.tls_key: {stderr}"));
+        assert!(line.contains(key.to_str().unwrap()), "{how}: {line}");
+        assert!(line.contains("RSA key of 1024 bits"), "{how}: {line}");
+        assert!(line.contains("2048, 3072 or 4096 bits"), "{how}: {line}");
+        assert!(!line.contains("does not go with"), "{how}: {line}");
+        if check {
+            eprintln!("{line}");
+        }
+    }
 }
 
 async fn sighup_serves_the_new_certificate_to_new_connections(backend: Backend) {
@@ -1085,6 +1191,8 @@ both_backends!(
     unfinished_handshakes_are_closed_at_the_header_timeout,
     clients_failing_verification_leave_others_served,
     an_expired_certificate_fails_client_verification,
+    an_out_of_date_certificate_is_warned_of_at_start_and_on_reload,
+    an_rsa_key_of_1024_bits_is_refused_saying_why,
     sighup_serves_the_new_certificate_to_new_connections,
     sighup_with_a_bad_key_keeps_the_old_certificate,
     sighup_applies_the_log_level_and_names_what_needs_a_restart,

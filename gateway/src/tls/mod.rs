@@ -20,7 +20,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
 
-pub use self::files::{KeyedError, certified_key, roots};
+pub use self::files::{KeyedError, OutOfDate, certified_key, out_of_date, roots};
 pub use self::io::{FuturesIo, HyperIo};
 pub use self::upstream::{ClientTls, UpstreamStream};
 use crate::time::{Elapsed, timeout_at};

@@ -80,16 +80,17 @@ impl TestCa {
         }
     }
 
-    /// A server certificate for `names` whose key is RSA, made by
-    /// `openssl genrsa` and written PKCS#1 (`RSA PRIVATE KEY`): the chain
-    /// and the key as `folder/rsa.{crt,key}`, and the certificate. `None`
-    /// when there is no `openssl` to make the key.
+    /// A server certificate for `names` whose key is RSA of `bits` bits,
+    /// made by `openssl genrsa` and written PKCS#1 (`RSA PRIVATE KEY`):
+    /// the chain and the key as `folder/rsa-BITS.{crt,key}`, and the
+    /// certificate. `None` when there is no `openssl` to make the key.
     pub fn rsa_leaf(
         &self,
         names: &[&str],
         folder: &Path,
+        bits: u32,
     ) -> Option<(PathBuf, PathBuf, CertificateDer<'static>)> {
-        let key = folder.join("rsa.key");
+        let key = folder.join(format!("rsa-{bits}.key"));
         // OpenSSL 3 writes PKCS#8 unless told -traditional, which 1.1 lacks.
         let genrsa = |extra: &[&str]| {
             std::process::Command::new("openssl")
@@ -97,7 +98,7 @@ impl TestCa {
                 .args(extra)
                 .arg("-out")
                 .arg(&key)
-                .arg("2048")
+                .arg(bits.to_string())
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|status| status.success())
@@ -119,7 +120,7 @@ impl TestCa {
             return None;
         }
         let cert = self.sign(names, |_| {}, &RsaPublicKey(public.stdout));
-        let cert_path = folder.join("rsa.crt");
+        let cert_path = folder.join(format!("rsa-{bits}.crt"));
         std::fs::write(&cert_path, format!("{}{}", cert.pem(), self.pem))
             .expect("write certificate");
         Some((cert_path, key, cert.der().clone()))
