@@ -63,6 +63,11 @@ pub struct Process {
     _config: Option<tempfile::NamedTempFile>,
     /// The folder of the counter's state file, removed with the process.
     pub state: Option<tempfile::TempDir>,
+    /// The folder of the built-in counter's state file when started from a
+    /// [`GatewayConfig`], shared with it: kept while the process runs, so
+    /// that a gateway started from a config that is then dropped still has
+    /// the folder its counter writes in.
+    state_folder: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Process {
@@ -97,6 +102,7 @@ impl Process {
             listening: rx,
             _config: config,
             state: None,
+            state_folder: None,
         }
     }
 
@@ -374,7 +380,12 @@ impl GatewayConfig {
             .arg(file.path())
             .env_remove("RUST_LOG");
         adjust(&mut command);
-        Process::start(command, self.listeners(), Some(file))
+        self.keeping_state(Process::start(command, self.listeners(), Some(file)))
+    }
+
+    fn keeping_state(&self, mut process: Process) -> Process {
+        process.state_folder = Some(self.state.clone());
+        process
     }
 
     /// Starts the gateway the way systemd's socket activation does: the
@@ -402,7 +413,7 @@ impl GatewayConfig {
                 child_fd: 3,
             }])
             .expect("map fd 3");
-        Process::start(command, self.listeners(), Some(file))
+        self.keeping_state(Process::start(command, self.listeners(), Some(file)))
     }
 }
 
