@@ -3,7 +3,10 @@
 //! database restart under load loses no 200 and counts nothing twice (a
 //! commit whose connection was lost is settled, or answered 504 when the
 //! database stays away), and 200s come back by themselves once it is up; a counter started before
-//! its database answers 503 until it is there; a database that refuses
+//! its database answers 503 until it is there; a database that accepts
+//! connections and never answers (a silent host, a stopped postmaster)
+//! holds neither the counter's start nor its visits, which are answered
+//! 503 until it answers; a database that refuses
 //! the counter stops its start, naming it; a connection the server closed
 //! while idle (`idle_session_timeout`, `pg_terminate_backend`) costs no
 //! visit; a role with no right to make tables runs the counter once they
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::Network;
 use common::postgres::Postgres;
-use common::{Backend, Client, Process, counter_tally, request};
+use common::{Answer, Backend, Client, Process, counter_tally, request};
 use http::StatusCode;
 
 fn other(backend: Backend) -> Backend {
@@ -263,6 +266,132 @@ async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend
     assert!(resumed < Duration::from_secs(1), "{resumed:?}");
     assert_eq!(counter_tally(addr).await, 1);
     assert_eq!(db.total(), 1);
+}
+
+/// `answer`, or a failed test (with the counter's log) if it has not come
+/// within 10 s: a counter that hangs fails the test instead of holding it.
+async fn within_10_s(counter: &Process, answer: impl Future<Output = Answer>) -> Answer {
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 10 s:\n{}", counter.log_text()))
+}
+
+/// A database host that accepts connections and never answers (a hung
+/// proxy, a stopped postmaster: its kernel acknowledges everything, so no
+/// TCP timeout fires): the counter starts within its connect timeout and
+/// answers 503, without a new connection per visit while its one attempt
+/// has no answer; once the silent end lets that go, it tries again.
+async fn a_database_that_never_answers_holds_neither_the_start_nor_the_visits(backend: Backend) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let silent = {
+        let (held, accepted) = (held.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((connection, _)) = listener.accept().await {
+                held.lock().unwrap().push(connection);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let url = format!("postgres://gateway@127.0.0.1:{port}/gateway");
+    let started = Instant::now();
+    let counter = tokio::task::block_in_place(|| start_counter(backend, &url));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "started after {took:?}");
+    assert!(
+        counter.log_text().contains("cannot reach the database"),
+        "{}",
+        counter.log_text()
+    );
+
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    for _ in 0..4 {
+        let answer = within_10_s(&counter, client.post("/counter")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        let answer = within_10_s(&counter, client.get("/counter")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        // Past the reconnect interval, so that each visit looks again.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "a new connection while one had no answer:\n{}",
+        counter.log_text()
+    );
+
+    // The connection ends (here closed; a timeout, a restart): so does the
+    // attempt, and the next one is made.
+    held.lock().unwrap().clear();
+    let let_go = Instant::now();
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            let_go.elapsed() < Duration::from_secs(5),
+            "no new attempt once the first ended:\n{}",
+            counter.log_text()
+        );
+        let answer = within_10_s(&counter, client.post("/counter")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    silent.abort();
+}
+
+/// The postmaster hangs (SIGSTOP) under a counter that has counted and
+/// must connect again (its session ended): visits are answered 503 within
+/// the connect timeout, not held; once the postmaster goes on, the
+/// attempt it answers late is used, 200s resume, and the count is exact.
+async fn a_hung_postmaster_is_answered_503_and_counting_resumes_after_it(backend: Backend) {
+    let Some(db) = Postgres::start() else { return };
+    let counter = start_counter(backend, &db.url());
+    let addr = counter.addr("counter");
+    let mut client = Client::connect(addr).await;
+    let mut counted = 0;
+    for _ in 0..2 {
+        let answer = within_10_s(&counter, client.post("/counter")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        counted += 1;
+    }
+    assert_eq!(db.terminate_counter_sessions(), 1);
+
+    let frozen = db.freeze();
+    for _ in 0..3 {
+        let sent = Instant::now();
+        let answer = within_10_s(&counter, client.post("/counter")).await;
+        let took = sent.elapsed();
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            took < Duration::from_secs(4),
+            "answered after {took:?}:\n{}",
+            counter.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(frozen);
+
+    let thawed = Instant::now();
+    loop {
+        let answer = within_10_s(&counter, client.post("/counter")).await;
+        match answer.status {
+            StatusCode::OK => break,
+            StatusCode::SERVICE_UNAVAILABLE => assert!(
+                thawed.elapsed() < Duration::from_secs(5),
+                "no 200 since the postmaster went on:\n{}",
+                counter.log_text()
+            ),
+            status => panic!("unexpected {status}:\n{}", counter.log_text()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    counted += 1;
+    let answer = within_10_s(&counter, client.post("/counter")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    counted += 1;
+    assert_eq!(counter_tally(addr).await, counted);
+    assert_eq!(db.total(), counted);
 }
 
 async fn a_database_that_refuses_the_counter_stops_its_start(backend: Backend) {
@@ -657,5 +786,7 @@ both_backends!(
     a_database_down_longer_than_settling_still_counts_nothing_twice,
     two_hundreds_resume_within_a_second_of_the_database_coming_back,
     a_database_that_refuses_the_counter_stops_its_start,
+    a_database_that_never_answers_holds_neither_the_start_nor_the_visits,
+    a_hung_postmaster_is_answered_503_and_counting_resumes_after_it,
     the_gateway_counts_in_the_database_across_a_backend_switch,
 );

@@ -29,10 +29,20 @@
 //! one instead: see [`closed_while_idle`] for where that line is drawn.
 //!
 //! The client is the blocking `postgres` crate, on the commit thread: it
-//! runs the same under every runtime the gateway serves on.
+//! runs the same under every runtime the gateway serves on. A connection
+//! is made (the socket, logging in, the session's limits, the tables) on
+//! a thread of its own, waited for at most [`CONNECT_TIMEOUT`]: the
+//! client's own timeout bounds the socket's connect only, and a database
+//! whose host accepts connections but never answers (a stopped
+//! postmaster, a hung proxy: its kernel acknowledges everything, so no
+//! TCP timeout fires) would otherwise hold the start, or every visit,
+//! forever. An attempt that has not answered by then is kept, and until
+//! it does, connections are refused at once instead of starting another:
+//! a silent database holds one thread, which ends with its connection.
 
 use std::fmt::Write as _;
 use std::io::{self, Read as _};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use postgres::config::Host;
@@ -47,9 +57,11 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(100);
 /// How long settling a lost commit waits for the lost transaction's row
 /// lock (held while the server has not yet noticed the lost connection).
 const LOCK_WAIT: Duration = Duration::from_secs(1);
-/// Connection set-up, and how long sent data may go unacknowledged before
-/// the connection counts as lost (a database host that vanished).
+/// How long a connection's whole set-up is waited for before the database
+/// counts as unreachable (see [`PostgresStore::connect`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long sent data may go unacknowledged before the connection counts
+/// as lost (a database host that vanished).
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long any statement may run, or wait for a lock, before the server
 /// cancels it (an error: nothing of it committed). Without it a lock held
@@ -124,6 +136,9 @@ enum Failure {
     Postgres(postgres::Error),
     /// An answer that is not what this store's query gives.
     Unreadable(io::Error),
+    /// No connection, and nothing the server said: an attempt with no
+    /// answer yet, or none could be made. As for an unreachable database.
+    Unconnected(String),
 }
 
 impl From<postgres::Error> for Failure {
@@ -143,8 +158,68 @@ impl Failure {
         match self {
             Self::Postgres(error) => explain(error),
             Self::Unreadable(error) => error.to_string(),
+            Self::Unconnected(why) => why.clone(),
         }
     }
+
+    /// Whether this says "not now" rather than "no": at start, waited out
+    /// like an unreachable database (see [`transient`]).
+    fn unreachable(&self) -> bool {
+        match self {
+            Self::Postgres(error) => error.as_db_error().is_none() || transient(error),
+            Self::Unreadable(_) => false,
+            Self::Unconnected(_) => true,
+        }
+    }
+}
+
+/// A connection being made on a thread of its own.
+struct Attempt {
+    started: Instant,
+    /// Whether it looks for the tables too.
+    prepares: bool,
+    /// The connection, with when it was ready, or why there is none.
+    answer: mpsc::Receiver<Result<(Client, Instant), Failure>>,
+}
+
+impl Attempt {
+    /// Starts connecting with `config`; with `writer`, the tables are
+    /// looked for too (see [`prepare`]).
+    fn start(config: &Config, writer: Option<&str>) -> Result<Self, Failure> {
+        let (config, writer) = (config.clone(), writer.map(str::to_owned));
+        let prepares = writer.is_some();
+        let (send, answer) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("gateway-pg-connect".to_owned())
+            .spawn(move || {
+                let made = set_up(&config, writer.as_deref());
+                // With no one left to take it (the process is ending), the
+                // connection closes here.
+                let _ = send.send(made.map(|client| (client, Instant::now())));
+            })
+            .map_err(|error| {
+                Failure::Unconnected(format!(
+                    "cannot start a thread to connect to the database: {error}"
+                ))
+            })?;
+        Ok(Self {
+            started: Instant::now(),
+            prepares,
+            answer,
+        })
+    }
+}
+
+/// A new connection, with its session's limits set, and with `writer` the
+/// tables looked for: everything that waits on the server before a
+/// connection can take a batch.
+fn set_up(config: &Config, writer: Option<&str>) -> Result<Client, Failure> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(&limits())?;
+    if let Some(writer) = writer {
+        prepare(&mut client, writer)?;
+    }
+    Ok(client)
 }
 
 /// Whether the server closed `client`'s connection while it sat idle
@@ -193,6 +268,9 @@ pub struct PostgresStore {
     /// Whether the tables were found (or made) on a connection of this
     /// process: later connections do not make them again.
     prepared: bool,
+    /// A connection attempt that had no answer in [`CONNECT_TIMEOUT`]:
+    /// until it has one, no other is started.
+    attempt: Option<Attempt>,
     /// When the connection last answered, or was made.
     answered: Instant,
 }
@@ -257,9 +335,10 @@ pub fn parse_url(url: &str) -> Result<Config, String> {
 impl PostgresStore {
     /// Connects to the database at `url` and makes the tables where absent;
     /// returns the store and the count it holds. A database that cannot be
-    /// reached is tried again with the first commit (visits are answered
-    /// 503 until then); one that answers with an error (a wrong password,
-    /// no such database, no right to make absent tables) is an error here.
+    /// reached, or does not answer within [`CONNECT_TIMEOUT`], is tried
+    /// again with the first commit (visits are answered 503 until then);
+    /// one that answers with an error (a wrong password, no such database,
+    /// no right to make absent tables) is an error here.
     pub fn open(url: &str) -> io::Result<(Self, u64)> {
         let mut config = parse_url(url).map_err(io::Error::other)?;
         config
@@ -279,18 +358,20 @@ impl PostgresStore {
             batch: 0,
             unsettled: None,
             prepared: false,
+            attempt: None,
             answered: Instant::now(),
         };
         let opened = store.connect().and_then(read_total);
         let total = match opened {
             Ok(total) => total,
-            Err(Failure::Postgres(error)) if error.as_db_error().is_none() || transient(&error) => {
+            Err(failure) if failure.unreachable() => {
+                let why = failure.explain();
                 tracing::warn!(
                     store = store.describe(),
-                    error = explain(&error),
+                    error = why,
                     "cannot reach the database; visits are answered 503 until it is back"
                 );
-                store.lost(&explain(&error));
+                store.lost(&why);
                 0
             }
             Err(failure) => {
@@ -305,19 +386,47 @@ impl PostgresStore {
     }
 
     /// A new connection, with its session's limits set, and the tables
-    /// looked for if no connection of this process has yet.
+    /// looked for if no connection of this process has yet: made on a
+    /// thread of its own and waited for at most [`CONNECT_TIMEOUT`]. An
+    /// attempt not answered by then is kept, and the next call takes its
+    /// outcome if it has one, or is refused at once if not, so that a
+    /// database that never answers holds one thread, not one per call.
     fn connect(&mut self) -> Result<&mut Client, Failure> {
         self.client = None;
-        let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&limits())?;
-        if !self.prepared {
-            prepare(&mut client, &self.writer)?;
+        let (attempt, wait) = match self.attempt.take() {
+            Some(earlier) => (earlier, Duration::ZERO),
+            None => {
+                let writer = (!self.prepared).then_some(self.writer.as_str());
+                (Attempt::start(&self.config, writer)?, CONNECT_TIMEOUT)
+            }
+        };
+        let (mut client, ready) = match attempt.answer.recv_timeout(wait) {
+            Ok(made) => made?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let waited = attempt.started.elapsed().as_secs();
+                self.attempt = Some(attempt);
+                return Err(Failure::Unconnected(format!(
+                    "a connection attempt to the database has had no answer for {waited} s"
+                )));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure::Unconnected(
+                    "the connection attempt to the database ended without an outcome".to_owned(),
+                ));
+            }
+        };
+        if attempt.prepares {
             self.prepared = true;
+        }
+        // An attempt answered late made its connection a while ago: the
+        // server may have closed it since, as it may an idle one.
+        if let Some(why) = closed_while_idle(&mut client, ready) {
+            return Err(Failure::Unconnected(why));
         }
         if let Some(since) = self.lost_since.take() {
             tracing::info!(store = self.describe(), after = ?since.elapsed(), "database reconnected");
         }
-        self.answered = Instant::now();
+        self.answered = ready;
         Ok(self.client.insert(client))
     }
 
@@ -379,8 +488,8 @@ impl PostgresStore {
             Err(Failure::Postgres(error)) if is_statement_error(&error) => {
                 Err(CommitError::Refused(refusal(&error)))
             }
-            Err(Failure::Postgres(error)) => {
-                let why = explain(&error);
+            Err(failure @ (Failure::Postgres(_) | Failure::Unconnected(_))) => {
+                let why = failure.explain();
                 self.lost(&why);
                 Err(CommitError::Refused(io::Error::other(why)))
             }

@@ -264,6 +264,37 @@ impl Postgres {
     pub fn folder(&self) -> &Path {
         self.folder.path()
     }
+
+    /// Stops the postmaster (SIGSTOP) until the guard is dropped: a hung
+    /// database host, whose kernel still completes new connections and
+    /// acknowledges what they send, and never answers. Sessions already
+    /// open go on: end the counter's first to make it connect again.
+    pub fn freeze(&self) -> Frozen {
+        let pid = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .expect("read postmaster.pid");
+        let pid = pid
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .unwrap_or_else(|| panic!("a postmaster pid in {pid:?}"));
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP)
+            .expect("stop the postmaster");
+        Frozen { pid }
+    }
+}
+
+/// A stopped postmaster, continued (SIGCONT) on drop, a failed test's
+/// included, so that none is left behind and the server can be stopped.
+/// Dropped before its [`Postgres`] where declared after it.
+pub struct Frozen {
+    pid: rustix::process::Pid,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::CONT);
+    }
 }
 
 impl Drop for Postgres {
