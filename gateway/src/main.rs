@@ -116,6 +116,9 @@ fn main() -> ExitCode {
     };
     if cli.check {
         println!("configuration ok: {}", config.summary());
+        if let Some(warning) = gateway::reload::certificate_out_of_date(&config) {
+            eprintln!("gateway: warning: {warning}");
+        }
         return ExitCode::SUCCESS;
     }
     let log = gateway::logging::init(&config.log.level);

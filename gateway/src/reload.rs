@@ -90,38 +90,37 @@ impl Reloader {
 /// period: rustls serves it without a word, and clients refuse it, so
 /// the log is where an operator learns why.
 fn warn_if_out_of_date(config: &Config) {
+    if let Some(warning) = certificate_out_of_date(config) {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// What to tell an operator when the certificate `config` serves is
+/// outside its validity period: its file and the date passed or to come.
+/// `gateway --check` prints it too.
+pub fn certificate_out_of_date(config: &Config) -> Option<String> {
     let (Some(certificate), Some(file)) = (&config.tls.server, &config.server.tls_cert) else {
-        return;
+        return None;
     };
     // A clock before 1970 is no clock to judge a certificate by.
-    let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
-        return;
-    };
-    let Some(out_of_date) = tls::out_of_date(certificate, now.as_secs() as i64) else {
-        return;
-    };
-    // Relative to the configuration file's folder, as it was read.
-    let file = config.path.parent().unwrap_or(Path::new("")).join(file);
-    let file = Escaped(file.display());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
     let tls::OutOfDate {
         expired,
         not_before,
         not_after,
-    } = out_of_date;
-    if expired {
-        tracing::warn!(
-            %file,
-            %not_after,
-            "server.tls_cert: the certificate has expired; clients that verify it refuse it"
-        );
+    } = tls::out_of_date(certificate, now.as_secs() as i64)?;
+    // Relative to the configuration file's folder, as it was read.
+    let file = config.path.parent().unwrap_or(Path::new("")).join(file);
+    let file = Escaped(file.display());
+    Some(if expired {
+        format!(
+            "server.tls_cert: the certificate has expired; clients that verify it refuse it (file {file}, not_after {not_after})"
+        )
     } else {
-        tracing::warn!(
-            %file,
-            %not_before,
-            %not_after,
-            "server.tls_cert: the certificate is not valid yet; clients that verify it refuse it until not_before"
-        );
-    }
+        format!(
+            "server.tls_cert: the certificate is not valid yet; clients that verify it refuse it until not_before (file {file}, not_before {not_before}, not_after {not_after})"
+        )
+    })
 }
 
 /// The sections (or keys) of `new` that differ from `running` in what a

@@ -54,31 +54,6 @@ fn assert_alive(gateway: &mut Process) {
     );
 }
 
-/// Waits (at most 5 s) for a log line from index `from` on that
-/// satisfies `wanted`; the line.
-async fn wait_for_log_line(
-    gateway: &Process,
-    from: usize,
-    wanted: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found = gateway.log.lock().unwrap()[from..]
-            .iter()
-            .find(|line| wanted(line))
-            .cloned();
-        if let Some(line) = found {
-            return line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no such log line within 5 s; the log:\n{}",
-            gateway.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// New connections until one shows `expected` (at most 5 s): a reload is
 /// applied some time after the signal.
 async fn wait_for_certificate(addr: std::net::SocketAddr, ca: &TestCa, expected: &Leaf) {
@@ -454,8 +429,9 @@ async fn an_expired_certificate_fails_client_verification(backend: Backend) {
 
 /// A certificate out of its validity period is served (clients refuse
 /// it, as `an_expired_certificate_fails_client_verification` shows), but
-/// the log says so, naming the file and the date, at start and on each
-/// reload that reads one; a reload to a valid certificate warns of nothing.
+/// the log says so, naming the file and the date, at start (and
+/// `--check`) and on each reload that reads one; a reload to a valid
+/// certificate warns of nothing.
 async fn an_out_of_date_certificate_is_warned_of_at_start_and_on_reload(backend: Backend) {
     let folder = tempfile::tempdir().unwrap();
     let ca = TestCa::new("test CA");
@@ -471,11 +447,27 @@ async fn an_out_of_date_certificate_is_warned_of_at_start_and_on_reload(backend:
     );
     let cert = folder.path().join("server.crt");
     let cert = cert.to_str().unwrap();
-    let line = wait_for_log_line(&gateway, 0, |line| line.contains("expired")).await;
+    let line = gateway
+        .wait_for_log_line(0, |line| line.contains("expired"))
+        .await;
     eprintln!("logged at start: {line}");
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains(cert), "names the file: {line}");
     assert!(line.contains("2001-01-01 00:00:00 UTC"), "{line}");
+    // `--check` passes the configuration, and says the same.
+    let output = std::process::Command::new(common::gateway_binary())
+        .arg("--check")
+        .arg("--config")
+        .arg(gateway.config_path().unwrap())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("has expired") && said.contains(cert),
+        "{said}"
+    );
+    assert!(said.contains("2001-01-01 00:00:00 UTC"), "{said}");
 
     // Not valid yet, on reload.
     let early = ca.leaf_with(SERVER_NAMES, |params| {
@@ -485,27 +477,37 @@ async fn an_out_of_date_certificate_is_warned_of_at_start_and_on_reload(backend:
     early.write(folder.path(), "server");
     let logged = gateway.log.lock().unwrap().len();
     gateway.signal("HUP");
-    let line = wait_for_log_line(&gateway, logged, |line| line.contains("not valid yet")).await;
+    let line = gateway
+        .wait_for_log_line(logged, |line| line.contains("not valid yet"))
+        .await;
     eprintln!("logged on reload: {line}");
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains(cert), "names the file: {line}");
     assert!(line.contains("3000-01-01 00:00:00 UTC"), "{line}");
-    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    gateway
+        .wait_for_log_line(logged, |line| line.contains("reloaded"))
+        .await;
 
     // Expired again, on reload: the reload that reads it warns again.
     expired.write(folder.path(), "server");
     let logged = gateway.log.lock().unwrap().len();
     gateway.signal("HUP");
-    let line = wait_for_log_line(&gateway, logged, |line| line.contains("expired")).await;
+    let line = gateway
+        .wait_for_log_line(logged, |line| line.contains("expired"))
+        .await;
     assert!(line.contains("2001-01-01 00:00:00 UTC"), "{line}");
-    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    gateway
+        .wait_for_log_line(logged, |line| line.contains("reloaded"))
+        .await;
 
     // A valid one: served, and nothing to warn of.
     let valid = ca.leaf(SERVER_NAMES);
     valid.write(folder.path(), "server");
     let logged = gateway.log.lock().unwrap().len();
     gateway.signal("HUP");
-    wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    gateway
+        .wait_for_log_line(logged, |line| line.contains("reloaded"))
+        .await;
     wait_for_certificate(gateway.addr("public"), &ca, &valid).await;
     let after = gateway.log.lock().unwrap()[logged..].join("\n");
     assert!(!after.contains("server.tls_cert: the"), "{after}");
@@ -614,10 +616,11 @@ async fn sighup_with_a_bad_key_keeps_the_old_certificate(backend: Backend) {
     let logged = gateway.log.lock().unwrap().len();
     gateway.signal("HUP");
     // The line that tells the outcome, not one announcing the reload.
-    let line = wait_for_log_line(&gateway, logged, |line| {
-        line.contains("reload failed") && line.contains("server.tls_key")
-    })
-    .await;
+    let line = gateway
+        .wait_for_log_line(logged, |line| {
+            line.contains("reload failed") && line.contains("server.tls_key")
+        })
+        .await;
     eprintln!("logged on the bad reload: {line}");
 
     for _ in 0..3 {
@@ -748,7 +751,9 @@ async fn sighup_applies_the_log_level_and_names_what_needs_a_restart(backend: Ba
     std::fs::write(path, changed).unwrap();
     let logged = gateway.log.lock().unwrap().len();
     gateway.signal("HUP");
-    let line = wait_for_log_line(&gateway, logged, |line| line.contains("reloaded")).await;
+    let line = gateway
+        .wait_for_log_line(logged, |line| line.contains("reloaded"))
+        .await;
     assert!(
         line.contains("log.level") && line.contains("needs_restart=server"),
         "{line}"
@@ -757,7 +762,9 @@ async fn sighup_applies_the_log_level_and_names_what_needs_a_restart(backend: Ba
     // The same process, now at debug level.
     let reply = raw_exchange(public, refused, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
-    wait_for_log_line(&gateway, logged, |line| line.contains("request refused")).await;
+    gateway
+        .wait_for_log_line(logged, |line| line.contains("request refused"))
+        .await;
     assert_eq!(common::get(public, "/").await.status, StatusCode::OK);
 }
 
@@ -898,11 +905,12 @@ async fn https_upstream_that_does_not_verify_gives_502_and_no_visit(backend: Bac
             "{case}: no request reached the counter"
         );
         assert_eq!(upstream.handshakes(), 0, "{case}");
-        let line = wait_for_log_line(&gateway, 0, |line| {
-            let line = line.to_ascii_lowercase();
-            line.contains("certificate") || line.contains("tls")
-        })
-        .await;
+        let line = gateway
+            .wait_for_log_line(0, |line| {
+                let line = line.to_ascii_lowercase();
+                line.contains("certificate") || line.contains("tls")
+            })
+            .await;
         eprintln!("{case}: {line}");
     }
 }
