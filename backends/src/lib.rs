@@ -40,6 +40,13 @@ pub trait Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {
     /// carry a request: the peer has not closed or reset it and has sent
     /// nothing unasked. Never waits.
     fn is_reusable(&mut self) -> bool;
+
+    /// Ready once something may be read (bytes, the end of the stream, an
+    /// error), without reading it and without a buffer: how a server waits
+    /// on a connection it keeps idle at the cost of its socket alone. It may
+    /// be ready when nothing came after all; a read then says so.
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>)
+    -> std::task::Poll<io::Result<()>>;
 }
 
 /// How a runtime spreads tasks over its worker threads

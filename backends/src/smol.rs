@@ -153,6 +153,14 @@ impl crate::Stream for SmolStream {
         }
     }
 
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.may_be_readable {
+            ready!(self.io.poll_readable(cx))?;
+            self.may_be_readable = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn is_reusable(&mut self) -> bool {
         if let (false, Some(arrived)) = (self.may_be_readable, &self.arrived) {
             return !arrived.0.load(Ordering::Acquire);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -115,6 +115,10 @@ impl crate::Stream for TokioIo<tokio::net::TcpStream> {
             self.inner().try_read(&mut [0; 1]),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock
         )
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner().poll_read_ready(cx)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Connection lifetimes and process lifetime: header-read and idle
-//! timeouts, the connection cap, SIGTERM, and the signals that must not end
+//! timeouts, parked idle connections, the connection cap, SIGTERM, and the signals that must not end
 //! the process, during start-up too.
 
 mod common;
@@ -16,6 +16,121 @@ async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
     read_until_close(stream, limit).await;
     started.elapsed()
+}
+
+/// Longer than the gateway waits before parking an idle connection
+/// (taking hyper's connection apart, keeping only the socket).
+const PARKED: Duration = Duration::from_millis(600);
+
+/// Reads from `stream` until `count` welcomes have arrived; the text.
+async fn read_welcomes(stream: &mut TcpStream, count: usize) -> String {
+    let mut seen = String::new();
+    let mut buf = [0; 4096];
+    while seen.matches("Welcome to my site!").count() < count {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}
+
+/// A parked connection serves on as before: a visit, then a pipelined
+/// pair (both answered, in order), then a request whose head comes in two
+/// parts, each counted once; a half-close after a request is answered,
+/// then closed.
+async fn a_parked_connection_serves_on(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr).start();
+    let mut stream = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    stream.write_all(GET).await.unwrap();
+    read_welcomes(&mut stream, 1).await;
+
+    tokio::time::sleep(PARKED).await;
+    stream.write_all(GET).await.unwrap();
+    read_welcomes(&mut stream, 1).await;
+
+    tokio::time::sleep(PARKED).await;
+    stream.write_all(&[GET, GET].concat()).await.unwrap();
+    let pair = read_welcomes(&mut stream, 2).await;
+    assert_eq!(pair.matches("HTTP/1.1 200 OK").count(), 2, "{pair}");
+
+    tokio::time::sleep(PARKED).await;
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"host: x\r\n\r\n").await.unwrap();
+    read_welcomes(&mut stream, 1).await;
+
+    tokio::time::sleep(PARKED).await;
+    stream.write_all(GET).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let last = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(last.contains("Welcome to my site!"), "{last}");
+    assert_eq!(upstream.accepted_visits(), 6, "every visit counted once");
+}
+
+/// A parked connection's timeouts hold: the idle timeout from its last
+/// answer, and the header-read timeout for a head begun after it woke.
+async fn a_parked_connection_keeps_its_timeouts(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("header_read_timeout_ms = 1000\nidle_timeout_ms = 1500")
+        .start();
+    let mut idle = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    let mut slow = TcpStream::connect(gateway.addr("public")).await.unwrap();
+    for stream in [&mut idle, &mut slow] {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_welcomes(stream, 1).await;
+    }
+    tokio::time::sleep(PARKED).await;
+    slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let began = Instant::now();
+    let (idle_closed, slow_closed) = tokio::join!(
+        time_to_close(&mut idle, Duration::from_secs(5)),
+        time_to_close(&mut slow, Duration::from_secs(5)),
+    );
+    // The idle one: 1.5 s from its answer, PARKED of which had passed.
+    let idle_closed = idle_closed + PARKED;
+    assert!(
+        idle_closed >= Duration::from_millis(1400) && idle_closed < Duration::from_millis(2600),
+        "idle closed after {idle_closed:?}"
+    );
+    assert!(
+        slow_closed >= Duration::from_millis(900) && slow_closed < Duration::from_millis(2000),
+        "the slow head closed after {slow_closed:?} ({:?} since it began)",
+        began.elapsed()
+    );
+}
+
+/// SIGTERM closes parked connections at once and exits 0.
+async fn sigterm_closes_parked_connections_at_once(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server("shutdown_timeout_ms = 10000")
+        .start();
+    let mut parked = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(gateway.addr("public")).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_welcomes(&mut stream, 1).await;
+        parked.push(stream);
+    }
+    tokio::time::sleep(PARKED).await;
+    gateway.terminate();
+    for stream in &mut parked {
+        let took = time_to_close(stream, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    }
+    gateway.assert_exits_0_within(Duration::from_secs(5)).await;
 }
 
 async fn idle_keep_alive_outlives_the_header_timeout(backend: Backend) {
@@ -425,6 +540,9 @@ async fn log_lines_are_timestamped_except_under_journald(backend: Backend) {
 }
 
 both_backends!(
+    a_parked_connection_serves_on,
+    a_parked_connection_keeps_its_timeouts,
+    sigterm_closes_parked_connections_at_once,
     idle_keep_alive_outlives_the_header_timeout,
     idle_connection_is_closed_after_idle_timeout,
     silent_and_slow_clients_are_closed_at_the_header_timeout,

@@ -6,6 +6,13 @@
 //! The timeouts are kept here rather than by hyper: each connection tracks
 //! its [`Phase`], and one resettable timer per connection, re-armed lazily,
 //! enforces the phase's deadline (the `phase` module says why).
+//!
+//! A keep-alive connection left idle is parked: hyper's connection, with
+//! its buffers, is taken apart, and the task waits on the socket alone
+//! until the next bytes come, when a new one takes over (see
+//! [`serve_connection`]). Most of a public gateway's connections are idle;
+//! parked, each costs the socket's registration, its timer, its stop
+//! listener and a small task.
 
 mod phase;
 
@@ -16,12 +23,12 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use async_lock::{Semaphore, SemaphoreGuardArc};
 use backends::Runtime;
-use event_listener::Event;
+use event_listener::{Event, EventListener};
 use futures_lite::future::{self, poll_fn};
 use hyper::body::Body as _;
 use hyper::rt::Timer;
@@ -168,31 +175,31 @@ pub async fn serve<R: Runtime, S: Service>(
                 // per core is the acceptor's own, and shared is any worker.
                 let worker = next_worker;
                 next_worker = (next_worker + 1) % services.len();
-                // The accepted socket is in no reactor yet: the task that
-                // serves it registers it with its own worker's, once.
-                let connection = async move {
-                    let stream = match R::adopt_stream(stream) {
-                        Ok(stream) => stream,
-                        Err(error) => {
-                            tracing::debug!(%peer, %error, "cannot register the connection");
-                            return;
-                        }
-                    };
-                    let connection = Accepted {
-                        peer,
-                        at: accepted,
-                        service: services[worker],
-                        settings,
-                        builder,
-                        stop: stop.latch(),
-                        open,
-                    };
-                    match settings.tls {
-                        None => serve_connection::<R, S, _>(stream, "none", connection).await,
-                        Some(tls) => serve_tls::<R, S>(tls, stream, connection).await,
-                    }
+                let connection = Accepted {
+                    peer,
+                    at: accepted,
+                    service: services[worker],
+                    settings,
+                    builder,
+                    stop: stop.latch(),
+                    open,
                 };
-                R::spawn_on(worker, connection);
+                // The accepted socket is in no reactor yet: the task that
+                // serves it registers it with its own worker's, once. Each
+                // kind of connection is a task of its own type, so that a
+                // plain one's is no larger than it needs.
+                match settings.tls {
+                    None => R::spawn_on(
+                        worker,
+                        serve_connection::<R, S, _>(
+                            move |peer| adopt::<R>(stream, peer),
+                            "none",
+                            Box::new(connection),
+                            Some(backends::Stream::poll_readable),
+                        ),
+                    ),
+                    Some(tls) => R::spawn_on(worker, serve_tls::<R, S>(tls, stream, connection)),
+                }
             }
             Some(Err(error)) => {
                 drop(permit);
@@ -244,6 +251,8 @@ fn is_resource_exhaustion(error: &io::Error) -> bool {
 enum Ended {
     Closed(Result<(), hyper::Error>),
     TimedOut(Phase),
+    /// Waiting for a parked connection to be readable failed.
+    Unreadable(io::Error),
 }
 
 /// An accepted connection and what serves it.
@@ -265,16 +274,21 @@ struct Accepted<S: 'static> {
 /// passes, is closed. Each of those is counted.
 async fn serve_tls<R: Runtime, S: Service>(
     tls: &'static ServerTls,
-    stream: R::Stream,
+    stream: std::net::TcpStream,
     connection: Accepted<S>,
 ) {
     let settings = connection.settings;
     let peer = connection.peer;
     let deadline = connection.at + settings.header_read_timeout;
+    let Some(stream) = adopt::<R>(stream, peer) else {
+        return;
+    };
     let failure = match tls.accept::<R, _>(stream, deadline).await {
         Ok(stream) => {
             let version = tls::version_name(&stream);
-            return serve_connection::<R, S, _>(stream, version, connection).await;
+            let open_stream = move |_| Some(stream);
+            return serve_connection::<R, S, _>(open_stream, version, Box::new(connection), None)
+                .await;
         }
         Err(failure) => failure,
     };
@@ -297,176 +311,370 @@ async fn serve_tls<R: Runtime, S: Service>(
     }
 }
 
-/// Serves HTTP/1.1 over `stream` (a TCP stream, or TLS over one, whose
-/// version `tls` names for the access log) until it closes or times out.
-async fn serve_connection<R, S, I>(stream: I, tls: &'static str, connection: Accepted<S>)
-where
+/// How a connection's stream is waited on while it is parked: ready once
+/// something may be read, with no buffer. `None` for a stream that cannot
+/// be parked (TLS: rustls may hold what the socket no longer shows).
+type Park<I> = Option<Readable<I>>;
+type Readable<I> = fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>>;
+
+/// What a connection keeps from its accept to its close, whether hyper
+/// serves it or it is parked: kept small, since a parked connection is
+/// little more than this.
+struct Watch<R: Runtime, S: 'static> {
+    peer: SocketAddr,
+    /// The TLS version, for the access log ("none").
+    tls: &'static str,
+    service: &'static S,
+    settings: &'static ServerSettings,
+    builder: &'static http1::Builder,
+    stop: &'static Latch,
+    activity: Arc<Activity>,
+    /// One timer for every deadline of the connection, re-armed lazily.
+    timer: R::Timer,
+    sleep: Pin<Box<dyn hyper::rt::Sleep>>,
+    /// When the sleep fires; `None` once it has fired (a fired sleep may
+    /// never fire again until it is reset).
+    armed: Option<Instant>,
+    stop_listener: Option<EventListener>,
+    /// The waker the stop listener holds. Polling the listener locks the
+    /// latch's list, which every connection shares (it showed in profiles
+    /// with many connections), so it is only polled again when the task's
+    /// waker changes; the flag itself is checked on every poll.
+    stop_waker: Option<Waker>,
+}
+
+impl<R: Runtime, S: Service> Watch<R, S> {
+    /// Whether shutdown has come: the stop listener is then spent.
+    fn stopping(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(listener) = &mut self.stop_listener {
+            let registered = self
+                .stop_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            if self.stop.is_set() || (!registered && Pin::new(listener).poll(cx).is_ready()) {
+                self.stop_listener = None;
+            } else if !registered {
+                self.stop_waker = Some(cx.waker().clone());
+            }
+        }
+        self.stop_listener.is_none()
+    }
+
+    /// Waits for the earliest of `deadlines`: ready with the index of the
+    /// first one passed.
+    fn wait_for(&mut self, cx: &mut Context<'_>, deadlines: [Option<Instant>; 2]) -> Poll<usize> {
+        loop {
+            let Some(next) = deadlines.iter().flatten().min().copied() else {
+                return Poll::Pending;
+            };
+            if self.armed.is_none_or(|armed| next < armed) {
+                self.timer.reset(&mut self.sleep, next);
+                self.armed = Some(next);
+            }
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    self.armed = None;
+                    let now = Instant::now();
+                    if let Some(passed) = deadlines.iter().position(|d| d.is_some_and(|d| now >= d))
+                    {
+                        return Poll::Ready(passed);
+                    }
+                    // Fired for an earlier phase; wait for this one's deadline.
+                }
+            }
+        }
+    }
+
+    /// When the phase the connection is in times out.
+    fn deadline(&self) -> Option<Instant> {
+        self.activity.deadline(self.settings)
+    }
+}
+
+/// Registers an accepted socket with the calling worker's reactor; `None`
+/// (logged) if it cannot be.
+fn adopt<R: Runtime>(stream: std::net::TcpStream, peer: SocketAddr) -> Option<R::Stream> {
+    R::adopt_stream(stream)
+        .inspect_err(|error| tracing::debug!(%peer, %error, "cannot register the connection"))
+        .ok()
+}
+
+/// Serves HTTP/1.1 over the stream `open_stream` gives (a TCP stream, or
+/// TLS over one, whose version `tls` names for the access log) until it
+/// closes or times out.
+///
+/// A keep-alive connection that stays idle, its answer flushed, for
+/// [`phase::PARK_AFTER`] is parked, where `park` allows: hyper's connection
+/// is taken apart (its read and write buffers, its cached headers and
+/// its service slot freed) and only the stream, the timer and the stop
+/// listener wait for the next bytes; then a new hyper connection takes
+/// over. A busy connection is never parked, so it never pays for building
+/// one again. What is kept meanwhile is a [`Watch`]; the steps are
+/// functions of their own, so that what only one of them needs is not
+/// kept by the task while it is parked.
+async fn serve_connection<R, S, I>(
+    open_stream: impl FnOnce(SocketAddr) -> Option<I> + Send + 'static,
+    tls: &'static str,
+    connection: Box<Accepted<S>>,
+    park: Park<I>,
+) where
     R: Runtime,
     S: Service,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let Accepted {
-        peer,
-        at,
-        service,
-        settings,
-        builder,
-        stop,
-        open,
-    } = connection;
-    let activity = Arc::new(Activity::new(Phase::Head, at));
-    let io = WatchedIo {
-        inner: stream,
-        activity: activity.clone(),
+    // A task keeps room for every variable of its function that is still
+    // in scope at a wait: what only the start needs stays in this block
+    // (and the accepted connection comes boxed).
+    let (mut watch, mut io, open) = {
+        // Moved in here, so that its box is freed with the block.
+        let connection = connection;
+        let Accepted {
+            peer,
+            at,
+            service,
+            settings,
+            builder,
+            stop,
+            open,
+        } = *connection;
+        let Some(stream) = open_stream(peer) else {
+            return;
+        };
+        let activity = Arc::new(Activity::new(Phase::Head, at));
+        let io = WatchedIo::new(stream, activity.clone());
+        let timer = R::timer();
+        let first_deadline = activity
+            .deadline(settings)
+            .unwrap_or_else(|| Instant::now() + settings.header_read_timeout);
+        let sleep = timer.sleep_until(first_deadline);
+        let watch = Watch::<R, S> {
+            peer,
+            tls,
+            service,
+            settings,
+            builder,
+            stop,
+            activity,
+            timer,
+            sleep,
+            armed: Some(first_deadline),
+            stop_listener: Some(stop.listener()),
+            stop_waker: None,
+        };
+        (watch, io, open)
     };
-    let service_activity = activity.clone();
-    let hyper_service =
-        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let head_complete = Instant::now();
-            service_activity.enter(Phase::Busy, head_complete);
-            let version = request.version();
-            let activity = service_activity.clone();
-            let logged = settings
-                .access_log
-                .then(|| (request.method().clone(), request.uri().path().to_owned()));
-            // What hyper lets through and RFC 9112 does not (no service should
-            // see it): 400, and the connection closes. Logged here, so that
-            // the future hyper keeps for the request holds no more than it
-            // needs (see `Forward::call`).
-            let violation = request_rules::violation(&request);
-            if let Some(violation) = violation {
-                tracing::debug!(%peer, violation, "request refused");
+    let ended = loop {
+        // Boxed, so that a parked connection's task does not keep room
+        // for what serving takes.
+        let readable = match Box::pin(serve_until_parked(&mut watch, io, park)).await {
+            Ok((taken, readable)) => {
+                io = taken;
+                readable
             }
-            // A service that does not read bodies never waits for one or
-            // reads it: the answer goes out at once, and the connection
-            // closes after it, so nothing behind a body is ever taken for a
-            // request (whether a body that already arrived would be skipped
-            // depends on hyper's buffering, and bodies on GET are a desync
-            // vector). One that reads them (the counter, for a batch's
-            // count) reads each whole or closes the connection itself.
-            let carries_body = !request.body().is_end_stream() && !service.reads_bodies();
-            let response = violation.is_none().then(|| service.call(request, peer));
-            async move {
-                let refused = response.is_none();
-                let mut response = match response {
-                    Some(response) => response.await,
-                    None => status_only(StatusCode::BAD_REQUEST),
-                };
-                if refused || carries_body || asks_to_close(&response) {
-                    close_after(&mut response, version);
-                }
-                let answered = Instant::now();
-                activity.enter(activity.after_answer(), answered);
-                if activity.eof_held() {
-                    // The client half-closed while this request was busy:
-                    // wake the connection (this task) to read that end
-                    // once the answer is out, and close.
-                    poll_fn(|cx| {
-                        cx.waker().wake_by_ref();
-                        Poll::Ready(())
-                    })
-                    .await;
-                }
-                if let Some(metrics) = settings.metrics {
-                    if refused {
-                        metrics.record_bad_request();
-                    } else {
-                        metrics.record_request(response.status(), answered - head_complete);
-                    }
-                }
-                if let Some((method, path)) = logged {
-                    tracing::info!(
-                        target: "access",
-                        listener = settings.name,
-                        %peer,
-                        %method,
-                        path = ?path,
-                        tls,
-                        status = response.status().as_u16(),
-                        micros = (answered - head_complete).as_micros() as u64,
-                    );
-                }
-                Ok::<_, Infallible>(response)
-            }
-        });
-    let mut connection = pin!(builder.serve_connection(io, hyper_service));
-
-    let timer = R::timer();
-    let first_deadline = activity
-        .deadline(settings)
-        .unwrap_or_else(|| Instant::now() + settings.header_read_timeout);
-    let mut sleep = timer.sleep_until(first_deadline);
-    let mut armed = first_deadline;
-    let mut stop_listener = Some(stop.listener());
-    // The waker the stop listener holds. Polling the listener locks the
-    // latch's list, which every connection shares (it showed in profiles
-    // with many connections), so it is only polled again when the task's
-    // waker changes; the flag itself is checked on every poll.
-    let mut stop_waker: Option<Waker> = None;
-    let mut draining = false;
-
-    let ended = poll_fn(|cx| {
-        // On shutdown, a connection between requests is closed at once and
-        // a busy one after its answer; one still reading a head is left to
-        // finish it (or to time out), so a request already sent is served.
-        if let Some(listener) = &mut stop_listener {
-            let registered = stop_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if stop.is_set() || (!registered && Pin::new(listener).poll(cx).is_ready()) {
-                stop_listener = None;
-            } else if !registered {
-                stop_waker = Some(cx.waker().clone());
-            }
+            Err(ended) => break ended,
+        };
+        if let Some(ended) = wait_parked(&mut watch, &mut io, readable).await {
+            break ended;
         }
-        loop {
-            if stop_listener.is_none() && !draining && activity.phase() != Phase::Head {
-                connection.as_mut().graceful_shutdown();
-                draining = true;
-            }
-            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
-                return Poll::Ready(Ended::Closed(result));
-            }
-            // Polling may have moved the connection out of `Head`; if it
-            // is now due for draining, poll it once more to act on that.
-            if stop_listener.is_none() && !draining && activity.phase() != Phase::Head {
-                continue;
-            }
-            break;
-        }
-        loop {
-            let Some(deadline) = activity.deadline(settings) else {
-                return Poll::Pending;
-            };
-            if deadline < armed {
-                timer.reset(&mut sleep, deadline);
-                armed = deadline;
-            }
-            match sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if Instant::now() >= deadline => {
-                    return Poll::Ready(Ended::TimedOut(activity.phase()));
-                }
-                Poll::Ready(()) => {
-                    // Fired for an earlier phase; wait for this one's deadline.
-                    timer.reset(&mut sleep, deadline);
-                    armed = deadline;
-                }
-            }
-        }
-    })
-    .await;
+    };
+    let peer = watch.peer;
     match ended {
         Ended::Closed(Ok(())) => {}
         Ended::Closed(Err(error)) => {
             if error.is_parse() {
-                if let Some(metrics) = settings.metrics {
+                if let Some(metrics) = watch.settings.metrics {
                     metrics.record_bad_request();
                 }
             }
             tracing::debug!(%peer, %error, "connection closed with an error")
         }
+        Ended::Unreadable(error) => tracing::debug!(%peer, %error, "parked connection failed"),
         Ended::TimedOut(phase) => tracing::debug!(%peer, ?phase, "connection timed out"),
     }
     drop(open);
+}
+
+/// Serves `io` with hyper until the connection ends, or is to be parked:
+/// then hyper's connection is taken apart and `io` handed back, with the
+/// way to wait on it.
+async fn serve_until_parked<R, S, I>(
+    watch: &mut Watch<R, S>,
+    mut io: WatchedIo<I>,
+    park: Park<I>,
+) -> Result<(WatchedIo<I>, Readable<I>), Ended>
+where
+    R: Runtime,
+    S: Service,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    loop {
+        // Boxed, so that a parked connection's task no longer holds it.
+        let mut connection = Box::new(watch.builder.serve_connection(
+            io,
+            hyper_service(
+                watch.service,
+                watch.settings,
+                &watch.activity,
+                watch.peer,
+                watch.tls,
+            ),
+        ));
+        let mut draining = false;
+        let readable = poll_fn(|cx| {
+            // On shutdown, a connection between requests is closed at once
+            // and a busy one after its answer; one still reading a head is
+            // left to finish it (or to time out), so a request already sent
+            // is served.
+            let stopped = watch.stopping(cx);
+            loop {
+                if stopped && !draining && watch.activity.phase() != Phase::Head {
+                    Pin::new(&mut *connection).graceful_shutdown();
+                    draining = true;
+                }
+                if let Poll::Ready(result) = Pin::new(&mut *connection).poll(cx) {
+                    return Poll::Ready(Err(Ended::Closed(result)));
+                }
+                // Polling may have moved the connection out of `Head`; if
+                // it is now due for draining, poll it once more to act on
+                // that.
+                if stopped && !draining && watch.activity.phase() != Phase::Head {
+                    continue;
+                }
+                break;
+            }
+            let park = park.filter(|_| !draining);
+            let park_at = park.and_then(|_| watch.activity.park_at());
+            match (
+                ready!(watch.wait_for(cx, [watch.deadline(), park_at])),
+                park,
+            ) {
+                (1, Some(readable)) => Poll::Ready(Ok(readable)),
+                _ => Poll::Ready(Err(Ended::TimedOut(watch.activity.phase()))),
+            }
+        })
+        .await?;
+        let http1::Parts {
+            io: taken,
+            read_buf,
+            ..
+        } = connection.into_parts();
+        io = taken;
+        if read_buf.is_empty() {
+            return Ok((io, readable));
+        }
+        // Bytes of a next request, read but not yet parsed: no wait.
+        io.replay(read_buf);
+    }
+}
+
+/// Waits, with no buffer, until the parked `io` may be read (`None`), or
+/// until it is to close: shutdown, the idle timeout, an error.
+async fn wait_parked<R: Runtime, S: Service, I>(
+    watch: &mut Watch<R, S>,
+    io: &mut WatchedIo<I>,
+    readable: Readable<I>,
+) -> Option<Ended> {
+    poll_fn(|cx| {
+        if watch.stopping(cx) {
+            return Poll::Ready(Some(Ended::Closed(Ok(()))));
+        }
+        match readable(io.inner_mut(), cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(None),
+            Poll::Ready(Err(error)) => return Poll::Ready(Some(Ended::Unreadable(error))),
+            Poll::Pending => {}
+        }
+        ready!(watch.wait_for(cx, [watch.deadline(), None]));
+        Poll::Ready(Some(Ended::TimedOut(watch.activity.phase())))
+    })
+    .await
+}
+
+/// The hyper service for one connection: `service` with the request rules,
+/// the connection's phases, the metrics and the access log around it.
+fn hyper_service<S: Service>(
+    service: &'static S,
+    settings: &'static ServerSettings,
+    activity: &Arc<Activity>,
+    peer: SocketAddr,
+    tls: &'static str,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Send
++ Unpin
++ 'static {
+    let service_activity = activity.clone();
+    hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let head_complete = Instant::now();
+        service_activity.enter(Phase::Busy, head_complete);
+        let version = request.version();
+        let activity = service_activity.clone();
+        let logged = settings
+            .access_log
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        // What hyper lets through and RFC 9112 does not (no service should
+        // see it): 400, and the connection closes. Logged here, so that
+        // the future hyper keeps for the request holds no more than it
+        // needs (see `Forward::call`).
+        let violation = request_rules::violation(&request);
+        if let Some(violation) = violation {
+            tracing::debug!(%peer, violation, "request refused");
+        }
+        // A service that does not read bodies never waits for one or
+        // reads it: the answer goes out at once, and the connection
+        // closes after it, so nothing behind a body is ever taken for a
+        // request (whether a body that already arrived would be skipped
+        // depends on hyper's buffering, and bodies on GET are a desync
+        // vector). One that reads them (the counter, for a batch's
+        // count) reads each whole or closes the connection itself.
+        let carries_body = !request.body().is_end_stream() && !service.reads_bodies();
+        let response = violation.is_none().then(|| service.call(request, peer));
+        async move {
+            let refused = response.is_none();
+            let mut response = match response {
+                Some(response) => response.await,
+                None => status_only(StatusCode::BAD_REQUEST),
+            };
+            if refused || carries_body || asks_to_close(&response) {
+                close_after(&mut response, version);
+            }
+            let answered = Instant::now();
+            activity.answered(answered);
+            if activity.eof_held() {
+                // The client half-closed while this request was busy:
+                // wake the connection (this task) to read that end
+                // once the answer is out, and close.
+                poll_fn(|cx| {
+                    cx.waker().wake_by_ref();
+                    Poll::Ready(())
+                })
+                .await;
+            }
+            if let Some(metrics) = settings.metrics {
+                if refused {
+                    metrics.record_bad_request();
+                } else {
+                    metrics.record_request(response.status(), answered - head_complete);
+                }
+            }
+            if let Some((method, path)) = logged {
+                tracing::info!(
+                    target: "access",
+                    listener = settings.name,
+                    %peer,
+                    %method,
+                    path = ?path,
+                    tls,
+                    status = response.status().as_u16(),
+                    micros = (answered - head_complete).as_micros() as u64,
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
+    })
 }
 
 /// Whether a service asked for its connection to close after `response`

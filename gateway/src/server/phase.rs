@@ -8,6 +8,9 @@
 //! from the accept), busy in the service, or idle between requests.
 //! [`WatchedIo`] sees the bytes that start a head; the connection task
 //! moves to busy and idle, and arms its timer for [`Activity::deadline`].
+//! An idle connection whose answer is flushed is parked after
+//! [`PARK_AFTER`] ([`Activity::park_at`]): [`WatchedIo`] also sees the
+//! flush.
 
 use std::io;
 use std::pin::Pin;
@@ -16,9 +19,16 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
 
 use super::ServerSettings;
+
+/// How long a keep-alive connection stays idle, its answer out, before it
+/// is parked. Long against the gap between a busy client's requests, so
+/// that a busy connection never pays for taking hyper's connection apart
+/// and building it again; short against how long idle ones stay.
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(200);
 
 /// Where a connection is in its request cycle; decides which timeout runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +56,9 @@ pub(super) struct Activity {
     /// Bytes of a next request arrived while busy (pipelined): after the
     /// answer the connection is reading a head, not idle.
     head_begun: AtomicBool,
+    /// An answer was given to hyper and has not been flushed yet: the
+    /// connection is not parked while hyper holds its bytes.
+    unflushed: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -64,6 +77,7 @@ impl Activity {
             since: AtomicU64::new(nanos_since_epoch(at)),
             eof_held: AtomicBool::new(false),
             head_begun: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
         }
     }
 
@@ -80,10 +94,16 @@ impl Activity {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
+    /// The service has answered, `at`: hyper writes the answer next.
+    pub(super) fn answered(&self, at: Instant) {
+        self.unflushed.store(true, Ordering::Relaxed);
+        self.enter(self.after_answer(), at);
+    }
+
     /// The phase after an answer: reading a head if bytes of the next
     /// request came while busy (its header-read timeout runs from now),
     /// else idle.
-    pub(super) fn after_answer(&self) -> Phase {
+    fn after_answer(&self) -> Phase {
         // A load first: the swap is a locked instruction, and nearly every
         // answer finds nothing begun.
         if self.head_begun.load(Ordering::Relaxed) {
@@ -108,9 +128,19 @@ impl Activity {
         }
     }
 
+    /// When an idle connection whose answer is out is to be parked.
+    pub(super) fn park_at(&self) -> Option<Instant> {
+        let idle = self.phase() == Phase::Idle && !self.unflushed.load(Ordering::Relaxed);
+        idle.then(|| self.since() + PARK_AFTER)
+    }
+
+    fn since(&self) -> Instant {
+        epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed))
+    }
+
     /// When the current phase times out, if it can.
     pub(super) fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
-        let since = epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed));
+        let since = self.since();
         match self.phase() {
             Phase::Head => Some(since + settings.header_read_timeout),
             Phase::Busy => None,
@@ -131,17 +161,47 @@ impl Activity {
 /// waiting for a batch then leaves it). hyper's own `half_close` would not
 /// read a busy connection at all, and a client that reset it would stay
 /// in its batch.
+///
+/// After a parked connection wakes, the bytes its last hyper connection had
+/// read and not parsed are read again first (`replay`).
 pub(super) struct WatchedIo<S> {
-    pub(super) inner: S,
-    pub(super) activity: Arc<Activity>,
+    inner: S,
+    activity: Arc<Activity>,
+    replay: Bytes,
+}
+
+impl<S> WatchedIo<S> {
+    pub(super) fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            replay: Bytes::new(),
+        }
+    }
+
+    pub(super) fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Reads `bytes` before anything the stream has.
+    pub(super) fn replay(&mut self, bytes: Bytes) {
+        self.replay = bytes;
+    }
 }
 
 impl<S: Read + Unpin> Read for WatchedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
+        mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.advance(n);
+            self.activity.on_read();
+            return Poll::Ready(Ok(()));
+        }
         let busy = self.activity.phase() == Phase::Busy;
         if self.activity.eof_held() {
             // Nothing more can arrive; the end is reported once the answer
@@ -202,8 +262,14 @@ impl<S: Write + Unpin> Write for WatchedIo<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    /// hyper flushes its stream once its buffer is written out: an answer
+    /// given to it is then all on its way.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

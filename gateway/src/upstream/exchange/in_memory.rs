@@ -99,6 +99,16 @@ impl backends::Stream for InMemory {
     fn is_reusable(&mut self) -> bool {
         self.pieces.is_empty() && !self.closes
     }
+
+    /// Ready while something is left to read; otherwise nothing will come,
+    /// and no waker is kept (every poll here is a `noop` one).
+    fn poll_readable(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.pieces.is_empty() && !self.closes {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
 }
 
 impl Connection<InMemory> {
