@@ -98,11 +98,11 @@ async fn a_parked_connection_keeps_its_timeouts(backend: Backend) {
     // The idle one: 1.5 s from its answer, PARKED of which had passed.
     let idle_closed = idle_closed + PARKED;
     assert!(
-        idle_closed >= Duration::from_millis(1400) && idle_closed < Duration::from_millis(2600),
+        idle_closed >= Duration::from_millis(1400) && idle_closed < Duration::from_millis(3500),
         "idle closed after {idle_closed:?}"
     );
     assert!(
-        slow_closed >= Duration::from_millis(900) && slow_closed < Duration::from_millis(2000),
+        slow_closed >= Duration::from_millis(900) && slow_closed < Duration::from_millis(3000),
         "the slow head closed after {slow_closed:?} ({:?} since it began)",
         began.elapsed()
     );

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::tls::{
     Leaf, TestCa, TlsClient, TlsUpstream, certificate_error, client_hello, client_hello_offering,
-    handshake_failures, https_get, server_lines, wait_for_handshake_failures,
+    handshake_failures, https_get, server_lines, tls_connect, wait_for_handshake_failures,
 };
 use common::{
     Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, counter_tally, raw_exchange,
@@ -1189,7 +1189,47 @@ async fn tls_config_errors_are_exit_78_naming_file_and_key(backend: Backend) {
     }
 }
 
+/// An HTTPS connection left idle is parked as a plain one is, and serves
+/// on: a visit, then a pipelined pair, each counted once.
+async fn a_parked_https_connection_serves_on(backend: Backend) {
+    let folder = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    ca.leaf(SERVER_NAMES).write(folder.path(), "server");
+    let counter = TestUpstream::closed_port().await;
+    let gateway = GatewayConfig::new(backend, counter)
+        .with_counter_on(counter)
+        .server("tls_cert = \"server.crt\"\ntls_key = \"server.key\"")
+        .in_folder(folder.path())
+        .start();
+    let mut stream = tls_connect(gateway.addr("public"), "localhost", ca.client_config())
+        .await
+        .unwrap();
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let welcomes = async |stream: &mut tokio_rustls::client::TlsStream<TcpStream>, count| {
+        let mut seen = String::new();
+        let mut buf = [0; 4096];
+        while seen.matches(WELCOME).count() < count {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert!(n > 0, "closed after {seen:?}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen
+    };
+    for requests in [1, 1, 2] {
+        stream.write_all(&GET.repeat(requests)).await.unwrap();
+        let seen = welcomes(&mut stream, requests).await;
+        assert_eq!(seen.matches("HTTP/1.1 200 OK").count(), requests, "{seen}");
+        // Longer than the gateway waits before parking an idle connection.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(counter_tally(counter).await, 4, "every visit counted once");
+}
+
 both_backends!(
+    a_parked_https_connection_serves_on,
     https_get_is_welcomed_and_counted_once,
     tls12_and_tls13_are_both_served,
     tls10_and_tls11_clients_are_refused,

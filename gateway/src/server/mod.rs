@@ -287,7 +287,8 @@ async fn serve_tls<R: Runtime, S: Service>(
         Ok(stream) => {
             let version = tls::version_name(&stream);
             let open_stream = move |_| Some(stream);
-            return serve_connection::<R, S, _>(open_stream, version, Box::new(connection), None)
+            let park: Park<_> = Some(tls::poll_readable);
+            return serve_connection::<R, S, _>(open_stream, version, Box::new(connection), park)
                 .await;
         }
         Err(failure) => failure,
@@ -312,8 +313,8 @@ async fn serve_tls<R: Runtime, S: Service>(
 }
 
 /// How a connection's stream is waited on while it is parked: ready once
-/// something may be read, with no buffer. `None` for a stream that cannot
-/// be parked (TLS: rustls may hold what the socket no longer shows).
+/// something may be read, with no buffer (for TLS, what rustls holds
+/// counts). `None` for a stream that is never parked.
 type Park<I> = Option<Readable<I>>;
 type Readable<I> = fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>>;
 

@@ -11,6 +11,7 @@ mod io;
 mod upstream;
 
 use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use backends::Runtime;
@@ -69,6 +70,22 @@ impl ResolvesServerCert for CurrentCertificate {
 
 /// A TLS stream the public listener serves HTTP over.
 pub type ServerStream<S> = HyperIo<futures_rustls::server::TlsStream<FuturesIo<S>>>;
+
+/// [`backends::Stream::poll_readable`] through TLS, for a parked
+/// connection: what rustls holds decrypted is readable already; otherwise
+/// the socket decides (the rest of a record it holds the start of comes
+/// there too).
+pub fn poll_readable<S: backends::Stream>(
+    stream: &mut ServerStream<S>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    let (io, connection) = stream.get_mut().get_mut();
+    if connection.wants_read() {
+        io.get_mut().poll_readable(cx)
+    } else {
+        Poll::Ready(Ok(()))
+    }
+}
 
 /// Why a client's handshake did not complete.
 pub enum HandshakeFailure<S> {
