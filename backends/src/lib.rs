@@ -28,7 +28,8 @@ pub use crate::smol::Smol;
 pub use crate::tokio::Tokio;
 
 /// A connected TCP stream as the gateway uses it: hyper's IO traits, plus
-/// the one question a connection pool asks of an idle stream.
+/// what a connection pool asks of an idle stream and how a server waits
+/// on one without a buffer.
 pub trait Stream: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {
     /// The stream goes idle with nothing expected on it (into a pool):
     /// from now on, anything arriving on it should be noticed, for

@@ -195,7 +195,7 @@ pub async fn serve<R: Runtime, S: Service>(
                             move |peer| adopt::<R>(stream, peer),
                             "none",
                             Box::new(connection),
-                            Some(backends::Stream::poll_readable),
+                            backends::Stream::poll_readable,
                         ),
                     ),
                     Some(tls) => R::spawn_on(worker, serve_tls::<R, S>(tls, stream, connection)),
@@ -287,9 +287,14 @@ async fn serve_tls<R: Runtime, S: Service>(
         Ok(stream) => {
             let version = tls::version_name(&stream);
             let open_stream = move |_| Some(stream);
-            let park: Park<_> = Some(tls::poll_readable);
-            return serve_connection::<R, S, _>(open_stream, version, Box::new(connection), park)
-                .await;
+            let readable: Readable<_> = tls::poll_readable;
+            return serve_connection::<R, S, _>(
+                open_stream,
+                version,
+                Box::new(connection),
+                readable,
+            )
+            .await;
         }
         Err(failure) => failure,
     };
@@ -314,8 +319,7 @@ async fn serve_tls<R: Runtime, S: Service>(
 
 /// How a connection's stream is waited on while it is parked: ready once
 /// something may be read, with no buffer (for TLS, what rustls holds
-/// counts). `None` for a stream that is never parked.
-type Park<I> = Option<Readable<I>>;
+/// counts).
 type Readable<I> = fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>>;
 
 /// What a connection keeps from its accept to its close, whether hyper
@@ -406,7 +410,7 @@ fn adopt<R: Runtime>(stream: std::net::TcpStream, peer: SocketAddr) -> Option<R:
 /// closes or times out.
 ///
 /// A keep-alive connection that stays idle, its answer flushed, for
-/// [`phase::PARK_AFTER`] is parked, where `park` allows: hyper's connection
+/// [`phase::PARK_AFTER`] is parked, waiting with `readable`: hyper's connection
 /// is taken apart (its read and write buffers, its cached headers and
 /// its service slot freed) and only the stream, the timer and the stop
 /// listener wait for the next bytes; then a new hyper connection takes
@@ -418,7 +422,7 @@ async fn serve_connection<R, S, I>(
     open_stream: impl FnOnce(SocketAddr) -> Option<I> + Send + 'static,
     tls: &'static str,
     connection: Box<Accepted<S>>,
-    park: Park<I>,
+    readable: Readable<I>,
 ) where
     R: Runtime,
     S: Service,
@@ -468,13 +472,10 @@ async fn serve_connection<R, S, I>(
     let ended = loop {
         // Boxed, so that a parked connection's task does not keep room
         // for what serving takes.
-        let readable = match Box::pin(serve_until_parked(&mut watch, io, park)).await {
-            Ok((taken, readable)) => {
-                io = taken;
-                readable
-            }
+        match Box::pin(serve_until_parked(&mut watch, io)).await {
+            Ok(taken) => io = taken,
             Err(ended) => break ended,
-        };
+        }
         if let Some(ended) = wait_parked(&mut watch, &mut io, readable).await {
             break ended;
         }
@@ -497,13 +498,11 @@ async fn serve_connection<R, S, I>(
 }
 
 /// Serves `io` with hyper until the connection ends, or is to be parked:
-/// then hyper's connection is taken apart and `io` handed back, with the
-/// way to wait on it.
+/// then hyper's connection is taken apart and `io` handed back.
 async fn serve_until_parked<R, S, I>(
     watch: &mut Watch<R, S>,
     mut io: WatchedIo<I>,
-    park: Park<I>,
-) -> Result<(WatchedIo<I>, Readable<I>), Ended>
+) -> Result<WatchedIo<I>, Ended>
 where
     R: Runtime,
     S: Service,
@@ -522,7 +521,7 @@ where
             ),
         ));
         let mut draining = false;
-        let readable = poll_fn(|cx| {
+        poll_fn(|cx| {
             // On shutdown, a connection between requests is closed at once
             // and a busy one after its answer; one still reading a head is
             // left to finish it (or to time out), so a request already sent
@@ -544,14 +543,10 @@ where
                 }
                 break;
             }
-            let park = park.filter(|_| !draining);
-            let park_at = park.and_then(|_| watch.activity.park_at());
-            match (
-                ready!(watch.wait_for(cx, [watch.deadline(), park_at])),
-                park,
-            ) {
-                (1, Some(readable)) => Poll::Ready(Ok(readable)),
-                _ => Poll::Ready(Err(Ended::TimedOut(watch.activity.phase()))),
+            let park_at = watch.activity.park_at().filter(|_| !draining);
+            match ready!(watch.wait_for(cx, [watch.deadline(), park_at])) {
+                0 => Poll::Ready(Err(Ended::TimedOut(watch.activity.phase()))),
+                _ => Poll::Ready(Ok(())),
             }
         })
         .await?;
@@ -562,7 +557,7 @@ where
         } = connection.into_parts();
         io = taken;
         if read_buf.is_empty() {
-            return Ok((io, readable));
+            return Ok(io);
         }
         // Bytes of a next request, read but not yet parsed: no wait.
         io.replay(read_buf);
@@ -632,6 +627,8 @@ fn hyper_service<S: Service>(
         // vector). One that reads them (the counter, for a batch's
         // count) reads each whole or closes the connection itself.
         let carries_body = !request.body().is_end_stream() && !service.reads_bodies();
+        let client_closes = connection_has(request.headers(), b"close")
+            || (version == Version::HTTP_10 && !connection_has(request.headers(), b"keep-alive"));
         let response = violation.is_none().then(|| service.call(request, peer));
         async move {
             let refused = response.is_none();
@@ -639,11 +636,12 @@ fn hyper_service<S: Service>(
                 Some(response) => response.await,
                 None => status_only(StatusCode::BAD_REQUEST),
             };
-            if refused || carries_body || asks_to_close(&response) {
+            let closes = refused || carries_body || connection_has(response.headers(), b"close");
+            if closes {
                 close_after(&mut response, version);
             }
             let answered = Instant::now();
-            activity.answered(answered);
+            activity.answered(answered, closes || client_closes);
             if activity.eof_held() {
                 // The client half-closed while this request was busy:
                 // wake the connection (this task) to read that end
@@ -678,15 +676,16 @@ fn hyper_service<S: Service>(
     })
 }
 
-/// Whether a service asked for its connection to close after `response`
-/// (the counter does, after a body it could not read whole).
-fn asks_to_close(response: &Response<Body>) -> bool {
-    response
-        .headers()
+/// Whether a message's `connection` header names `token`: a request's
+/// `close` or `keep-alive`, or a service asking for its connection to
+/// close after its response (the counter does, after a body it could not
+/// read whole).
+fn connection_has(headers: &http::HeaderMap, token: &[u8]) -> bool {
+    headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+        .any(|found| found.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Makes `response` the last on its connection, and says so with

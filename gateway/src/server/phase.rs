@@ -59,6 +59,10 @@ pub(super) struct Activity {
     /// An answer was given to hyper and has not been flushed yet: the
     /// connection is not parked while hyper holds its bytes.
     unflushed: AtomicBool,
+    /// The last answer closes the connection: hyper is ending it (over TLS
+    /// its close_notify may wait for room on the socket), and it is never
+    /// parked, which would let a new hyper connection read on.
+    closing: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -78,6 +82,7 @@ impl Activity {
             eof_held: AtomicBool::new(false),
             head_begun: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -94,9 +99,19 @@ impl Activity {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
-    /// The service has answered, `at`: hyper writes the answer next.
-    pub(super) fn answered(&self, at: Instant) {
+    /// The service has answered, `at`: hyper writes the answer next, and
+    /// ends the connection after it if `closes`.
+    ///
+    /// hyper writes a whole answer (a head and a `Full` body, copied into
+    /// one buffer: `writev(false)`) in the poll that takes it, and flushes
+    /// its stream only once that buffer is written out: so the first flush
+    /// after this covers the whole answer. A body streamed in parts would
+    /// break that.
+    pub(super) fn answered(&self, at: Instant, closes: bool) {
         self.unflushed.store(true, Ordering::Relaxed);
+        if closes {
+            self.closing.store(true, Ordering::Relaxed);
+        }
         self.enter(self.after_answer(), at);
     }
 
@@ -130,7 +145,9 @@ impl Activity {
 
     /// When an idle connection whose answer is out is to be parked.
     pub(super) fn park_at(&self) -> Option<Instant> {
-        let idle = self.phase() == Phase::Idle && !self.unflushed.load(Ordering::Relaxed);
+        let idle = self.phase() == Phase::Idle
+            && !self.unflushed.load(Ordering::Relaxed)
+            && !self.closing.load(Ordering::Relaxed);
         idle.then(|| self.since() + PARK_AFTER)
     }
 
@@ -183,8 +200,11 @@ impl<S> WatchedIo<S> {
         &mut self.inner
     }
 
-    /// Reads `bytes` before anything the stream has.
+    /// Reads `bytes` before anything the stream has. Only a connection
+    /// whose replayed bytes were all read is taken apart again, so none
+    /// are ever replaced.
     pub(super) fn replay(&mut self, bytes: Bytes) {
+        debug_assert!(self.replay.is_empty());
         self.replay = bytes;
     }
 }
@@ -199,6 +219,10 @@ impl<S: Read + Unpin> Read for WatchedIo<S> {
             let n = self.replay.len().min(buf.remaining());
             buf.put_slice(&self.replay[..n]);
             self.replay.advance(n);
+            if self.replay.is_empty() {
+                // Emptied, it would still hold hyper's whole read buffer.
+                self.replay = Bytes::new();
+            }
             self.activity.on_read();
             return Poll::Ready(Ok(()));
         }
@@ -286,5 +310,44 @@ impl<S: Write + Unpin> Write for WatchedIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// When a connection is parked, after each turn of its cycle.
+    #[test]
+    fn only_an_idle_connection_whose_answer_is_out_and_that_stays_open_is_parked() {
+        let start = Instant::now();
+        let activity = Activity::new(Phase::Head, start);
+        assert_eq!(activity.park_at(), None, "reading its first head");
+        activity.enter(Phase::Busy, start);
+        assert_eq!(activity.park_at(), None, "busy");
+        let answered = start + Duration::from_millis(5);
+        activity.answered(answered, false);
+        assert_eq!(activity.phase(), Phase::Idle);
+        assert_eq!(activity.park_at(), None, "its answer not flushed yet");
+        activity.unflushed.store(false, Ordering::Relaxed);
+        assert_eq!(activity.park_at(), Some(answered + PARK_AFTER));
+        activity.on_read();
+        assert_eq!(activity.phase(), Phase::Head);
+        assert_eq!(activity.park_at(), None, "a head begun");
+
+        // Bytes of the next request while busy: reading a head after it.
+        activity.enter(Phase::Busy, answered);
+        activity.head_begun.store(true, Ordering::Relaxed);
+        activity.answered(answered, false);
+        activity.unflushed.store(false, Ordering::Relaxed);
+        assert_eq!(activity.phase(), Phase::Head);
+        assert_eq!(activity.park_at(), None);
+
+        // An answer that ends the connection.
+        activity.enter(Phase::Busy, answered);
+        activity.answered(answered, true);
+        activity.unflushed.store(false, Ordering::Relaxed);
+        assert_eq!(activity.phase(), Phase::Idle);
+        assert_eq!(activity.park_at(), None, "closing");
     }
 }

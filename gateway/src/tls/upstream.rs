@@ -116,14 +116,15 @@ impl<S: backends::Stream> backends::Stream for UpstreamStream<S> {
         }
     }
 
-    /// For TLS, what rustls holds (plaintext, or part of a record) is
-    /// readable already; only then does the socket decide.
+    /// For TLS, what rustls holds decrypted is readable already; otherwise
+    /// the socket decides (the rest of a record it holds the start of
+    /// comes there too), as for the server's streams.
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Self::Plain(stream) => stream.poll_readable(cx),
             Self::Tls(stream) => {
                 let (io, connection) = stream.get_mut().get_mut();
-                if connection.wants_read() && io.at_record_boundary() {
+                if connection.wants_read() {
                     io.get_mut().poll_readable(cx)
                 } else {
                     Poll::Ready(Ok(()))
