@@ -15,9 +15,11 @@
 //! at random and the file made exclusively, so the store only ever removes
 //! a file it made itself in this process; a crash while creating leaves a
 //! hidden `.NAME.*.tmp` file behind, which nothing reads. An exclusive lock
-//! (`flock`) keeps a second process off the file. A file removed while the
-//! counter holds it is noticed at the next commit and written again, with
-//! the count it held, rather than left to take later commits with it.
+//! (`flock`), taken before the file has its name, keeps a second process
+//! off it. A file removed or moved away while the counter holds it is
+//! noticed at the next commit and written again at its path, with the
+//! count it held, rather than left to take later commits with it. Made by
+//! the counter, the file is readable by its owner alone.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -104,7 +106,14 @@ impl FileStore {
         {
             // Another process may create it meanwhile: then that one is
             // opened, and its lock says whether it is in use.
-            create(path, FIRST)?;
+            if let Some(file) = create(path, FIRST)? {
+                return Ok(Self {
+                    file,
+                    path: path.to_owned(),
+                    newest: FIRST,
+                    newest_at: 0,
+                });
+            }
         }
         let file = open_locked(path)?;
         let (newest, newest_at) = read_newest(&file, path)?;
@@ -121,36 +130,42 @@ impl FileStore {
         self.newest.total
     }
 
-    /// Makes sure the open file still has its name. Removed (an operator's
-    /// `rm`, a cleaner of old files), every later commit would go into a
-    /// file no one can open again, and the next start would find no file
-    /// and begin at 0: so it is written again at its path with the count
-    /// it holds. Replaced by another file, that file is not this count's:
-    /// commits are refused until a restart reads it.
+    /// Makes sure the open file is still the one at its path. Removed or
+    /// moved away (an operator's `rm` or `mv`, a cleaner of old files),
+    /// every later commit would go into a file the next start does not
+    /// read, and it would begin at 0: so the file is written again at its
+    /// path with the count it holds. Replaced by another file, that file is
+    /// not this count's: commits are refused until a restart reads it.
     fn keep_named(&mut self) -> io::Result<()> {
-        let links = self
+        let held = self
             .file
             .metadata()
-            .map_err(|e| context(&self.path, "cannot read it", e))?
-            .nlink();
-        if links > 0 {
-            return Ok(());
-        }
-        if !create(&self.path, self.newest)? {
-            return Err(io::Error::other(format!(
+            .map_err(|e| context(&self.path, "cannot read it", e))?;
+        let replaced = || {
+            io::Error::other(format!(
                 "{}: replaced by another file while this counter held it (whose count was {}); restart the counter to read the new one",
                 self.path.display(),
                 self.newest.total
-            )));
+            ))
+        };
+        match std::fs::metadata(&self.path) {
+            Ok(named) if (named.dev(), named.ino()) == (held.dev(), held.ino()) => Ok(()),
+            Ok(_) => Err(replaced()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                let Some(file) = create(&self.path, self.newest)? else {
+                    return Err(replaced());
+                };
+                self.file = file;
+                self.newest_at = 0;
+                tracing::warn!(
+                    path = %self.path.display(),
+                    total = self.newest.total,
+                    "the state file was removed or moved while the counter held it; written again with its count"
+                );
+                Ok(())
+            }
+            Err(error) => Err(context(&self.path, "cannot look for it", error)),
         }
-        self.file = open_locked(&self.path)?;
-        self.newest_at = 0;
-        tracing::warn!(
-            path = %self.path.display(),
-            total = self.newest.total,
-            "the state file was removed while the counter held it; written again with its count"
-        );
-        Ok(())
     }
 }
 
@@ -211,12 +226,13 @@ fn read_newest(file: &File, path: &Path) -> io::Result<(Slot, usize)> {
 }
 
 /// Creates the state file holding `first` in its first slot: written whole
-/// under a temporary name of its own, synced, renamed into place, and the
-/// folder synced, so that the name never shows a partial file. False, and
-/// nothing changed, if a file took the name meanwhile (another process
-/// creating it too: that one may already be open, locked and counting).
-/// The temporary file is removed on every way out but a crash.
-fn create(path: &Path, first: Slot) -> io::Result<bool> {
+/// under a temporary name of its own, synced, locked, renamed into place,
+/// and the folder synced, so that the name never shows a partial file nor
+/// an unlocked one. The file, open and locked; `None`, and nothing
+/// changed, if a file took the name meanwhile (another process creating
+/// it too: that one may already be open, locked and counting). The
+/// temporary file is removed on every way out but a crash.
+fn create(path: &Path, first: Slot) -> io::Result<Option<File>> {
     let folder = match path.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => folder,
         _ => Path::new("."),
@@ -238,15 +254,21 @@ fn create(path: &Path, first: Slot) -> io::Result<bool> {
         .write_all_at(&bytes, 0)
         .and_then(|()| temporary.as_file().sync_all())
         .map_err(|e| context(path, "cannot create it", e))?;
-    match temporary.persist_noclobber(path) {
-        Ok(_) => {}
-        Err(error) if error.error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+    use rustix::fs::{FlockOperation, flock};
+    flock(
+        temporary.as_file(),
+        FlockOperation::NonBlockingLockExclusive,
+    )
+    .map_err(|errno| context(temporary.path(), "cannot lock it", errno.into()))?;
+    let file = match temporary.persist_noclobber(path) {
+        Ok(file) => file,
+        Err(error) if error.error.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
         Err(error) => return Err(context(path, "cannot create it", error.error)),
-    }
+    };
     File::open(folder)
         .and_then(|folder| folder.sync_all())
         .map_err(|e| context(folder, "cannot sync the folder", e))?;
-    Ok(true)
+    Ok(Some(file))
 }
 
 impl Durable for FileStore {
@@ -411,6 +433,37 @@ mod tests {
         drop(store);
         assert_eq!(FileStore::open(&path).unwrap().total(), 6);
         assert_eq!(names_in(dir.path()), ["counter.state"]);
+    }
+
+    #[test]
+    fn a_file_moved_away_while_held_is_written_again_and_the_moved_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counter.state");
+        let mut store = FileStore::open(&path).unwrap();
+        commit(&mut store, 3);
+        let moved = dir.path().join("counter.state.old");
+        std::fs::rename(&path, &moved).unwrap();
+        assert_eq!(commit(&mut store, 2), 5);
+        drop(store);
+        assert_eq!(FileStore::open(&path).unwrap().total(), 5);
+        assert_eq!(FileStore::open(&moved).unwrap().total(), 3);
+    }
+
+    #[test]
+    fn a_file_replaced_while_a_link_keeps_it_refuses_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counter.state");
+        let mut store = FileStore::open(&path).unwrap();
+        commit(&mut store, 3);
+        std::fs::hard_link(&path, dir.path().join("backup")).unwrap();
+        let restored = dir.path().join("restored");
+        drop(FileStore::open(&restored).unwrap());
+        std::fs::rename(&restored, &path).unwrap();
+        let error = match store.commit(1) {
+            Err(CommitError::Refused(error)) => error.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(error.contains("replaced by another file"), "{error}");
     }
 
     #[test]
