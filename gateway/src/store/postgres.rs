@@ -107,8 +107,12 @@ fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> {
     let absent = last_row(&messages, 2)?
         .ok_or_else(|| io::Error::other("no answer to whether the tables exist"))?;
     let mut statements = String::new();
+    // The total's row is made with its table only: a row deleted later
+    // stays missing, an error for every counter, instead of coming back
+    // at 0 with the next counter to start.
     if parse_bool(absent[0].as_deref())? {
         statements.push_str(COUNTER_TABLE);
+        statements.push_str("INSERT INTO gateway_counter (id, total) VALUES (1, 0);");
     }
     if parse_bool(absent[1].as_deref())? {
         statements.push_str(WRITERS_TABLE);
@@ -116,8 +120,7 @@ fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> {
     // The hex writer id only: nothing here needs quoting.
     let _ = write!(
         statements,
-        "INSERT INTO gateway_counter (id, total) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
-         DELETE FROM gateway_counter_writers
+        "DELETE FROM gateway_counter_writers
            WHERE updated < now() - interval '7 days' AND writer <> '{writer}';
          COMMIT;"
     );
