@@ -627,8 +627,6 @@ fn hyper_service<S: Service>(
         // vector). One that reads them (the counter, for a batch's
         // count) reads each whole or closes the connection itself.
         let carries_body = !request.body().is_end_stream() && !service.reads_bodies();
-        let client_closes = connection_has(request.headers(), b"close")
-            || (version == Version::HTTP_10 && !connection_has(request.headers(), b"keep-alive"));
         let response = violation.is_none().then(|| service.call(request, peer));
         async move {
             let refused = response.is_none();
@@ -636,12 +634,11 @@ fn hyper_service<S: Service>(
                 Some(response) => response.await,
                 None => status_only(StatusCode::BAD_REQUEST),
             };
-            let closes = refused || carries_body || connection_has(response.headers(), b"close");
-            if closes {
+            if refused || carries_body || asks_to_close(&response) {
                 close_after(&mut response, version);
             }
             let answered = Instant::now();
-            activity.answered(answered, closes || client_closes);
+            activity.answered(answered);
             if activity.eof_held() {
                 // The client half-closed while this request was busy:
                 // wake the connection (this task) to read that end
@@ -676,16 +673,15 @@ fn hyper_service<S: Service>(
     })
 }
 
-/// Whether a message's `connection` header names `token`: a request's
-/// `close` or `keep-alive`, or a service asking for its connection to
-/// close after its response (the counter does, after a body it could not
-/// read whole).
-fn connection_has(headers: &http::HeaderMap, token: &[u8]) -> bool {
-    headers
+/// Whether a service asked for its connection to close after `response`
+/// (the counter does, after a body it could not read whole).
+fn asks_to_close(response: &Response<Body>) -> bool {
+    response
+        .headers()
         .get_all(CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .any(|found| found.trim_ascii().eq_ignore_ascii_case(token))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// Makes `response` the last on its connection, and says so with

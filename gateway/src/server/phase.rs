@@ -59,9 +59,9 @@ pub(super) struct Activity {
     /// An answer was given to hyper and has not been flushed yet: the
     /// connection is not parked while hyper holds its bytes.
     unflushed: AtomicBool,
-    /// The last answer closes the connection: hyper is ending it (over TLS
-    /// its close_notify may wait for room on the socket), and it is never
-    /// parked, which would let a new hyper connection read on.
+    /// hyper is ending the connection (it has begun to shut the stream
+    /// down: over TLS its close_notify may wait for room on the socket):
+    /// it is never parked, which would let a new hyper connection read on.
     closing: AtomicBool,
 }
 
@@ -99,19 +99,15 @@ impl Activity {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
-    /// The service has answered, `at`: hyper writes the answer next, and
-    /// ends the connection after it if `closes`.
+    /// The service has answered, `at`: hyper writes the answer next.
     ///
     /// hyper writes a whole answer (a head and a `Full` body, copied into
     /// one buffer: `writev(false)`) in the poll that takes it, and flushes
     /// its stream only once that buffer is written out: so the first flush
     /// after this covers the whole answer. A body streamed in parts would
     /// break that.
-    pub(super) fn answered(&self, at: Instant, closes: bool) {
+    pub(super) fn answered(&self, at: Instant) {
         self.unflushed.store(true, Ordering::Relaxed);
-        if closes {
-            self.closing.store(true, Ordering::Relaxed);
-        }
         self.enter(self.after_answer(), at);
     }
 
@@ -296,7 +292,11 @@ impl<S: Write + Unpin> Write for WatchedIo<S> {
         flushed
     }
 
+    /// hyper shuts the stream down only to end the connection (after an
+    /// answer that closes it, a client's close, HTTP/1.0 without
+    /// keep-alive, a drain): from then on it is never parked.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.activity.closing.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -326,7 +326,7 @@ mod tests {
         activity.enter(Phase::Busy, start);
         assert_eq!(activity.park_at(), None, "busy");
         let answered = start + Duration::from_millis(5);
-        activity.answered(answered, false);
+        activity.answered(answered);
         assert_eq!(activity.phase(), Phase::Idle);
         assert_eq!(activity.park_at(), None, "its answer not flushed yet");
         activity.unflushed.store(false, Ordering::Relaxed);
@@ -338,15 +338,16 @@ mod tests {
         // Bytes of the next request while busy: reading a head after it.
         activity.enter(Phase::Busy, answered);
         activity.head_begun.store(true, Ordering::Relaxed);
-        activity.answered(answered, false);
+        activity.answered(answered);
         activity.unflushed.store(false, Ordering::Relaxed);
         assert_eq!(activity.phase(), Phase::Head);
         assert_eq!(activity.park_at(), None);
 
-        // An answer that ends the connection.
+        // hyper ending the connection after an answer.
         activity.enter(Phase::Busy, answered);
-        activity.answered(answered, true);
+        activity.answered(answered);
         activity.unflushed.store(false, Ordering::Relaxed);
+        activity.closing.store(true, Ordering::Relaxed);
         assert_eq!(activity.phase(), Phase::Idle);
         assert_eq!(activity.park_at(), None, "closing");
     }
