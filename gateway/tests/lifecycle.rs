@@ -1,12 +1,15 @@
 //! Connection lifetimes and process lifetime: header-read and idle
-//! timeouts, parked idle connections, the connection cap, SIGTERM, and the signals that must not end
-//! the process, during start-up too.
+//! timeouts, parked idle connections, the connection cap, SIGTERM, and
+//! the signals that must not end the process, during start-up too.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, read_until_close};
+use common::{
+    Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, read_until_close,
+    read_welcomes,
+};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,21 +24,6 @@ async fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Duration {
 /// Longer than the gateway waits before parking an idle connection
 /// (taking hyper's connection apart, keeping only the socket).
 const PARKED: Duration = Duration::from_millis(600);
-
-/// Reads from `stream` until `count` welcomes have arrived; the text.
-async fn read_welcomes(stream: &mut TcpStream, count: usize) -> String {
-    let mut seen = String::new();
-    let mut buf = [0; 4096];
-    while seen.matches("Welcome to my site!").count() < count {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap();
-        assert!(n > 0, "closed after {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    seen
-}
 
 /// A parked connection serves on as before: a visit, then a pipelined
 /// pair (both answered, in order), then a request whose head comes in two

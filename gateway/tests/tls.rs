@@ -1205,22 +1205,9 @@ async fn a_parked_https_connection_serves_on(backend: Backend) {
         .await
         .unwrap();
     const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
-    let welcomes = async |stream: &mut tokio_rustls::client::TlsStream<TcpStream>, count| {
-        let mut seen = String::new();
-        let mut buf = [0; 4096];
-        while seen.matches(WELCOME).count() < count {
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .expect("an answer within 5 s")
-                .unwrap();
-            assert!(n > 0, "closed after {seen:?}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        seen
-    };
     for requests in [1, 1, 2] {
         stream.write_all(&GET.repeat(requests)).await.unwrap();
-        let seen = welcomes(&mut stream, requests).await;
+        let seen = common::read_welcomes(&mut stream, requests).await;
         assert_eq!(seen.matches("HTTP/1.1 200 OK").count(), requests, "{seen}");
         // Longer than the gateway waits before parking an idle connection.
         tokio::time::sleep(Duration::from_millis(600)).await;

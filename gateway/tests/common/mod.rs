@@ -450,6 +450,25 @@ pub fn counter_command(backend: Backend) -> Command {
     command
 }
 
+/// Reads from `stream` (plain or TLS) until `count` welcomes have arrived,
+/// within 5 s each; the text.
+pub async fn read_welcomes<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    count: usize,
+) -> String {
+    let mut seen = String::new();
+    let mut buf = [0; 4096];
+    while seen.matches("Welcome to my site!").count() < count {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}
+
 /// A keep-alive HTTP/1.1 client connection (hyper).
 pub struct Client {
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
