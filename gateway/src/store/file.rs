@@ -309,6 +309,13 @@ impl Durable for FileStore {
 mod tests {
     use super::*;
 
+    /// A folder of its own, and where a state file in it goes.
+    fn fresh() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counter.state");
+        (dir, path)
+    }
+
     fn commit(store: &mut FileStore, increments: u64) -> u64 {
         store.commit(increments).unwrap()
     }
@@ -339,8 +346,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_starts_at_0_and_totals_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         assert_eq!(store.total(), 0);
         assert_eq!(names_in(dir.path()), ["counter.state"], "nothing else left");
@@ -353,8 +359,7 @@ mod tests {
 
     #[test]
     fn a_torn_slot_leaves_the_one_before() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (_dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 7);
         commit(&mut store, 2);
@@ -368,8 +373,7 @@ mod tests {
 
     #[test]
     fn the_first_commit_keeps_the_slot_the_file_was_made_with() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (_dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 3);
         drop(store);
@@ -379,8 +383,7 @@ mod tests {
 
     #[test]
     fn commits_alternate_from_a_file_whose_first_slot_is_the_second() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (_dir, path) = fresh();
         let mut bytes = [0; 2 * SLOT];
         bytes[SLOT..].copy_from_slice(
             &Slot {
@@ -399,8 +402,7 @@ mod tests {
 
     #[test]
     fn files_of_other_names_beside_it_are_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         // What an earlier version took for its own temporary file, and a
         // name like the ones this one draws.
         let others = ["counter.state.new", ".counter.state.abcdef.tmp"];
@@ -420,8 +422,7 @@ mod tests {
 
     #[test]
     fn a_file_removed_while_held_is_written_again_with_its_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 3);
         std::fs::remove_file(&path).unwrap();
@@ -437,8 +438,7 @@ mod tests {
 
     #[test]
     fn a_file_moved_away_while_held_is_written_again_and_the_moved_one_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 3);
         let moved = dir.path().join("counter.state.old");
@@ -451,8 +451,7 @@ mod tests {
 
     #[test]
     fn a_file_replaced_while_a_link_keeps_it_refuses_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 3);
         std::fs::hard_link(&path, dir.path().join("backup")).unwrap();
@@ -468,8 +467,7 @@ mod tests {
 
     #[test]
     fn a_file_replaced_while_held_refuses_commits_and_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (dir, path) = fresh();
         let mut store = FileStore::open(&path).unwrap();
         commit(&mut store, 3);
         let restored = dir.path().join("restored");
@@ -486,8 +484,7 @@ mod tests {
 
     #[test]
     fn a_file_with_no_good_slot_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (_dir, path) = fresh();
         for contents in [&[][..], &[0u8; 64][..], b"12345\n", &[0u8; 65][..]] {
             std::fs::write(&path, contents).unwrap();
             let error = FileStore::open(&path).unwrap_err().to_string();
@@ -498,8 +495,7 @@ mod tests {
 
     #[test]
     fn a_second_opener_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("counter.state");
+        let (_dir, path) = fresh();
         let _held = FileStore::open(&path).unwrap();
         let error = FileStore::open(&path).unwrap_err().to_string();
         assert!(error.contains("in use by another process"), "{error}");
