@@ -41,7 +41,7 @@ use crate::request_rules;
 use crate::service::{Body, Service, status_only};
 use crate::shutdown::{Latch, Stop, wait_until};
 use crate::time::timeout_at;
-use crate::tls::{self, HandshakeFailure, ServerTls};
+use crate::tls::{self, HandshakeFailure, Security, ServerTls};
 use http::header::{CONNECTION, HeaderValue};
 use http::{Response, StatusCode, Version};
 
@@ -140,6 +140,16 @@ pub async fn serve<R: Runtime, S: Service>(
         // and it is still one syscall.
         .writev(false);
     let builder: &'static http1::Builder = forever(builder);
+    let listenings: &'static [Listening<S>] = services
+        .iter()
+        .map(|&service| Listening {
+            service,
+            settings,
+            builder,
+            stop: stop.latch(),
+        })
+        .collect::<Vec<_>>()
+        .leak();
 
     let mut stopped = pin!(stop.latch().wait());
     let mut next_worker = 0;
@@ -178,10 +188,7 @@ pub async fn serve<R: Runtime, S: Service>(
                 let connection = Accepted {
                     peer,
                     at: accepted,
-                    service: services[worker],
-                    settings,
-                    builder,
-                    stop: stop.latch(),
+                    listening: &listenings[worker],
                     open,
                 };
                 // The accepted socket is in no reactor yet: the task that
@@ -193,7 +200,7 @@ pub async fn serve<R: Runtime, S: Service>(
                         worker,
                         serve_connection::<R, S, _>(
                             move |peer| adopt::<R>(stream, peer),
-                            "none",
+                            Security::Plain,
                             Box::new(connection),
                             backends::Stream::poll_readable,
                         ),
@@ -255,16 +262,22 @@ enum Ended {
     Unreadable(io::Error),
 }
 
+/// What serves a listener's connections on one worker: referred to by
+/// each connection, which then keeps one reference instead of four.
+struct Listening<S: 'static> {
+    service: &'static S,
+    settings: &'static ServerSettings,
+    builder: &'static http1::Builder,
+    stop: &'static Latch,
+}
+
 /// An accepted connection and what serves it.
 struct Accepted<S: 'static> {
     peer: SocketAddr,
     /// When it was accepted: its first head (and, with TLS, its handshake
     /// before that) must be in within the header-read timeout from here.
     at: Instant,
-    service: &'static S,
-    settings: &'static ServerSettings,
-    builder: &'static http1::Builder,
-    stop: &'static Latch,
+    listening: &'static Listening<S>,
     open: Open,
 }
 
@@ -277,7 +290,7 @@ async fn serve_tls<R: Runtime, S: Service>(
     stream: std::net::TcpStream,
     connection: Accepted<S>,
 ) {
-    let settings = connection.settings;
+    let settings = connection.listening.settings;
     let peer = connection.peer;
     let deadline = connection.at + settings.header_read_timeout;
     let Some(stream) = adopt::<R>(stream, peer) else {
@@ -285,14 +298,13 @@ async fn serve_tls<R: Runtime, S: Service>(
     };
     let failure = match tls.accept::<R, _>(stream, deadline).await {
         Ok(stream) => {
-            let version = tls::version_name(&stream);
+            let security = tls::negotiated(&stream);
             let open_stream = move |_| Some(stream);
-            let readable: Readable<_> = tls::poll_readable;
             return serve_connection::<R, S, _>(
                 open_stream,
-                version,
+                security,
                 Box::new(connection),
-                readable,
+                tls::poll_readable,
             )
             .await;
         }
@@ -319,20 +331,21 @@ async fn serve_tls<R: Runtime, S: Service>(
 
 /// How a connection's stream is waited on while it is parked: ready once
 /// something may be read, with no buffer (for TLS, what rustls holds
-/// counts).
-type Readable<I> = fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>>;
+/// counts). A function item, so that the task keeps no pointer to it.
+trait Readable<I>: Fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>> + Send + 'static {}
+
+impl<I, F> Readable<I> for F where
+    F: Fn(&mut I, &mut Context<'_>) -> Poll<io::Result<()>> + Send + 'static
+{
+}
 
 /// What a connection keeps from its accept to its close, whether hyper
 /// serves it or it is parked: kept small, since a parked connection is
 /// little more than this.
 struct Watch<R: Runtime, S: 'static> {
     peer: SocketAddr,
-    /// The TLS version, for the access log ("none").
-    tls: &'static str,
-    service: &'static S,
-    settings: &'static ServerSettings,
-    builder: &'static http1::Builder,
-    stop: &'static Latch,
+    security: Security,
+    listening: &'static Listening<S>,
     activity: Arc<Activity>,
     /// One timer for every deadline of the connection, re-armed lazily.
     timer: R::Timer,
@@ -356,7 +369,9 @@ impl<R: Runtime, S: Service> Watch<R, S> {
                 .stop_waker
                 .as_ref()
                 .is_some_and(|w| w.will_wake(cx.waker()));
-            if self.stop.is_set() || (!registered && Pin::new(listener).poll(cx).is_ready()) {
+            if self.listening.stop.is_set()
+                || (!registered && Pin::new(listener).poll(cx).is_ready())
+            {
                 self.stop_listener = None;
             } else if !registered {
                 self.stop_waker = Some(cx.waker().clone());
@@ -393,7 +408,7 @@ impl<R: Runtime, S: Service> Watch<R, S> {
 
     /// When the phase the connection is in times out.
     fn deadline(&self) -> Option<Instant> {
-        self.activity.deadline(self.settings)
+        self.activity.deadline(self.listening.settings)
     }
 }
 
@@ -406,8 +421,7 @@ fn adopt<R: Runtime>(stream: std::net::TcpStream, peer: SocketAddr) -> Option<R:
 }
 
 /// Serves HTTP/1.1 over the stream `open_stream` gives (a TCP stream, or
-/// TLS over one, whose version `tls` names for the access log) until it
-/// closes or times out.
+/// TLS over one, as `security` says) until it closes or times out.
 ///
 /// A keep-alive connection that stays idle, its answer flushed, for
 /// [`phase::PARK_AFTER`] is parked, waiting with `readable`: hyper's connection
@@ -420,9 +434,9 @@ fn adopt<R: Runtime>(stream: std::net::TcpStream, peer: SocketAddr) -> Option<R:
 /// kept by the task while it is parked.
 async fn serve_connection<R, S, I>(
     open_stream: impl FnOnce(SocketAddr) -> Option<I> + Send + 'static,
-    tls: &'static str,
+    security: Security,
     connection: Box<Accepted<S>>,
-    readable: Readable<I>,
+    readable: impl Readable<I>,
 ) where
     R: Runtime,
     S: Service,
@@ -437,12 +451,10 @@ async fn serve_connection<R, S, I>(
         let Accepted {
             peer,
             at,
-            service,
-            settings,
-            builder,
-            stop,
+            listening,
             open,
         } = *connection;
+        let settings = listening.settings;
         let Some(stream) = open_stream(peer) else {
             return;
         };
@@ -455,16 +467,13 @@ async fn serve_connection<R, S, I>(
         let sleep = timer.sleep_until(first_deadline);
         let watch = Watch::<R, S> {
             peer,
-            tls,
-            service,
-            settings,
-            builder,
-            stop,
+            security,
+            listening,
             activity,
             timer,
             sleep,
             armed: Some(first_deadline),
-            stop_listener: Some(stop.listener()),
+            stop_listener: Some(listening.stop.listener()),
             stop_waker: None,
         };
         (watch, io, open)
@@ -476,7 +485,7 @@ async fn serve_connection<R, S, I>(
             Ok(taken) => io = taken,
             Err(ended) => break ended,
         }
-        if let Some(ended) = wait_parked(&mut watch, &mut io, readable).await {
+        if let Some(ended) = wait_parked(&mut watch, &mut io, &readable).await {
             break ended;
         }
     };
@@ -485,7 +494,7 @@ async fn serve_connection<R, S, I>(
         Ended::Closed(Ok(())) => {}
         Ended::Closed(Err(error)) => {
             if error.is_parse() {
-                if let Some(metrics) = watch.settings.metrics {
+                if let Some(metrics) = watch.listening.settings.metrics {
                     metrics.record_bad_request();
                 }
             }
@@ -510,14 +519,15 @@ where
 {
     loop {
         // Boxed, so that a parked connection's task no longer holds it.
-        let mut connection = Box::new(watch.builder.serve_connection(
+        let listening = watch.listening;
+        let mut connection = Box::new(listening.builder.serve_connection(
             io,
             hyper_service(
-                watch.service,
-                watch.settings,
+                listening.service,
+                listening.settings,
                 &watch.activity,
                 watch.peer,
-                watch.tls,
+                watch.security,
             ),
         ));
         let mut draining = false;
@@ -569,7 +579,7 @@ where
 async fn wait_parked<R: Runtime, S: Service, I>(
     watch: &mut Watch<R, S>,
     io: &mut WatchedIo<I>,
-    readable: Readable<I>,
+    readable: &impl Readable<I>,
 ) -> Option<Ended> {
     poll_fn(|cx| {
         if watch.stopping(cx) {
@@ -593,7 +603,7 @@ fn hyper_service<S: Service>(
     settings: &'static ServerSettings,
     activity: &Arc<Activity>,
     peer: SocketAddr,
-    tls: &'static str,
+    security: Security,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = Response<Body>,
@@ -663,7 +673,7 @@ fn hyper_service<S: Service>(
                     %peer,
                     %method,
                     path = ?path,
-                    tls,
+                    tls = security.name(),
                     status = response.status().as_u16(),
                     micros = (answered - head_complete).as_micros() as u64,
                 );

@@ -180,7 +180,10 @@ impl Activity {
 pub(super) struct WatchedIo<S> {
     inner: S,
     activity: Arc<Activity>,
-    replay: Bytes,
+    /// Boxed: bytes to replay are rare (a request arriving as its
+    /// connection parks), and a parked connection's task keeps room for
+    /// this field.
+    replay: Option<Box<Bytes>>,
 }
 
 impl<S> WatchedIo<S> {
@@ -188,7 +191,7 @@ impl<S> WatchedIo<S> {
         Self {
             inner,
             activity,
-            replay: Bytes::new(),
+            replay: None,
         }
     }
 
@@ -200,8 +203,8 @@ impl<S> WatchedIo<S> {
     /// whose replayed bytes were all read is taken apart again, so none
     /// are ever replaced.
     pub(super) fn replay(&mut self, bytes: Bytes) {
-        debug_assert!(self.replay.is_empty());
-        self.replay = bytes;
+        debug_assert!(self.replay.is_none());
+        self.replay = Some(Box::new(bytes));
     }
 }
 
@@ -211,13 +214,13 @@ impl<S: Read + Unpin> Read for WatchedIo<S> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.advance(n);
-            if self.replay.is_empty() {
+        if let Some(replay) = &mut self.replay {
+            let n = replay.len().min(buf.remaining());
+            buf.put_slice(&replay[..n]);
+            replay.advance(n);
+            if replay.is_empty() {
                 // Emptied, it would still hold hyper's whole read buffer.
-                self.replay = Bytes::new();
+                self.replay = None;
             }
             self.activity.on_read();
             return Poll::Ready(Ok(()));

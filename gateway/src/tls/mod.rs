@@ -148,12 +148,34 @@ impl ServerTls {
     }
 }
 
-/// The TLS version a served connection negotiated, for the access log.
-pub fn version_name<S>(stream: &ServerStream<S>) -> &'static str {
+/// What a served connection speaks under HTTP, as the access log names
+/// it: a byte, since a parked connection keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    Plain,
+    Tls12,
+    Tls13,
+    /// TLS of a version rustls did not report.
+    Tls,
+}
+
+impl Security {
+    pub fn name(self) -> &'static str {
+        match self {
+            Security::Plain => "none",
+            Security::Tls12 => "TLSv1.2",
+            Security::Tls13 => "TLSv1.3",
+            Security::Tls => "TLS",
+        }
+    }
+}
+
+/// The TLS version a served connection negotiated.
+pub fn negotiated<S>(stream: &ServerStream<S>) -> Security {
     match stream.get_ref().get_ref().1.protocol_version() {
-        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
-        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
-        _ => "TLS",
+        Some(ProtocolVersion::TLSv1_3) => Security::Tls13,
+        Some(ProtocolVersion::TLSv1_2) => Security::Tls12,
+        _ => Security::Tls,
     }
 }
 
