@@ -33,6 +33,13 @@ mod in_memory;
 /// fails and the connection is closed.
 pub const MAX_BODY: u64 = 1024 * 1024;
 
+/// A connection's first read buffer: room for a usual answer head (the
+/// counter's is about 100 bytes; a web server's, with its date, server and
+/// content type, a few hundred). A longer head grows the buffer, once for
+/// the connection's life, up to [`MAX_HEAD`]. Kept small because the pool
+/// keeps up to `upstream.max_connections` of them while idle.
+const FIRST_BUFFER: usize = 512;
+
 /// An upstream connection and its read buffer.
 pub struct Connection<S> {
     stream: S,
@@ -58,7 +65,7 @@ impl<S: backends::Stream> Connection<S> {
     pub fn new(stream: S) -> Self {
         Self {
             stream,
-            buffer: vec![0; 2048].into_boxed_slice(),
+            buffer: vec![0; FIRST_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
         }
