@@ -18,6 +18,13 @@ that nginx terminating TLS in front of the counter (not measured either).
   bench/instructions.py --nginx /usr/sbin/nginx
   bench/instructions.py --gateway target/release/gateway --tls
   bench/instructions.py --gateway target/release/gateway --upstream-tls /usr/sbin/nginx
+  bench/instructions.py --gateway target/release/gateway --idle 15000
+
+With --idle N, N keep-alive connections are opened before the measured
+requests of both runs, each answered one `GET /`, and left idle
+(parked) through them: whether a crowd of idle connections costs the busy
+ones instructions. Opening them costs the same in both runs and cancels
+out. Each needs a descriptor here and in the server (`ulimit -n`).
 """
 import argparse
 import os
@@ -90,21 +97,9 @@ def drive(port, total, connections=4, tls=None):
         buf = b""
         for _ in range(count):
             s.sendall(request)
-            while True:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end >= 0:
-                    head = buf[:head_end].decode("latin1")
-                    m = re.search(r"(?i)content-length:\s*(\d+)", head)
-                    length = int(m.group(1)) if m else 0
-                    if len(buf) >= head_end + 4 + length:
-                        if not head.startswith("HTTP/1.1 200"):
-                            errors.append(head.splitlines()[0])
-                        buf = buf[head_end + 4 + length:]
-                        break
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise RuntimeError("server closed the connection")
-                buf += chunk
+            head, buf = read_answer(s, buf)
+            if not head.startswith("HTTP/1.1 200"):
+                errors.append(head.splitlines()[0])
         s.close()
 
     threads = [threading.Thread(target=one, args=(total // connections,)) for _ in range(connections)]
@@ -114,6 +109,39 @@ def drive(port, total, connections=4, tls=None):
         t.join()
     if errors:
         sys.exit(f"{len(errors)} failed requests or connections, e.g. {errors[0]}")
+
+
+def read_answer(s, buf):
+    """Reads one whole answer (a Content-Length body) from `s` after what
+    `buf` holds; returns (its head, what was read past it)."""
+    while True:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buf[:head_end].decode("latin1")
+            m = re.search(r"(?i)content-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else 0
+            if len(buf) >= head_end + 4 + length:
+                return head, buf[head_end + 4 + length:]
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("server closed the connection")
+        buf += chunk
+
+
+def hold_idle(port, count, tls=None):
+    """Opens `count` keep-alive connections, one answered `GET /` each, and
+    returns them open, idle."""
+    held = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        if tls:
+            s = tls.wrap_socket(s, server_hostname="localhost")
+        s.sendall(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
+        head, _ = read_answer(s, b"")
+        if not head.startswith("HTTP/1.1 200"):
+            sys.exit(f"an idle connection's request failed: {head.splitlines()[0]}")
+        held.append(s)
+    return held
 
 
 def callgrind_total(out_file):
@@ -129,19 +157,23 @@ def measure(args, counter_port, requests, workdir, certificates):
     ca, leaf, key = certificates
     ssl_directives = f"ssl_certificate {leaf}; ssl_certificate_key {key}; ssl_protocols TLSv1.3;"
     out = os.path.join(workdir, f"callgrind.{requests}.out")
+    # Idle connections must outlast both runs, slow as they are under
+    # callgrind: no idle timeout may close them in one and not the other.
+    idle_timeout = 3600 if args.idle else None
     if args.nginx:
         conf = os.path.join(workdir, "nginx.conf")
         with open(conf, "w") as f:
             f.write(f"""
 worker_processes 1; master_process off; daemon off;
 pid {workdir}/nginx.pid; error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {1024 + args.idle}; }}
 http {{
   access_log off;
   client_body_temp_path {workdir}/b; proxy_temp_path {workdir}/p;
   fastcgi_temp_path {workdir}/f; uwsgi_temp_path {workdir}/u; scgi_temp_path {workdir}/s;
   upstream counter {{ server 127.0.0.1:{counter_port}; keepalive 64; keepalive_requests 1000000; }}
   keepalive_requests 1000000;
+  {f"keepalive_timeout {idle_timeout}s;" if idle_timeout else ""}
   server {{
     listen 127.0.0.1:{port}{" ssl" if args.tls else ""};
     {ssl_directives if args.tls else ""}
@@ -166,6 +198,7 @@ workers = 1
 listen = "127.0.0.1:{port}"
 {f'tls_cert = "{leaf}"' if args.tls else ""}
 {f'tls_key = "{key}"' if args.tls else ""}
+{f"idle_timeout_ms = {idle_timeout * 1000}" if idle_timeout else ""}
 [upstream]
 {f'url = "https://localhost:{counter_port}/counter"' if args.upstream_tls else f'url = "http://127.0.0.1:{counter_port}/counter"'}
 {f'tls_ca = "{ca}"' if args.upstream_tls else ""}
@@ -181,9 +214,12 @@ level = "warn"
     if args.tls:
         tls = ssl.create_default_context(cafile=ca)
         tls.minimum_version = ssl.TLSVersion.TLSv1_3
+    idle = hold_idle(port, args.idle, tls)
     drive(port, requests, tls=tls)
     server.send_signal(signal.SIGTERM if not args.nginx else signal.SIGQUIT)
-    server.wait(timeout=120)
+    server.wait(timeout=300)
+    for s in idle:
+        s.close()
     return callgrind_total(out)
 
 
@@ -223,6 +259,8 @@ def main():
     parser.add_argument("--counter", help="gateway binary to run the counter (default: --gateway)")
     parser.add_argument("--requests", type=int, nargs=2, default=[2000, 12000])
     parser.add_argument("--tls", action="store_true", help="the server under test serves HTTPS")
+    parser.add_argument("--idle", type=int, default=0, metavar="N",
+                        help="N keep-alive connections left idle through the measured requests")
     parser.add_argument("--upstream-tls", metavar="NGINX",
                         help="reach the counter over https, through this nginx (the gateway only)")
     args = parser.parse_args()
@@ -255,6 +293,7 @@ def main():
     name = "nginx" if args.nginx else f"gateway ({args.backend})"
     name += " over TLS" if args.tls else ""
     name += ", https upstream" if args.upstream_tls else ""
+    name += f", {args.idle:,} idle connections open" if args.idle else ""
     print(f"{name}: {per_request:,.0f} instructions per request "
           f"({i_low:,} for {low}, {i_high:,} for {high})")
 

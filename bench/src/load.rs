@@ -53,6 +53,10 @@ pub struct LoadSpec {
     /// request (over TLS, of a ClientHello) and never finish it: each is
     /// opened again as soon as the server closes it.
     pub stalled: usize,
+    /// Keep-alive connections held open beside the load, idle after one
+    /// request each: each is opened again (with its request) if the
+    /// server closes it.
+    pub idle: usize,
 }
 
 /// What one run measured.
@@ -159,6 +163,22 @@ pub fn run<S>(
                             tokio::spawn(stall(spec.target, spec.tls.is_some(), first, stop))
                         })
                         .collect();
+                    // The idle clients, dealt and spread the same way: their
+                    // one request each is made in the warm-up.
+                    let idle = spec.idle / threads + usize::from(thread < spec.idle % threads);
+                    let idling: Vec<_> = (0..idle)
+                        .map(|i| {
+                            let index = thread + i * threads;
+                            let first =
+                                start + spec.warmup.mul_f64(index as f64 / spec.idle as f64);
+                            let client = Client {
+                                target: spec.target,
+                                tls: spec.tls.clone().map(TlsConnector::from),
+                                new_connections: false,
+                            };
+                            tokio::spawn(stay_idle(client, first, stop))
+                        })
+                        .collect();
                     let mut total = empty_result(spec.duration);
                     for task in tasks {
                         if let Ok(result) = task.await {
@@ -167,6 +187,15 @@ pub fn run<S>(
                     }
                     for task in stalling {
                         let _ = task.await;
+                    }
+                    for task in idling {
+                        if let Ok(result) = task.await {
+                            total.ok_total += result.ok_total;
+                            total.failed_total += result.failed_total;
+                            if total.first_error.is_none() {
+                                total.first_error = result.first_error;
+                            }
+                        }
                     }
                     Ok(total)
                 })
@@ -217,6 +246,53 @@ async fn stall(target: SocketAddr, tls: bool, first: Instant, stop: Instant) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A keep-alive client that goes idle: at `first` it connects, sends one
+/// `GET /` and reads the answer, then holds the connection without a
+/// word until `stop`; if the server closes it, it does the same again.
+/// Its answers count toward the totals the counter is checked against
+/// (not toward the window's requests or latency).
+async fn stay_idle(client: Client, first: Instant, stop: Instant) -> LoadResult {
+    let mut result = empty_result(Duration::ZERO);
+    let request = format!("GET / HTTP/1.1\r\nhost: {}\r\n\r\n", client.target).into_bytes();
+    let mut buffer = Vec::with_capacity(1024);
+    let stop = tokio::time::Instant::from(stop);
+    tokio::time::sleep_until(first.into()).await;
+    while tokio::time::Instant::now() < stop {
+        let held = async {
+            let mut stream = client.connect().await?;
+            let answer = match &mut stream {
+                Stream::Plain(s) => exchange(s, &request, &mut buffer).await,
+                Stream::Tls(s) => exchange(s.as_mut(), &request, &mut buffer).await,
+            };
+            match answer {
+                Ok(Answer { status: 200, .. }) => result.ok_total += 1,
+                Ok(_) => result.failed_total += 1,
+                Err(error) => {
+                    result.failed_total += 1;
+                    return Err(error);
+                }
+            }
+            // Idle until the server closes it (or resets it).
+            let mut sink = [0u8; 64];
+            loop {
+                let read = match &mut stream {
+                    Stream::Plain(s) => s.read(&mut sink).await?,
+                    Stream::Tls(s) => s.read(&mut sink).await?,
+                };
+                if read == 0 {
+                    return Ok(());
+                }
+            }
+        };
+        if let Ok(Err(error)) = tokio::time::timeout_at(stop, held).await {
+            note_error(&mut result, &error);
+            // Refused or reset: do not spin on a server that is gone.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    result
 }
 
 fn empty_result(window: Duration) -> LoadResult {
@@ -603,6 +679,7 @@ mod tests {
             new_connections,
             tls: Some(tls),
             stalled: 0,
+            idle: 0,
         };
         let (result, (), ()) = run(&spec, || ()).unwrap();
         assert_eq!(result.first_error, None);
@@ -664,6 +741,48 @@ mod tests {
             starts
         });
         assert_eq!(starts, [[0x16, 0x03, 0x01, 0x02, 0x00]; 3]);
+    }
+
+    #[test]
+    fn an_idle_client_makes_one_request_then_waits_and_comes_back_when_closed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = Client {
+                target: listener.local_addr().unwrap(),
+                tls: None,
+                new_connections: false,
+            };
+            let stop = Instant::now() + Duration::from_secs(2);
+            let idle = tokio::spawn(stay_idle(client, Instant::now(), stop));
+            // Closed by the server after the first two answers, the client
+            // comes back; the last connection it holds until the stop.
+            let mut last = None;
+            for answer in ["200 OK", "200 OK", "503 Service Unavailable"] {
+                drop(last.take());
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
+                    head.push(byte[0]);
+                }
+                assert!(head.starts_with(b"GET / HTTP/1.1\r\n"));
+                let response = format!("HTTP/1.1 {answer}\r\ncontent-length: 2\r\n\r\nok");
+                tcp.write_all(response.as_bytes()).await.unwrap();
+                let mut byte = [0u8];
+                let quiet = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut byte));
+                assert!(quiet.await.is_err(), "the idle client sent more");
+                last = Some(tcp);
+            }
+            let result = idle.await.unwrap();
+            drop(last);
+            result
+        });
+        assert_eq!((result.ok_total, result.failed_total), (2, 1));
     }
 
     #[test]

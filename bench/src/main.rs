@@ -66,6 +66,12 @@ struct Options {
     /// header-read timeout: to see whether they move the others' latency.
     #[arg(long, default_value_t = 0)]
     stalled: usize,
+    /// Hold this many keep-alive connections beside the load, each idle
+    /// after one request (made over the warm-up): to see whether a crowd
+    /// of idle connections slows the busy ones. The bench and the server
+    /// each need a descriptor per connection (`ulimit -n`).
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
     /// Measured time per level.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -229,6 +235,7 @@ fn run(options: &Options) -> Result<bool, String> {
         tls: options.tls,
         new_connections: options.new_connections,
         stalled: options.stalled,
+        idle: options.idle,
         rows,
     };
     print!("{}", report::table(&report));
@@ -421,6 +428,7 @@ fn measure(
         new_connections: options.new_connections,
         tls: tls.cloned(),
         stalled: options.stalled,
+        idle: options.idle,
     };
     let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
     let (result, window_start, window_end) =

@@ -122,6 +122,8 @@ pub struct Report {
     pub new_connections: bool,
     /// Clients held beside the load that never finish a request (`--stalled`).
     pub stalled: usize,
+    /// Keep-alive connections held idle beside the load (`--idle`).
+    pub idle: usize,
     /// Every measurement, of every round.
     pub rows: Vec<Row>,
 }
@@ -224,6 +226,12 @@ pub fn table(report: &Report) -> String {
         out.push_str(&format!(
             "; {} stalled clients beside the load (never finishing a request)",
             report.stalled
+        ));
+    }
+    if report.idle > 0 {
+        out.push_str(&format!(
+            "; {} idle keep-alive connections beside the load (one request each)",
+            report.idle
         ));
     }
     out.push('\n');
@@ -536,6 +544,7 @@ mod tests {
             tls: false,
             new_connections: false,
             stalled: 0,
+            idle: 0,
             rows: vec![row],
         }
     }
