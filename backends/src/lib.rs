@@ -5,15 +5,19 @@
 //! or one scheduler each: [`Threading`]), spawn tasks, adopt a bound
 //! TCP listener and accept from it, connect, sleep until an instant, hand
 //! hyper a timer, and catch the signals a daemon gets ([`Signal`]). The
-//! gateway is generic over it (`run::<Tokio>` / `run::<Smol>`), so the hot
-//! path is monomorphic and both runtimes run exactly the same HTTP code.
+//! gateway is generic over it (the daemon's `run_on::<Tokio>` /
+//! `run_on::<Smol>`), so the hot path is monomorphic and both runtimes run
+//! exactly the same HTTP code.
 //!
 //! Streams are handed out as [`hyper::rt::Read`] + [`hyper::rt::Write`]
 //! because hyper's IO traits are already the runtime-neutral vocabulary the
 //! gateway speaks; nothing here knows about HTTP messages, counters or visits.
 //!
-//! Adding a backend means one new module implementing [`Runtime`] plus a
-//! config value that selects it.
+//! Adding a backend means one new module implementing [`Runtime`], a line
+//! in [`for_every_backend!`], which puts it through the conformance tests
+//! (`tests/conformance.rs`: what the gateway relies on from a runtime),
+//! and, for now, the gateway's own lists of backends (its config value,
+//! its tests).
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -26,6 +30,17 @@ mod tokio;
 
 pub use crate::smol::Smol;
 pub use crate::tokio::Tokio;
+
+/// Calls `$callback!(runtime type, backend name, args...)` once for each
+/// backend: the one list that tests which must cover every backend expand
+/// from, so that a backend added here is covered by them all.
+#[macro_export]
+macro_rules! for_every_backend {
+    ($callback:ident ! ( $($args:tt)* )) => {
+        $callback!($crate::Tokio, tokio, $($args)*);
+        $callback!($crate::Smol, smol, $($args)*);
+    };
+}
 
 /// A connected TCP stream as the gateway uses it: hyper's IO traits, plus
 /// what a connection pool asks of an idle stream and how a server waits
