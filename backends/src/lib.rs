@@ -13,11 +13,16 @@
 //! because hyper's IO traits are already the runtime-neutral vocabulary the
 //! gateway speaks; nothing here knows about HTTP messages, counters or visits.
 //!
-//! Adding a backend means one new module implementing [`Runtime`], a line
-//! in [`for_every_backend!`], which puts it through the conformance tests
-//! (`tests/conformance.rs`: what the gateway relies on from a runtime),
-//! and, for now, the gateway's own lists of backends (its config value,
-//! its tests).
+//! The backends by name are [`Backend`] (with [`Threading`], the
+//! [`Named`] choices of the gateway's `[runtime]`), and
+//! [`for_every_backend!`] hands the same list to tests: the gateway's
+//! config and command line, its tests, the fuzz targets and the bench all
+//! take theirs from here. Adding a backend means one new module
+//! implementing [`Runtime`], its variant in [`Backend`], and a line in
+//! [`for_every_backend!`], which puts it through the conformance tests
+//! (`tests/conformance.rs`: what the gateway relies on from a runtime)
+//! and every behavioural test of the gateway. (`.ci/run` still names the
+//! backends in its shell loops.)
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -25,20 +30,26 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Instant;
 
+mod named;
 mod smol;
 mod tokio;
 
+pub use crate::named::{Backend, Named, OnRuntime};
 pub use crate::smol::Smol;
 pub use crate::tokio::Tokio;
 
-/// Calls `$callback!(runtime type, backend name, args...)` once for each
-/// backend: the one list that tests which must cover every backend expand
-/// from, so that a backend added here is covered by them all.
+/// Calls `$callback!(args... ; [runtime type, Backend value, name] ...)`
+/// once, with every backend: the one list that tests which must cover
+/// every backend expand from, so that a backend added here is covered by
+/// them all.
 #[macro_export]
 macro_rules! for_every_backend {
     ($callback:ident ! ( $($args:tt)* )) => {
-        $callback!($crate::Tokio, tokio, $($args)*);
-        $callback!($crate::Smol, smol, $($args)*);
+        $callback! {
+            $($args)* ;
+            [$crate::Tokio, $crate::Backend::Tokio, tokio]
+            [$crate::Smol, $crate::Backend::Smol, smol]
+        }
     };
 }
 
@@ -72,12 +83,14 @@ pub enum Threading {
     /// One scheduler for every worker: any worker runs any task, and idle
     /// workers take work from busy ones (tokio's work stealing, smol's
     /// shared executor).
-    #[default]
     Shared,
     /// One single-threaded scheduler per worker: a task runs on the worker
     /// that spawned it, or the one [`Runtime::spawn_on`] named, and never
     /// moves. Nothing is shared on the way through a task; nothing
-    /// rebalances a worker that has more than its share.
+    /// rebalances a worker that has more than its share. The gateway's
+    /// default: with one upstream pool per worker too, it served more than
+    /// shared on four and eight cores (bench/README.md).
+    #[default]
     PerCore,
 }
 

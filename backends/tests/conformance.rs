@@ -42,15 +42,21 @@ fn isolated(name: &str, case: fn()) {
     assert!(stdout.contains("1 passed"), "{name} did not run:\n{stdout}");
 }
 
-/// One test per case and backend, named `backend::case`.
-macro_rules! cases {
-    ($runtime:path, $backend:ident, $($case:ident),* $(,)?) => {
-        mod $backend {
+/// One test per case and backend, named `case::backend`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        $(backends::for_every_backend!(on_every_backend!($case));)*
+    };
+}
+
+macro_rules! on_every_backend {
+    ($case:ident ; $([$runtime:path, $variant:path, $backend:ident])*) => {
+        mod $case {
             $(
                 #[test]
-                fn $case() {
+                fn $backend() {
                     super::isolated(
-                        concat!(stringify!($backend), "::", stringify!($case)),
+                        concat!(stringify!($case), "::", stringify!($backend)),
                         super::$case::<$runtime>,
                     )
                 }
@@ -59,7 +65,7 @@ macro_rules! cases {
     };
 }
 
-backends::for_every_backend!(cases!(
+conformance!(
     spawn_on_runs_a_task_on_the_worker_it_names,
     spawn_per_core_stays_on_the_calling_worker,
     shared_workers_run_every_task_and_block_on_returns_mains_output,
@@ -72,7 +78,7 @@ backends::for_every_backend!(cases!(
     sleep_until_waits_for_its_instant,
     every_signal_is_caught_and_yielded,
     accepted_streams_have_nodelay_and_their_peer,
-));
+);
 
 /// Runs `main` on `workers` workers.
 fn run<R: Runtime, T: Send + 'static>(

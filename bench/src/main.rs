@@ -24,6 +24,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backends::{Backend, Named};
 use clap::Parser;
 use rustls::ClientConfig;
 
@@ -39,7 +40,7 @@ struct Options {
     /// `backend/per-core` names it, and a last `/batchN` sets
     /// `upstream.batch_max = N`, e.g. `tokio,tokio/shared,smol/batch64`;
     /// `--backends ''` with `--reference nginx` measures nginx alone.
-    #[arg(long, value_delimiter = ',', default_value = "tokio,smol")]
+    #[arg(long, value_delimiter = ',', default_values_t = Backend::NAMES.iter().map(|&name| name.to_owned()))]
     backends: Vec<String>,
     /// Also measure each backend with `upstream.batch_max = N`: a
     /// `backend/batchN` row after each one in --backends that names none.

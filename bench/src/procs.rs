@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use backends::{Backend, Named, Threading};
+
 use crate::layout::CpuList;
 use crate::tls::Certificates;
 
@@ -204,12 +206,14 @@ impl<'a> GatewayTarget<'a> {
     pub fn parse(target: &'a str) -> Result<Self, String> {
         let wrong = || {
             format!(
-                "`{target}` is not tokio or smol, optionally with /shared or /per-core, \
-                 then optionally /batchN (N of 2 or more)"
+                "`{target}` is not {}, optionally with /{}, then optionally /batchN \
+                 (N of 2 or more)",
+                Backend::NAMES.join(" or "),
+                Threading::NAMES.join(" or /"),
             )
         };
         let mut parts = target.split('/');
-        let backend = parts.next().filter(|b| matches!(*b, "tokio" | "smol"));
+        let backend = parts.next().filter(|b| Backend::from_name(b).is_some());
         let backend = backend.ok_or_else(wrong)?;
         let mut parsed = Self {
             backend,
@@ -223,7 +227,7 @@ impl<'a> GatewayTarget<'a> {
                     return Err(wrong());
                 }
                 parsed.batch_max = Some(n);
-            } else if matches!(part, "shared" | "per-core")
+            } else if Threading::from_name(part).is_some()
                 && parsed.threading.is_none()
                 && parsed.batch_max.is_none()
             {

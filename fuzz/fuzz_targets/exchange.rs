@@ -29,9 +29,7 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
-use backends::{Runtime, Threading};
-use gateway::config::Backend;
-use gateway::daemon::{OnRuntime, on_backend};
+use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 use gateway::time::timeout_at;
 use gateway::upstream::exchange::{Connection, Exchange};
 use libfuzzer_sys::fuzz_target;
@@ -109,20 +107,18 @@ fn harness() -> &'static Mutex<Harness> {
         std::thread::spawn(move || upstream(listener, job));
         let (inputs, input) = channel();
         let (done, finished) = channel();
-        let backend = match std::env::var("FUZZ_BACKEND").as_deref() {
-            Ok("smol") => Backend::Smol,
-            _ => Backend::Tokio,
-        };
+        // FUZZ_BACKEND names one of the backends; the default one otherwise.
+        let backend = std::env::var("FUZZ_BACKEND")
+            .ok()
+            .and_then(|name| Backend::from_name(&name))
+            .unwrap_or_default();
         std::thread::spawn(move || {
-            on_backend(
-                backend,
-                Exchanges {
-                    addr,
-                    input,
-                    jobs,
-                    done,
-                },
-            )
+            backend.run(Exchanges {
+                addr,
+                input,
+                jobs,
+                done,
+            })
         });
         Mutex::new(Harness {
             inputs,

@@ -13,11 +13,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backends::{Runtime, Signal};
+use backends::{OnRuntime, Runtime, Signal};
 use futures_lite::StreamExt;
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config, Escaped, Threading, ms};
+use crate::config::{Config, Escaped, Threading, ms};
 use crate::counter::Counter;
 use crate::forever;
 use crate::forward::Forward;
@@ -94,26 +94,9 @@ pub fn run(
             run_on::<R>(self.0, self.1, self.2, self.3)
         }
     }
-    on_backend(
-        config.runtime.backend,
-        Daemon(config, mode, log, startup_signals),
-    )
-}
-
-/// Work written over the runtime trait, for [`on_backend`] to run.
-pub trait OnRuntime {
-    type Output;
-    fn run<R: Runtime>(self) -> Self::Output;
-}
-
-/// Runs `work` with the runtime `backend` names: the one place the
-/// gateway names a backend type (the daemon, and tests that run a part of
-/// it on each backend, come through here).
-pub fn on_backend<W: OnRuntime>(backend: Backend, work: W) -> W::Output {
-    match backend {
-        Backend::Tokio => work.run::<backends::Tokio>(),
-        Backend::Smol => work.run::<backends::Smol>(),
-    }
+    // The one place the daemon turns the configured name into a runtime.
+    let backend = config.runtime.backend;
+    backend.run(Daemon(config, mode, log, startup_signals))
 }
 
 fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
@@ -322,7 +305,7 @@ fn run_on<R: Runtime>(
         tracing::info!("stopped");
         Ok::<(), Fatal>(())
     };
-    R::block_on(workers, threading.into(), main).map_err(|source| Fatal::Runtime {
+    R::block_on(workers, threading, main).map_err(|source| Fatal::Runtime {
         backend: R::NAME,
         source,
     })?

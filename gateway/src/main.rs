@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser as _;
 use clap::{CommandFactory, Parser, Subcommand};
 use gateway::config::{
-    self, Backend, Config, ConfigError, CounterConfig, RuntimeConfig, StoreKind,
+    self, Backend, Config, ConfigError, CounterConfig, Named, RuntimeConfig, StoreKind,
 };
 use gateway::daemon::{self, Mode};
 use gateway::startup_signals::StartupSignals;
@@ -36,7 +37,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:3001")]
         listen: SocketAddr,
         /// Async runtime to run on.
-        #[arg(long, value_enum, default_value = "tokio")]
+        #[arg(long, value_parser = backend_parser(), default_value = "tokio")]
         backend: Backend,
         /// Worker threads, at most 1024; 0 = one per CPU this process may run on.
         #[arg(long, default_value_t = 0, value_parser = workers_parser())]
@@ -158,6 +159,12 @@ fn main() -> ExitCode {
 }
 
 /// `--workers`: a number up to [`config::MAX_WORKERS`], as `runtime.workers`.
+/// `--backend`: one of the backends' names, which `--help` lists.
+fn backend_parser() -> impl clap::builder::TypedValueParser<Value = Backend> {
+    clap::builder::PossibleValuesParser::new(Backend::NAMES)
+        .try_map(|name: String| Backend::from_name(&name).ok_or("not a backend"))
+}
+
 fn workers_parser() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(..=config::MAX_WORKERS as u64)
 }

@@ -19,13 +19,6 @@ use std::time::Duration;
 use common::{Backend, Client, GatewayConfig, Process, TestUpstream, counter_tally};
 use http::StatusCode;
 
-fn other(backend: Backend) -> Backend {
-    match backend {
-        Backend::Tokio => Backend::Smol,
-        Backend::Smol => Backend::Tokio,
-    }
-}
-
 /// The shipped layout: the gateway and its built-in counter in one
 /// process, the counter on `counter` and its state in `state`.
 fn start_daemon(backend: Backend, counter: SocketAddr, state: &Path) -> Process {
@@ -74,7 +67,7 @@ async fn the_count_survives_a_restart_that_switches_backend(backend: Backend) {
     daemon.terminate();
     daemon.assert_exits_0_within(Duration::from_secs(5)).await;
 
-    let daemon = start_daemon(other(backend), counter, &state);
+    let daemon = start_daemon(common::other_backend(backend), counter, &state);
     assert_eq!(counter_tally(counter).await, 5, "the count came through");
     common::visit_concurrently(daemon.addr("public"), 3, 1).await;
     assert_eq!(counter_tally(counter).await, 8);
@@ -119,7 +112,10 @@ async fn a_kill_9_under_load_loses_no_200(backend: Backend) {
     let answered = ok.load(Ordering::SeqCst);
     assert!(answered > 0, "no visit was counted before the kill");
 
-    let _restarted = Process::start_command(counter_command(other(backend), listen, &state, ""), 1);
+    let _restarted = Process::start_command(
+        counter_command(common::other_backend(backend), listen, &state, ""),
+        1,
+    );
     let count = counter_tally(listen).await;
     eprintln!(
         "{}: {answered} visits answered 200 before the kill; {count} counted after it",
@@ -245,7 +241,12 @@ async fn a_new_state_file_removes_no_file_beside_it(backend: Backend) {
     stop(neighbour).await;
 
     let _restarted = Process::start_command(
-        counter_command(other(backend), other_listen, &other_state, ""),
+        counter_command(
+            common::other_backend(backend),
+            other_listen,
+            &other_state,
+            "",
+        ),
         1,
     );
     assert_eq!(
@@ -302,7 +303,10 @@ async fn a_state_file_removed_while_counting_is_written_again(backend: Backend) 
     );
     stop(counter).await;
 
-    let _restarted = Process::start_command(counter_command(other(backend), listen, &state, ""), 1);
+    let _restarted = Process::start_command(
+        counter_command(common::other_backend(backend), listen, &state, ""),
+        1,
+    );
     assert_eq!(counter_tally(listen).await, 5);
 }
 

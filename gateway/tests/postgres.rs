@@ -27,13 +27,6 @@ use common::postgres::Postgres;
 use common::{Answer, Backend, Client, Process, counter_tally, request};
 use http::StatusCode;
 
-fn other(backend: Backend) -> Backend {
-    match backend {
-        Backend::Tokio => Backend::Smol,
-        Backend::Smol => Backend::Tokio,
-    }
-}
-
 fn counter_command(backend: Backend, url: &str) -> Command {
     let mut command = common::counter_command(backend);
     command.args(["--store", "postgres", "--postgres-url", url]);
@@ -191,7 +184,7 @@ async fn restart_under_load(backend: Backend, outage: Duration) {
     let url = db.url();
     let counters = [
         start_counter(backend, &url),
-        start_counter(other(backend), &url),
+        start_counter(common::other_backend(backend), &url),
     ];
     let mut load = Load::start(&counters);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -432,7 +425,7 @@ async fn the_gateway_counts_in_the_database_across_a_backend_switch(backend: Bac
     common::visit_concurrently(daemon.addr("public"), 5, 2).await;
     daemon.terminate();
     daemon.assert_exits_0_within(Duration::from_secs(5)).await;
-    let daemon = start(other(backend));
+    let daemon = start(common::other_backend(backend));
     assert_eq!(counter_tally(counter).await, 10, "the count came through");
     common::visit_concurrently(daemon.addr("public"), 3, 1).await;
     assert_eq!(counter_tally(counter).await, 13);

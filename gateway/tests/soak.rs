@@ -201,16 +201,19 @@ async fn soak(backend: Backend) {
     assert!(statuses.get(&200).copied().unwrap_or(0) > 0);
 }
 
-mod soak {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "runs for GATEWAY_SOAK_SECS (default 60) per backend"]
-    async fn tokio() {
-        super::soak(super::common::Backend::Tokio).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "runs for GATEWAY_SOAK_SECS (default 60) per backend"]
-    async fn smol() {
-        super::soak(super::common::Backend::Smol).await
-    }
+/// `soak::backend` for every backend, run only when asked for.
+macro_rules! soak_on_every_backend {
+    ( ; $([$runtime:path, $variant:path, $backend:ident])*) => {
+        mod soak {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "runs for GATEWAY_SOAK_SECS (default 60) per backend"]
+                async fn $backend() {
+                    super::soak($variant).await
+                }
+            )*
+        }
+    };
 }
+
+backends::for_every_backend!(soak_on_every_backend!());

@@ -242,10 +242,7 @@ async fn switching_backend_or_threading_refuses_nothing_and_fails_nothing(first:
     let listener: std::net::TcpListener = socket.into();
     let addr = listener.local_addr().unwrap();
 
-    let other = match first {
-        Backend::Tokio => Backend::Smol,
-        Backend::Smol => Backend::Tokio,
-    };
+    let other = common::other_backend(first);
     let mut gateway = GatewayConfig::new(first, counter_addr).start_activated(&listener);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());

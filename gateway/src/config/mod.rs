@@ -23,6 +23,9 @@ use serde::Deserialize;
 pub use self::error::{ConfigError, Escaped};
 pub use self::load::locate;
 pub use self::upstream_url::UpstreamTarget;
+/// `runtime.backend` and `runtime.threading`: chosen by name from the
+/// backends crate's lists.
+pub use backends::{Backend, Named, Threading};
 
 /// The whole configuration, as read from `config.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -60,55 +63,6 @@ pub struct TlsMaterial {
     pub upstream_roots: Option<rustls::RootCertStore>,
 }
 
-/// Which async runtime runs the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    #[default]
-    Tokio,
-    Smol,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Tokio => "tokio",
-            Backend::Smol => "smol",
-        }
-    }
-}
-
-/// How the worker threads share the work (`runtime.threading`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Threading {
-    /// One scheduler for all workers; connections move to idle workers.
-    Shared,
-    /// One scheduler and upstream pool per worker; new connections are
-    /// handed to the workers in turn and stay on theirs. The default: it
-    /// served more than shared on four and eight cores (bench/README.md).
-    #[default]
-    PerCore,
-}
-
-impl Threading {
-    pub fn name(self) -> &'static str {
-        match self {
-            Threading::Shared => "shared",
-            Threading::PerCore => "per-core",
-        }
-    }
-}
-
-impl From<Threading> for backends::Threading {
-    fn from(threading: Threading) -> Self {
-        match threading {
-            Threading::Shared => backends::Threading::Shared,
-            Threading::PerCore => backends::Threading::PerCore,
-        }
-    }
-}
-
 /// The largest configuration file read (a real one is a few KiB).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -121,11 +75,20 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
+    #[serde(deserialize_with = "by_name")]
     pub backend: Backend,
     /// Worker threads, at most [`MAX_WORKERS`]; 0 means one per CPU this
     /// process may run on.
     pub workers: usize,
+    #[serde(deserialize_with = "by_name")]
     pub threading: Threading,
+}
+
+/// Reads a choice made by name (`backend = "smol"`); an unknown name is
+/// refused listing the known ones, as serde's own enums are.
+fn by_name<'de, D: serde::Deserializer<'de>, T: Named>(deserializer: D) -> Result<T, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    T::from_name(&name).ok_or_else(|| serde::de::Error::unknown_variant(&name, T::NAMES))
 }
 
 impl RuntimeConfig {

@@ -182,11 +182,9 @@ mod tests {
     use std::net::{SocketAddr, TcpListener};
     use std::time::{Duration, Instant};
 
-    use backends::{Runtime, Threading};
+    use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 
     use super::{Outcome, connect_any};
-    use crate::config::Backend;
-    use crate::daemon::{OnRuntime, on_backend};
 
     /// An address nothing listens on (bound, then let go).
     fn refusing() -> SocketAddr {
@@ -220,8 +218,8 @@ mod tests {
 
     #[test]
     fn a_connect_moves_past_an_address_that_refuses() {
-        for backend in [Backend::Tokio, Backend::Smol] {
-            on_backend(backend, ConnectPastARefusal);
+        for backend in Backend::ALL {
+            backend.run(ConnectPastARefusal);
         }
     }
 }

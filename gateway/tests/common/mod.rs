@@ -30,22 +30,39 @@ use tokio::task::JoinSet;
 /// The backends every behavioural test runs on.
 pub use gateway::config::Backend;
 
-/// Runs each listed `async fn(Backend)` as two tests, `NAME::tokio` and
-/// `NAME::smol`.
+/// The backend after `backend` in the backends crate's list, for a test
+/// that switches a running service from one to another.
+pub fn other_backend(backend: Backend) -> Backend {
+    use gateway::config::Named;
+    let next = Backend::ALL
+        .iter()
+        .position(|&b| b == backend)
+        .map_or(0, |i| i + 1);
+    Backend::ALL[next % Backend::ALL.len()]
+}
+
+/// Runs each listed `async fn(Backend)` as one test per backend,
+/// `NAME::tokio` and `NAME::smol`.
 #[macro_export]
 macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
+    ($($name:ident),* $(,)?) => {
+        $(backends::for_every_backend!(on_every_backend!($name));)*
+    };
+}
+
+/// `name::backend` for every backend the backends crate lists.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($name:ident ; $([$runtime:path, $variant:path, $backend:ident])*) => {
         mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tokio() {
-                super::$name($crate::common::Backend::Tokio).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn smol() {
-                super::$name($crate::common::Backend::Smol).await
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $backend() {
+                    super::$name($variant).await
+                }
+            )*
         }
-    )*};
+    };
 }
 
 pub fn gateway_binary() -> PathBuf {

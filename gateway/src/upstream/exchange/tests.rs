@@ -7,11 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use backends::{Runtime, Threading};
+use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 
 use super::{Connection, Exchange, InMemory, MAX_BODY, MAX_HEAD};
-use crate::config::Backend;
-use crate::daemon::{OnRuntime, on_backend};
 use crate::time::timeout_at;
 
 const REQUEST: &[u8] = b"POST /counter HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n";
@@ -700,7 +698,7 @@ impl OnRuntime for HostileAnswers {
 
 #[test]
 fn every_answer_is_framed_exactly_over_tcp_on_both_backends() {
-    for backend in [Backend::Tokio, Backend::Smol] {
-        on_backend(backend, HostileAnswers);
+    for backend in Backend::ALL {
+        backend.run(HostileAnswers);
     }
 }
