@@ -6,8 +6,8 @@
 //! - [`config`]: `config.toml`, its defaults, and errors that point at a line.
 //! - [`daemon`]: start-up and shutdown; the one place a backend is picked.
 //! - [`server`]: the HTTP/1.1 accept loop and per-connection task (hyper),
-//!   timeouts, connection cap, drain; [`request_rules`], what it refuses
-//!   that hyper lets through.
+//!   timeouts, connection cap, drain, idle connections parked;
+//!   [`request_rules`], what it refuses that hyper lets through.
 //! - [`service`]: the `Request` → `Response` seam the server drives.
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
@@ -15,7 +15,8 @@
 //! - [`tls`]: HTTPS on the public listener and to https upstreams (rustls),
 //!   once for both runtimes.
 //! - [`reload`]: what SIGHUP re-reads and applies in place.
-//! - [`counter`]: the built-in counter, the reference upstream.
+//! - [`counter`]: the built-in counter, the reference upstream, and
+//!   [`store`], its durable count (a group commit to a file or PostgreSQL).
 //! - [`admin`], [`metrics`]: `/healthz` and `/metrics` on the admin listener.
 //! - [`systemd`]: socket activation and `sd_notify`; [`logging`], stderr
 //!   at a level a reload can change; [`startup_signals`], the signals
