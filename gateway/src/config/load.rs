@@ -387,6 +387,55 @@ mod tests {
         Config::parse(Path::new("test.toml"), text)
     }
 
+    /// The same configuration, as text to compare (the sections have no
+    /// common equality, and the skipped fields are alike here).
+    fn read(text: &str) -> String {
+        let mut config = parse(text).unwrap();
+        // A path left out means the default file: compare where the count
+        // goes.
+        if let Some(counter) = &mut config.counter {
+            counter.path = Some(counter.state_path(Path::new("/state")));
+        }
+        format!("{config:?}")
+    }
+
+    /// The defaults are written three times: in the `Default`s, in the
+    /// README's table and in the shipped config.toml; the last two must
+    /// say what the first does.
+    #[test]
+    fn the_readme_and_the_shipped_config_state_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let mut stated = 0;
+        for row in readme.lines().filter(|line| line.starts_with("| `")) {
+            let mut cells = row.trim_start_matches("| ").split(" | ");
+            let (Some(key), Some(default)) = (cells.next(), cells.next()) else {
+                continue;
+            };
+            // "none", "section absent: off": nothing to write.
+            let Some(value) = default.strip_prefix('`').and_then(|d| d.strip_suffix('`')) else {
+                continue;
+            };
+            let Some((section, name)) = key.trim_matches('`').split_once('.') else {
+                continue;
+            };
+            assert_eq!(
+                read(&format!("[{section}]\n{name} = {value}\n")),
+                read(&format!("[{section}]\n")),
+                "the README's default for {key}, {value}, is not the default"
+            );
+            stated += 1;
+        }
+        assert!(
+            stated >= 20,
+            "only {stated} defaults found in the README's table"
+        );
+
+        // The shipped file turns the admin listener and the counter on,
+        // with their defaults, and sets nothing else.
+        let shipped = include_str!("../../../config.toml");
+        assert_eq!(read(shipped), read("[admin]\n[counter]\n"));
+    }
+
     #[test]
     fn the_counter_keeps_its_count_in_a_file_unless_told_memory() {
         let counter = parse("[counter]\n").unwrap().counter.unwrap();
