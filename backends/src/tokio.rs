@@ -27,6 +27,13 @@ pub struct Listener(tokio::net::TcpStream);
 
 /// The per-core workers' runtimes, for [`Runtime::spawn_on`]; unset with
 /// shared threading.
+///
+/// Process-wide because the [`Runtime`] trait's spawns are associated
+/// functions: a connection or a pool reaches its worker by index, from any
+/// thread, without a handle threaded through every call. It is set once, by
+/// the one `block_on` a process runs (a second is an error, not a silent
+/// swap), which is why the conformance tests run each case in a process of
+/// its own.
 static PER_CORE: OnceLock<Vec<tokio::runtime::Handle>> = OnceLock::new();
 
 /// `workers` current-thread runtimes, each driven by a thread of its own;
