@@ -89,7 +89,7 @@ pub enum Threading {
     /// moves. Nothing is shared on the way through a task; nothing
     /// rebalances a worker that has more than its share. The gateway's
     /// default: with one upstream pool per worker too, it served more than
-    /// shared on four and eight cores (bench/README.md).
+    /// shared on four and eight cores (bench/HISTORY.md).
     #[default]
     PerCore,
 }

@@ -138,7 +138,7 @@ impl crate::Stream for TokioIo<tokio::net::TcpStream> {
 /// it visits once every 31 tasks, made it unfair under load: with many
 /// busy connections, those that spilled into the overflow queue waited
 /// far longer than the rest for their turn. The single-threaded scheduler
-/// keeps one FIFO queue, and a tail like nginx's (bench/README.md).
+/// keeps one FIFO queue, and a tail like nginx's (bench/HISTORY.md).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tokio;
 
