@@ -68,8 +68,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The most worker threads `runtime.workers` (and `gateway counter
 /// --workers`) may ask for. More would not run faster on any host this
-/// serves, and far more failed at start: `usize::MAX` overflowed a vector
-/// (a panic), 100,000 had the OS refuse threads.
+/// serves, and a count without a bound reaches what the OS or memory
+/// refuses at start, where it should be a configuration error.
 pub const MAX_WORKERS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -111,10 +111,11 @@ impl RuntimeConfig {
 pub const MAX_CONNECTIONS: usize = 1 << 31;
 
 /// What `server.max_header_bytes` may be. hyper needs at least 8 KiB. It
-/// is also what each connection may buffer of a request head, and hyper
-/// sets no ceiling of its own: a huge value took 32 MiB heads (each
-/// connection, times `server.max_connections`) and never answered 431.
-/// 1 MiB is Go's `net/http` default, 64 times the default here.
+/// is also what each connection may buffer of a request head, times
+/// `server.max_connections`, and hyper sets no ceiling of its own, so the
+/// bound here is what keeps a large value from letting a client hold
+/// that much memory without ever being answered 431. The top is Go's
+/// `net/http` default.
 pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
