@@ -123,8 +123,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the types cannot: ranges and the upstream URL.
+    /// Checks what the types cannot: ranges, the upstream URL, the TLS
+    /// keys in pairs, the listeners apart, the counter's store and the log
+    /// level.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.check_timeouts_and_caps()?;
+        self.check_sizes()?;
+        self.check_upstream()?;
+        self.check_tls_pairs()?;
+        self.check_listeners_apart()?;
+        if let Some(counter) = &self.counter {
+            counter.check()?;
+        }
+        self.check_log_level()
+    }
+
+    /// Timeouts and connection caps: none 0, a timeout at most a day, a
+    /// cap at most [`MAX_CONNECTIONS`].
+    fn check_timeouts_and_caps(&self) -> Result<(), (&'static str, String)> {
         let positive = [
             (
                 "server.header_read_timeout_ms",
@@ -166,15 +182,6 @@ impl Config {
                 ));
             }
         }
-        if self.runtime.workers > MAX_WORKERS {
-            return Err((
-                "runtime.workers",
-                format!(
-                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
-                    self.runtime.workers
-                ),
-            ));
-        }
         for (key, value) in [
             ("server.max_connections", self.server.max_connections),
             ("upstream.max_connections", self.upstream.max_connections),
@@ -185,6 +192,21 @@ impl Config {
                     format!("expected at most {MAX_CONNECTIONS}, got {value}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The worker count, the batch size and the header limit, each in its
+    /// range.
+    fn check_sizes(&self) -> Result<(), (&'static str, String)> {
+        if self.runtime.workers > MAX_WORKERS {
+            return Err((
+                "runtime.workers",
+                format!(
+                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
+                    self.runtime.workers
+                ),
+            ));
         }
         let batch_max = self.upstream.batch_max as u64;
         if !(1..=MAX_VISITS_PER_POST).contains(&batch_max) {
@@ -204,6 +226,12 @@ impl Config {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// `upstream.url` usable, and verifiable when https; `upstream.tls_ca`
+    /// only with https.
+    fn check_upstream(&self) -> Result<(), (&'static str, String)> {
         let upstream =
             UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
         if upstream.tls && rustls::pki_types::ServerName::try_from(upstream.host.as_str()).is_err()
@@ -222,25 +250,25 @@ impl Config {
                 "is only used with an https:// upstream.url".to_owned(),
             ));
         }
+        Ok(())
+    }
+
+    /// `server.tls_cert` and `server.tls_key` both given, or neither.
+    fn check_tls_pairs(&self) -> Result<(), (&'static str, String)> {
         match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(_), None) => {
-                return Err((
-                    "server.tls_cert",
-                    "needs server.tls_key, the certificate's private key".to_owned(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err((
-                    "server.tls_key",
-                    "needs server.tls_cert, the key's certificate".to_owned(),
-                ));
-            }
-            _ => {}
+            (Some(_), None) => Err((
+                "server.tls_cert",
+                "needs server.tls_key, the certificate's private key".to_owned(),
+            )),
+            (None, Some(_)) => Err((
+                "server.tls_key",
+                "needs server.tls_cert, the key's certificate".to_owned(),
+            )),
+            _ => Ok(()),
         }
-        self.check_listeners_apart()?;
-        if let Some(counter) = &self.counter {
-            counter.check()?;
-        }
+    }
+
+    fn check_log_level(&self) -> Result<(), (&'static str, String)> {
         if self
             .log
             .level
