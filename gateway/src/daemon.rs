@@ -1,36 +1,33 @@
 //! Start-up and shutdown of the daemon.
 //!
-//! [`run`] binds the listeners (so "address in use" is reported before any
-//! thread starts), picks the runtime from `runtime.backend` — the only
-//! place in the gateway that names a backend type — and runs everything
-//! else generically over it. On SIGTERM/SIGINT the public listener stops
-//! accepting and drains first; the built-in counter it may be forwarding to
+//! [`run_plan`] runs a resolved configuration ([`Plan`]) in named steps:
+//! it binds the listeners and opens the store and the upstream pools
+//! (`bind`: so "address in use" is reported before any thread starts),
+//! picks the runtime from `runtime.backend` — the only place in the
+//! gateway that names a backend type — and, on it, starts the listeners
+//! (`start`), handles signals until one says stop, and stops. On
+//! SIGTERM/SIGINT the public listener stops accepting and drains first; the built-in counter it may be forwarding to
 //! stops after it. SIGHUP reloads (the `reload` module says what);
 //! SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored. Those that came
 //! while it started (`startup_signals`) are acted on once it is up.
 
-use std::net::{SocketAddr, TcpListener};
+mod bind;
+mod start;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::{OnRuntime, Runtime, Signal};
-use futures_lite::StreamExt;
+use futures_lite::{Stream, StreamExt};
 
-use crate::admin::Admin;
-use crate::config::{Config, Escaped, Threading, ms};
-use crate::counter::Counter;
-use crate::forever;
-use crate::forward::Forward;
+use self::bind::Bound;
+use self::start::{Serving, Stages, StatusSource};
+use crate::config::{Config, Escaped, Plan, ms};
 use crate::logging::LogLevel;
-use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::reload::Reloader;
-use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
-use crate::service::Service;
-use crate::shutdown::{Latch, Stop};
 use crate::startup_signals::StartupSignals;
 use crate::systemd;
-use crate::tls::{ClientTls, ServerTls};
-use crate::upstream::Upstream;
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +52,11 @@ pub enum Fatal {
     /// The message names the upstream as configured: escaped.
     #[error("{}", Escaped(.0))]
     Upstream(String),
+    #[error("cannot resolve upstream {}: {source}", Escaped(.authority))]
+    Resolve {
+        authority: String,
+        source: std::io::Error,
+    },
     #[error("cannot open the counter's store: {0}")]
     Store(std::io::Error),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
@@ -78,16 +80,27 @@ impl Fatal {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, on the backend the config names;
-/// a reload sets `log`'s level. `startup_signals` were caught since the
-/// process began: those that came are acted on once the daemon is up.
+/// Runs a configuration given in memory (its relative paths taken from
+/// the working directory; nothing to reload): [`run_plan`] on its plan.
 pub fn run(
     config: Config,
     mode: Mode,
     log: LogLevel,
     startup_signals: StartupSignals,
 ) -> Result<(), Fatal> {
-    struct Daemon(Config, Mode, LogLevel, StartupSignals);
+    run_plan(Plan::from_config(config)?, mode, log, startup_signals)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, on the backend the plan names;
+/// a reload sets `log`'s level. `startup_signals` were caught since the
+/// process began: those that came are acted on once the daemon is up.
+pub fn run_plan(
+    plan: Plan,
+    mode: Mode,
+    log: LogLevel,
+    startup_signals: StartupSignals,
+) -> Result<(), Fatal> {
+    struct Daemon(Plan, Mode, LogLevel, StartupSignals);
     impl OnRuntime for Daemon {
         type Output = Result<(), Fatal>;
         fn run<R: Runtime>(self) -> Self::Output {
@@ -95,74 +108,21 @@ pub fn run(
         }
     }
     // The one place the daemon turns the configured name into a runtime.
-    let backend = config.runtime.backend;
-    backend.run(Daemon(config, mode, log, startup_signals))
+    let backend = plan.config.runtime.backend;
+    backend.run(Daemon(plan, mode, log, startup_signals))
 }
 
-fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
-    backends::bind_listener(addr).map_err(|source| Fatal::Listen { name, addr, source })
-}
-
-fn adopt<R: Runtime>(
-    name: &'static str,
-    listener: TcpListener,
-) -> Result<(R::Listener, SocketAddr), Fatal> {
-    let addr = listener.local_addr().map_err(|source| Fatal::Listen {
-        name,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
-    let listener =
-        R::adopt_listener(listener).map_err(|source| Fatal::Listen { name, addr, source })?;
-    tracing::info!("listening on {addr} ({name})");
-    Ok((listener, addr))
-}
-
+/// The daemon on runtime `R`: bound before the runtime starts, then, on
+/// it, the listeners started, signals handled until a stop, and stopped.
 fn run_on<R: Runtime>(
-    config: Config,
+    plan: Plan,
     mode: Mode,
     log: LogLevel,
     startup_signals: StartupSignals,
 ) -> Result<(), Fatal> {
-    raise_open_file_limit(&config, mode);
-    let workers = config.runtime.worker_count();
-    // The store first: a state file that is corrupt or in use by another
-    // process stops the start before anything listens.
-    let counter_listener = match &config.counter {
-        Some(counter) => {
-            // A batch's count must come as fast as the head before it.
-            let body_timeout = ms(config.server.header_read_timeout_ms);
-            let service = Counter::<R>::open(counter, &config.state_base, body_timeout)
-                .map_err(Fatal::Store)?;
-            Some((bind("counter", counter.listen)?, forever(service)))
-        }
-        None => None,
-    };
-    let public_listener = match mode {
-        Mode::Gateway => Some(public_listener(config.server.listen)?),
-        Mode::CounterOnly => None,
-    };
-    let server_tls = match (&config.tls.server, mode) {
-        (Some(certificate), Mode::Gateway) => Some(forever(
-            ServerTls::new(certificate.clone()).map_err(|e| Fatal::Tls(e.to_string()))?,
-        )),
-        _ => None,
-    };
-    let admin_listener = match (&config.admin, mode) {
-        (Some(admin), Mode::Gateway) => Some(bind("admin", admin.listen)?),
-        _ => None,
-    };
-    let threading = config.runtime.threading;
-    // Per core, every worker keeps an upstream pool of its own and serves
-    // the public connections handed to it; shared, one pool serves all.
-    let shards = match threading {
-        Threading::Shared => 1,
-        Threading::PerCore => workers,
-    };
-    let upstreams = match mode {
-        Mode::Gateway => Some(upstream_pools::<R>(&config, workers, shards)?),
-        Mode::CounterOnly => None,
-    };
+    raise_open_file_limit(&plan.config, mode);
+    let bound = Bound::<R>::bind(&plan, mode)?;
+    let (workers, threading) = (plan.workers, plan.config.runtime.threading);
     tracing::info!(
         backend = R::NAME,
         workers,
@@ -170,145 +130,91 @@ fn run_on<R: Runtime>(
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
-
     let main = async move {
-        let mut signals = R::signals().map_err(|source| Fatal::Runtime {
+        let signals = R::signals().map_err(|source| Fatal::Runtime {
             backend: R::NAME,
             source,
         })?;
         let during_startup = startup_signals.take();
-        let server = &config.server;
-        let settings = |name, idle_timeout_ms, metrics, tls| {
-            forever(ServerSettings {
-                name,
-                header_read_timeout: ms(server.header_read_timeout_ms),
-                idle_timeout: ms(idle_timeout_ms),
-                max_header_bytes: server.max_header_bytes,
-                access_log: config.log.access,
-                metrics,
-                tls,
-            })
-        };
-        // What the systemd status line reports: the public listener's
-        // requests, or the counter's in `gateway counter`.
-        let mut status_source: Option<(&'static Connections, RequestCount)> = None;
-
-        let mut counter = Stage::new();
-        if let Some((listener, service)) = counter_listener {
-            let (listener, _) = adopt::<R>("counter", listener)?;
-            // Upstream clients keep idle connections for a while; the
-            // counter keeps them longer, so it is never the one to close
-            // a connection a client is about to reuse.
-            let counter_settings =
-                settings("counter", server.idle_timeout_ms.max(120_000), None, None);
-            let connections = forever(Connections::new(usize::MAX >> 4));
-            status_source = Some((connections, Box::new(|| service.count())));
-            // Per core, the same counter on every worker: the connections
-            // are spread over them like the public ones.
-            let services: &'static [_] = vec![service; shards].leak();
-            counter.serve::<R, _>(listener, services, counter_settings, connections);
-        }
-
-        let mut public = Stage::new();
-        let mut admin = Stage::new();
-        if let (Some(listener), Some((upstreams, upstream_metrics))) = (public_listener, upstreams)
-        {
-            let connections = forever(Connections::new(server.max_connections));
-            let metrics = forever(Metrics::new(
-                R::NAME,
-                workers,
-                upstream_metrics,
-                Box::new(|| connections.open()),
-                Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
-            ));
-            status_source = Some((connections, Box::new(|| metrics.requests_total())));
-            let public_settings =
-                settings("public", server.idle_timeout_ms, Some(metrics), server_tls);
-            let (listener, _) = adopt::<R>("public", listener)?;
-            // Per core, one service per worker, each on its worker's own
-            // upstream pool (or, under a cap smaller than the worker
-            // count, on one of the pools they share).
-            let forwards: Vec<&'static Forward<R>> = upstreams
-                .iter()
-                .map(|&upstream| forever(Forward::new(upstream, &config.responses)))
-                .collect();
-            for (worker, &upstream) in upstreams.iter().enumerate() {
-                R::spawn_on(worker, upstream.reap_idle());
-            }
-            let services: Vec<&'static Forward<R>> = (0..shards)
-                .map(|worker| forwards[worker % forwards.len()])
-                .collect();
-            public.serve::<R, _>(listener, services.leak(), public_settings, connections);
-            if let Some(listener) = admin_listener {
-                let (listener, _) = adopt::<R>("admin", listener)?;
-                let admin_settings = settings("admin", server.idle_timeout_ms, None, None);
-                let connections = forever(Connections::new(ADMIN_MAX_CONNECTIONS));
-                let service = forever(Admin::new(metrics));
-                admin.serve::<R, _>(listener, forever([service]), admin_settings, connections);
-            }
-        }
-
+        let server_tls = bound.public.as_ref().and_then(|public| public.tls);
+        let serving = Serving::start::<R>(bound, &plan)?;
         // Every listener is up: tell systemd, and keep telling it that the
         // runtime is alive and what it has done.
-        let status = move || {
-            let (requests, open) = status_source
-                .as_ref()
-                .map_or((0, 0), |(connections, requests)| {
-                    (requests(), connections.open())
-                });
-            format!(
-                "{} with {workers} workers: {requests} requests served, {open} connections open",
-                R::NAME
-            )
-        };
+        let status = Arc::new(status_line::<R>(serving.status_source, workers));
         systemd::ready(&status());
-        let status = Arc::new(status);
         let reported = status.clone();
         R::spawn(report_to_systemd::<R>(move || reported()));
 
-        let mut reloader = Reloader::new(config.clone(), server_tls, log);
-        let mut on_signal = |signal, when| match signal {
-            Signal::Terminate | Signal::Interrupt => Stopping::Yes,
-            Signal::Hangup => {
-                tracing::info!("SIGHUP{when}: reloading the configuration");
-                systemd::reloading();
-                reloader.reload();
-                systemd::ready(&status());
-                Stopping::No
-            }
-            // The write that raised it fails, and says so itself.
-            Signal::FileSizeLimit => Stopping::No,
-            other => {
-                tracing::warn!(signal = other.name(), "signal{when} ignored");
-                Stopping::No
-            }
-        };
-        // Never a stop: SIGTERM and SIGINT end a start by their default action.
-        for signal in during_startup {
-            on_signal(signal, " during start-up");
-        }
-        while let Some(signal) = signals.next().await {
-            if on_signal(signal, "") == Stopping::Yes {
-                break;
-            }
-        }
-        tracing::info!("shutdown signal received");
-        systemd::stopping(&format!("stopping; {}", status()));
-        // The public listener drains first; health and metrics stay up
-        // while it does, and the counter it may forward to stops last.
-        // One deadline for all three: the whole stop takes at most
-        // `shutdown_timeout_ms`, which the unit's TimeoutStopSec allows.
-        let deadline = Instant::now() + ms(config.server.shutdown_timeout_ms);
-        public.finish(deadline).await;
-        admin.finish(deadline).await;
-        counter.finish(deadline).await;
-        tracing::info!("stopped");
+        let shutdown_timeout = ms(plan.config.server.shutdown_timeout_ms);
+        let reloader = Reloader::new(plan, server_tls, log);
+        handle_signals(signals, during_startup, reloader, &*status).await;
+        stop(&serving.stages, shutdown_timeout, &*status).await;
         Ok::<(), Fatal>(())
     };
     R::block_on(workers, threading, main).map_err(|source| Fatal::Runtime {
         backend: R::NAME,
         source,
     })?
+}
+
+/// The systemd status line: `source`'s requests and open connections.
+fn status_line<R: Runtime>(
+    source: Option<StatusSource>,
+    workers: usize,
+) -> impl Fn() -> String + Send + Sync + 'static {
+    move || {
+        let (requests, open) = source.as_ref().map_or((0, 0), |(connections, requests)| {
+            (requests(), connections.open())
+        });
+        format!(
+            "{} with {workers} workers: {requests} requests served, {open} connections open",
+            R::NAME
+        )
+    }
+}
+
+/// Acts on the signals that came during the start, then on each as it
+/// comes, until SIGTERM or SIGINT. SIGHUP reloads (and tells systemd).
+async fn handle_signals(
+    mut signals: impl Stream<Item = Signal> + Unpin,
+    during_startup: Vec<Signal>,
+    mut reloader: Reloader,
+    status: &(impl Fn() -> String + Sync),
+) {
+    let mut on_signal = |signal, when| match signal {
+        Signal::Terminate | Signal::Interrupt => Stopping::Yes,
+        Signal::Hangup => {
+            tracing::info!("SIGHUP{when}: reloading the configuration");
+            systemd::reloading();
+            reloader.reload();
+            systemd::ready(&status());
+            Stopping::No
+        }
+        // The write that raised it fails, and says so itself.
+        Signal::FileSizeLimit => Stopping::No,
+        other => {
+            tracing::warn!(signal = other.name(), "signal{when} ignored");
+            Stopping::No
+        }
+    };
+    // Never a stop: SIGTERM and SIGINT end a start by their default action.
+    for signal in during_startup {
+        on_signal(signal, " during start-up");
+    }
+    while let Some(signal) = signals.next().await {
+        if on_signal(signal, "") == Stopping::Yes {
+            break;
+        }
+    }
+}
+
+/// The last step: every listener stopped, in order, within
+/// `shutdown_timeout`, with systemd told.
+async fn stop(stages: &Stages, shutdown_timeout: Duration, status: &impl Fn() -> String) {
+    tracing::info!("shutdown signal received");
+    systemd::stopping(&format!("stopping; {}", status()));
+    stages.stop(shutdown_timeout).await;
+    tracing::info!("stopped");
 }
 
 /// Whether a signal stops the daemon.
@@ -320,111 +226,7 @@ enum Stopping {
 
 /// Connections the admin listener holds at most: scrapes and health
 /// checks are few, and they must not take descriptors from visitors.
-const ADMIN_MAX_CONNECTIONS: usize = 1024;
-
-/// Reads a listener's requests served, for the status line.
-type RequestCount = Box<dyn Fn() -> u64 + Send + Sync>;
-
-/// One listener's server task and the latches that stop it and report it
-/// stopped. A stage never started counts as finished.
-struct Stage {
-    stop: &'static Stop,
-    done: &'static Latch,
-    started: bool,
-}
-
-impl Stage {
-    fn new() -> Self {
-        Self {
-            stop: forever(Stop::new()),
-            done: forever(Latch::new()),
-            started: false,
-        }
-    }
-
-    /// Serves `listener` on a task of its own (per core, on the worker
-    /// running `main`) until [`Stage::finish`].
-    fn serve<R: Runtime, S: Service>(
-        &mut self,
-        listener: R::Listener,
-        services: &'static [&'static S],
-        settings: &'static ServerSettings,
-        connections: &'static Connections,
-    ) {
-        self.started = true;
-        let server = serve::<R, S>(listener, services, settings, connections, self.stop);
-        spawn_with_latch::<R>(server, self.done);
-    }
-
-    /// Stops the listener and waits until it has drained, or until
-    /// `deadline`, when it closes the connections left.
-    async fn finish(&self, deadline: Instant) {
-        self.stop.set(deadline);
-        if self.started {
-            self.done.wait().await;
-        }
-    }
-}
-
-/// The upstream pools: one, or one per worker (fewer under a cap below
-/// the worker count), each with its share of `upstream.max_connections`.
-/// The upstream pools, and what they record (for the metrics).
-type UpstreamPools<R> = (&'static [&'static Upstream<R>], &'static UpstreamMetrics);
-
-fn upstream_pools<R: Runtime>(
-    config: &Config,
-    workers: usize,
-    shards: usize,
-) -> Result<UpstreamPools<R>, Fatal> {
-    let metrics = forever(UpstreamMetrics::default());
-    // One TLS client for every pool: one session cache, so that any
-    // worker's reconnect resumes a session another worker began.
-    let tls = match &config.tls.upstream_roots {
-        Some(roots) => {
-            let target = crate::config::UpstreamTarget::parse(&config.upstream.url)
-                .map_err(Fatal::Upstream)?;
-            Some(forever(
-                ClientTls::new(&target.host, roots.clone()).map_err(Fatal::Tls)?,
-            ))
-        }
-        None => None,
-    };
-    let shares = pool_shares(config.upstream.max_connections, shards);
-    let workers_per_pool = workers.div_ceil(shares.len().max(1));
-    let pools = shares
-        .into_iter()
-        .map(|max_connections| {
-            let mut share = config.upstream.clone();
-            share.max_connections = max_connections;
-            Upstream::<R>::new(&share, workers_per_pool, tls, metrics).map(forever)
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(Fatal::Upstream)?;
-    Ok((pools.leak(), metrics))
-}
-
-/// Splits `max_connections` over up to `shards` pools, so that together
-/// they never exceed it: a cap below the worker count gives fewer pools
-/// than workers (workers share them), never a pool of zero or one over.
-fn pool_shares(max_connections: usize, shards: usize) -> Vec<usize> {
-    let pools = shards.min(max_connections).max(1);
-    (0..pools)
-        .map(|pool| max_connections / pools + usize::from(pool < max_connections % pools))
-        .collect()
-}
-
-/// The public listener: the socket systemd passed (socket activation), or
-/// one bound to `server.listen`.
-fn public_listener(listen: SocketAddr) -> Result<TcpListener, Fatal> {
-    match systemd::passed_listener() {
-        Ok(Some(listener)) => {
-            tracing::info!("serving the socket passed by systemd; server.listen is not used");
-            Ok(listener)
-        }
-        Ok(None) => bind("public", listen),
-        Err(source) => Err(Fatal::Activation(source)),
-    }
-}
+pub(super) const ADMIN_MAX_CONNECTIONS: usize = 1024;
 
 /// Pings the watchdog at half its timeout and refreshes `STATUS=` every
 /// few seconds. It runs as a task on the runtime itself, so a stuck
@@ -487,7 +289,7 @@ fn open_files_needed(config: &Config, mode: Mode) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Config, Mode, open_files_needed, pool_shares};
+    use super::{Config, Mode, open_files_needed};
 
     #[test]
     fn open_files_needed_counts_every_listener_and_both_ends_of_the_counter() {
@@ -505,22 +307,5 @@ mod tests {
             max = crate::config::MAX_CONNECTIONS
         );
         assert_eq!(open_files_needed(config(&most)), 3 * (1 << 31) + 1024 + 64);
-    }
-
-    #[test]
-    fn pool_shares_add_up_to_the_cap_and_none_is_empty() {
-        assert_eq!(pool_shares(256, 1), [256]);
-        assert_eq!(pool_shares(256, 16), [16; 16]);
-        assert_eq!(pool_shares(10, 4), [3, 3, 2, 2]);
-        assert_eq!(pool_shares(2, 16), [1, 1]);
-        assert_eq!(pool_shares(1, 2), [1]);
-        for cap in 1..40 {
-            for workers in 1..20 {
-                let shares = pool_shares(cap, workers);
-                assert_eq!(shares.iter().sum::<usize>(), cap);
-                assert!(shares.iter().all(|&share| share > 0));
-                assert!(shares.len() <= workers);
-            }
-        }
     }
 }

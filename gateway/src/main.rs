@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::builder::TypedValueParser as _;
 use clap::{CommandFactory, Parser, Subcommand};
 use gateway::config::{
-    self, Backend, Config, ConfigError, CounterConfig, Named, RuntimeConfig, StoreKind,
+    self, Backend, Config, ConfigError, CounterConfig, Named, Plan, RuntimeConfig, StoreKind,
 };
 use gateway::daemon::{self, Mode};
 use gateway::startup_signals::StartupSignals;
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse();
-    let (config, mode) = match cli.command {
+    let loaded = match cli.command {
         Some(Command::Counter {
             listen,
             backend,
@@ -130,25 +130,26 @@ fn main() -> ExitCode {
                 counter: Some(counter),
                 ..Config::default()
             };
-            (config, Mode::CounterOnly)
+            Plan::from_config(config).map(|plan| (plan, Mode::CounterOnly))
         }
-        None => match load(cli.config) {
-            Ok(config) => (config, Mode::Gateway),
-            Err(error) => {
-                eprintln!("gateway: configuration error: {error}");
-                return ExitCode::from(78);
-            }
-        },
+        None => load(cli.config).map(|plan| (plan, Mode::Gateway)),
+    };
+    let (plan, mode) = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("gateway: configuration error: {error}");
+            return ExitCode::from(78);
+        }
     };
     if cli.check {
-        println!("configuration ok: {}", config.summary());
-        if let Some(warning) = gateway::reload::certificate_out_of_date(&config) {
+        println!("configuration ok: {}", plan.summary());
+        if let Some(warning) = gateway::reload::certificate_out_of_date(&plan) {
             eprintln!("gateway: warning: {warning}");
         }
         return ExitCode::SUCCESS;
     }
-    let log = gateway::logging::init(&config.log.level);
-    match daemon::run(config, mode, log, startup_signals) {
+    let log = gateway::logging::init(&plan.config.log.level);
+    match daemon::run_plan(plan, mode, log, startup_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
@@ -169,13 +170,13 @@ fn workers_parser() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(..=config::MAX_WORKERS as u64)
 }
 
-fn load(cli_path: Option<PathBuf>) -> Result<Config, ConfigError> {
+fn load(cli_path: Option<PathBuf>) -> Result<Plan, ConfigError> {
     let (path, reason) = config::locate(cli_path);
     if !path.exists() {
         let path = std::path::absolute(&path).unwrap_or(path);
         return Err(ConfigError::NotFound { path, reason });
     }
-    Config::load(&path)
+    Plan::load(&path)
 }
 
 #[cfg(test)]

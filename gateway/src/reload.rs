@@ -11,15 +11,14 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, Escaped};
+use crate::config::{Config, Escaped, Plan};
 use crate::logging::LogLevel;
 use crate::tls::{self, ServerTls};
 
 /// What a reload compares against and acts on.
 pub struct Reloader {
-    /// The configuration in effect: as started, with the reloaded parts
-    /// updated.
-    running: Config,
+    /// The plan in effect: as started, with the reloaded parts updated.
+    running: Plan,
     server_tls: Option<&'static ServerTls>,
     log: LogLevel,
 }
@@ -27,7 +26,7 @@ pub struct Reloader {
 impl Reloader {
     /// Made once the daemon serves, which is when the certificate it
     /// started with is warned about if it is out of date.
-    pub fn new(running: Config, server_tls: Option<&'static ServerTls>, log: LogLevel) -> Self {
+    pub fn new(running: Plan, server_tls: Option<&'static ServerTls>, log: LogLevel) -> Self {
         if server_tls.is_some() {
             warn_if_out_of_date(&running);
         }
@@ -46,7 +45,7 @@ impl Reloader {
             );
             return;
         }
-        let new = match Config::load_again(&self.running.path, &self.running) {
+        let new = match self.running.load_again() {
             Ok(new) => new,
             Err(error) => {
                 tracing::error!(
@@ -59,15 +58,17 @@ impl Reloader {
         if let (Some(tls), Some(certificate)) = (self.server_tls, &new.tls.server) {
             tls.replace_certificate(certificate.clone());
             warn_if_out_of_date(&new);
-            self.running.server.tls_cert = new.server.tls_cert.clone();
-            self.running.server.tls_key = new.server.tls_key.clone();
+            let (running, server) = (&mut self.running.config.server, &new.config.server);
+            running.tls_cert = server.tls_cert.clone();
+            running.tls_key = server.tls_key.clone();
             self.running.tls.server = Some(certificate.clone());
             applied.push("server.tls_cert and server.tls_key (new connections)");
         }
-        if new.log.level != self.running.log.level {
-            match self.log.set(&new.log.level) {
+        let level = &new.config.log.level;
+        if *level != self.running.config.log.level {
+            match self.log.set(level) {
                 Ok(()) => {
-                    self.running.log.level = new.log.level.clone();
+                    self.running.config.log.level = level.clone();
                     applied.push("log.level");
                 }
                 Err(why) => tracing::warn!("reload: log.level not applied: {why}"),
@@ -86,20 +87,20 @@ impl Reloader {
     }
 }
 
-/// Warns when the certificate `config` serves is outside its validity
+/// Warns when the certificate `plan` serves is outside its validity
 /// period: rustls serves it without a word, and clients refuse it, so
 /// the log is where an operator learns why.
-fn warn_if_out_of_date(config: &Config) {
-    if let Some(warning) = certificate_out_of_date(config) {
+fn warn_if_out_of_date(plan: &Plan) {
+    if let Some(warning) = certificate_out_of_date(plan) {
         tracing::warn!("{warning}");
     }
 }
 
-/// What to tell an operator when the certificate `config` serves is
+/// What to tell an operator when the certificate `plan` serves is
 /// outside its validity period: its file and the date passed or to come.
 /// `gateway --check` prints it too.
-pub fn certificate_out_of_date(config: &Config) -> Option<String> {
-    let (Some(certificate), Some(file)) = (&config.tls.server, &config.server.tls_cert) else {
+pub fn certificate_out_of_date(plan: &Plan) -> Option<String> {
+    let (Some(certificate), Some(file)) = (&plan.tls.server, &plan.config.server.tls_cert) else {
         return None;
     };
     // A clock before 1970 is no clock to judge a certificate by.
@@ -110,7 +111,7 @@ pub fn certificate_out_of_date(config: &Config) -> Option<String> {
         not_after,
     } = tls::out_of_date(certificate, now.as_secs() as i64)?;
     // Relative to the configuration file's folder, as it was read.
-    let file = config.path.parent().unwrap_or(Path::new("")).join(file);
+    let file = plan.path.parent().unwrap_or(Path::new("")).join(file);
     let file = Escaped(file.display());
     Some(if expired {
         format!(
@@ -125,7 +126,8 @@ pub fn certificate_out_of_date(config: &Config) -> Option<String> {
 
 /// The sections (or keys) of `new` that differ from `running` in what a
 /// reload does not apply.
-fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+fn needs_restart(running: &Plan, new: &Plan) -> Vec<&'static str> {
+    let (running, new) = (&running.config, &new.config);
     let without_tls = |c: &Config| {
         let mut server = c.server.clone();
         (server.tls_cert, server.tls_key) = (None, None);

@@ -1,8 +1,7 @@
 //! Loading a configuration: finding the file ([`locate`]), reading it
-//! ([`Config::load`]), parsing it with errors that point at the line, and
-//! checking what the types cannot (ranges, the upstream URL, listeners on
-//! one port, the counter's store); and the one-line summary of
-//! `gateway --check`.
+//! ([`read_source`]), parsing it with errors that point at the line
+//! ([`Config::parse`]), and checking what the types cannot (ranges, the
+//! upstream URL, listeners on one port, the counter's store).
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -11,100 +10,41 @@ use std::path::{Path, PathBuf};
 use super::error::{line_column, span_of};
 use super::{
     Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
-    StoreKind, TlsMaterial, UpstreamTarget,
+    UpstreamTarget,
 };
 use crate::counter::MAX_VISITS_PER_POST;
-use crate::tls;
 
 /// The longest timeout a configuration may set, in milliseconds: a day.
 const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
-impl Config {
-    /// Reads and validates the configuration at `path`.
-    ///
-    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO
-    /// would block the start for ever, and `/dev/zero` fill memory.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_reusing(path, None)
+/// Reads the configuration file at `path`.
+///
+/// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO
+/// would block the start for ever, and `/dev/zero` fill memory.
+pub(super) fn read_source(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(read_error(std::io::Error::other("not a regular file")));
     }
-
-    /// [`Config::load`] again for a reload, taking the upstream's roots
-    /// from `running` when the `[upstream]` section is unchanged: a
-    /// reload does not apply them, and re-reading the system's would only
-    /// slow it (and a certificate renewal should not fail on them).
-    pub fn load_again(path: &Path, running: &Config) -> Result<Self, ConfigError> {
-        Self::load_reusing(path, Some(running))
-    }
-
-    fn load_reusing(path: &Path, running: Option<&Config>) -> Result<Self, ConfigError> {
-        let read_error = |source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let metadata = std::fs::metadata(path).map_err(read_error)?;
-        if !metadata.is_file() {
-            return Err(read_error(std::io::Error::other("not a regular file")));
-        }
-        let mut source = String::new();
-        std::fs::File::open(path)
-            .and_then(|file| {
-                std::io::Read::read_to_string(&mut file.take(MAX_CONFIG_BYTES + 1), &mut source)
-            })
-            .map_err(read_error)?;
-        if source.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(read_error(std::io::Error::other(format!(
-                "larger than {MAX_CONFIG_BYTES} bytes"
-            ))));
-        }
-        let mut config = Self::parse(path, &source)?;
-        config.state_base = state_base(path);
-        config.path = path.to_owned();
-        config.tls = config.read_tls_files(running).map_err(|(key, message)| {
-            invalid_at(
-                path,
-                &source,
-                span_of(&source, key),
-                key.to_owned(),
-                message,
-            )
-        })?;
-        Ok(config)
-    }
-
-    /// Reads the certificates and keys the TLS keys name; a relative path
-    /// is taken from the configuration file's folder. The upstream's roots
-    /// are `running`'s when its `[upstream]` is the same.
-    fn read_tls_files(
-        &self,
-        running: Option<&Config>,
-    ) -> Result<TlsMaterial, (&'static str, String)> {
-        let folder = self.path.parent().unwrap_or(Path::new(""));
-        let server = match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(tls::certified_key(&folder.join(cert), &folder.join(key))?)
-            }
-            _ => None,
-        };
-        let unchanged = running.filter(|r| r.upstream == self.upstream);
-        let upstream_roots = if let Some(running) = unchanged {
-            running.tls.upstream_roots.clone()
-        } else if UpstreamTarget::parse(&self.upstream.url).is_ok_and(|t| t.tls) {
-            let ca = self.upstream.tls_ca.as_ref().map(|ca| folder.join(ca));
-            let key = if ca.is_some() {
-                "upstream.tls_ca"
-            } else {
-                "upstream.url"
-            };
-            Some(tls::roots(ca.as_deref()).map_err(|e| (key, e))?)
-        } else {
-            None
-        };
-        Ok(TlsMaterial {
-            server,
-            upstream_roots,
+    let mut source = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            std::io::Read::read_to_string(&mut file.take(MAX_CONFIG_BYTES + 1), &mut source)
         })
+        .map_err(read_error)?;
+    if source.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "larger than {MAX_CONFIG_BYTES} bytes"
+        ))));
     }
+    Ok(source)
+}
 
+impl Config {
     /// Parses and validates configuration text; `path` is only used in errors.
     pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
@@ -123,8 +63,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the types cannot: ranges and the upstream URL.
+    /// Checks what the types cannot: ranges, the upstream URL, the TLS
+    /// keys in pairs, the listeners apart, the counter's store and the log
+    /// level.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.check_timeouts_and_caps()?;
+        self.check_sizes()?;
+        self.check_upstream()?;
+        self.check_tls_pairs()?;
+        self.check_listeners_apart()?;
+        if let Some(counter) = &self.counter {
+            counter.check()?;
+        }
+        self.check_log_level()
+    }
+
+    /// Timeouts and connection caps: none 0, a timeout at most a day, a
+    /// cap at most [`MAX_CONNECTIONS`].
+    fn check_timeouts_and_caps(&self) -> Result<(), (&'static str, String)> {
         let positive = [
             (
                 "server.header_read_timeout_ms",
@@ -166,15 +122,6 @@ impl Config {
                 ));
             }
         }
-        if self.runtime.workers > MAX_WORKERS {
-            return Err((
-                "runtime.workers",
-                format!(
-                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
-                    self.runtime.workers
-                ),
-            ));
-        }
         for (key, value) in [
             ("server.max_connections", self.server.max_connections),
             ("upstream.max_connections", self.upstream.max_connections),
@@ -185,6 +132,21 @@ impl Config {
                     format!("expected at most {MAX_CONNECTIONS}, got {value}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The worker count, the batch size and the header limit, each in its
+    /// range.
+    fn check_sizes(&self) -> Result<(), (&'static str, String)> {
+        if self.runtime.workers > MAX_WORKERS {
+            return Err((
+                "runtime.workers",
+                format!(
+                    "expected at most {MAX_WORKERS} (0 = one per CPU), got {}",
+                    self.runtime.workers
+                ),
+            ));
         }
         let batch_max = self.upstream.batch_max as u64;
         if !(1..=MAX_VISITS_PER_POST).contains(&batch_max) {
@@ -204,6 +166,12 @@ impl Config {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// `upstream.url` usable, and verifiable when https; `upstream.tls_ca`
+    /// only with https.
+    fn check_upstream(&self) -> Result<(), (&'static str, String)> {
         let upstream =
             UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
         if upstream.tls && rustls::pki_types::ServerName::try_from(upstream.host.as_str()).is_err()
@@ -222,25 +190,25 @@ impl Config {
                 "is only used with an https:// upstream.url".to_owned(),
             ));
         }
+        Ok(())
+    }
+
+    /// `server.tls_cert` and `server.tls_key` both given, or neither.
+    fn check_tls_pairs(&self) -> Result<(), (&'static str, String)> {
         match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(_), None) => {
-                return Err((
-                    "server.tls_cert",
-                    "needs server.tls_key, the certificate's private key".to_owned(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err((
-                    "server.tls_key",
-                    "needs server.tls_cert, the key's certificate".to_owned(),
-                ));
-            }
-            _ => {}
+            (Some(_), None) => Err((
+                "server.tls_cert",
+                "needs server.tls_key, the certificate's private key".to_owned(),
+            )),
+            (None, Some(_)) => Err((
+                "server.tls_key",
+                "needs server.tls_cert, the key's certificate".to_owned(),
+            )),
+            _ => Ok(()),
         }
-        self.check_listeners_apart()?;
-        if let Some(counter) = &self.counter {
-            counter.check()?;
-        }
+    }
+
+    fn check_log_level(&self) -> Result<(), (&'static str, String)> {
         if self
             .log
             .level
@@ -281,47 +249,10 @@ impl Config {
         }
         Ok(())
     }
-
-    /// A one-line summary, printed by `gateway --check`.
-    pub fn summary(&self) -> String {
-        let mut line = format!(
-            "backend={} workers={} threading={} listen={} upstream={}",
-            self.runtime.backend.name(),
-            self.runtime.worker_count(),
-            self.runtime.threading.name(),
-            self.server.listen,
-            Escaped(&self.upstream.url),
-        );
-        if let Some(cert) = &self.server.tls_cert {
-            line.push_str(&format!(" https cert={}", Escaped(cert.display())));
-        }
-        if let Some(counter) = &self.counter {
-            line.push_str(&format!(" counter={}", counter.listen));
-            match counter.store {
-                StoreKind::File => line.push_str(&format!(
-                    " store=file:{}",
-                    Escaped(counter.state_path(&self.state_base).display())
-                )),
-                StoreKind::Memory => line.push_str(" store=memory"),
-                StoreKind::Postgres => {
-                    let target = counter
-                        .postgres_url
-                        .as_deref()
-                        .and_then(|url| crate::store::postgres::parse_url(url).ok())
-                        .map_or_else(String::new, |c| crate::store::postgres::describe(&c));
-                    line.push_str(&format!(" store={}", Escaped(&target)));
-                }
-            }
-        }
-        if let Some(admin) = &self.admin {
-            line.push_str(&format!(" admin={}", admin.listen));
-        }
-        line
-    }
 }
 
 /// The error for `key`, whose value is at `span` in `source`.
-fn invalid_at(
+pub(super) fn invalid_at(
     path: &Path,
     source: &str,
     span: Option<std::ops::Range<usize>>,
@@ -336,17 +267,6 @@ fn invalid_at(
         key,
         message,
     }
-}
-
-/// Where a relative `counter.path` goes for the configuration at
-/// `config_path`: systemd's `StateDirectory=` (`$STATE_DIRECTORY`, the
-/// first if it lists several), else the configuration file's folder.
-fn state_base(config_path: &Path) -> PathBuf {
-    let directories = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty());
-    if let Some(first) = directories.and_then(|d| std::env::split_paths(&d).next()) {
-        return first;
-    }
-    config_path.parent().map(Path::to_owned).unwrap_or_default()
 }
 
 /// Whether sockets bound to `a` and `b` would take the same port: port 0
@@ -381,14 +301,14 @@ pub fn locate(cli: Option<PathBuf>) -> (PathBuf, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, Threading};
+    use crate::config::{Backend, StoreKind, Threading};
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
     }
 
     /// The same configuration, as text to compare (the sections have no
-    /// common equality, and the skipped fields are alike here).
+    /// common equality).
     fn read(text: &str) -> String {
         let mut config = parse(text).unwrap();
         // A path left out means the default file: compare where the count
@@ -700,15 +620,5 @@ mod tests {
             assert!(err.contains("at most 2147483648"), "{err}");
             assert!(parse(&format!("[{key}]\nmax_connections = 2147483648\n")).is_ok());
         }
-    }
-
-    #[test]
-    fn summary_escapes_the_url() {
-        let config = parse("[upstream]\nurl = \"http://h/\\u202Eabc\"\n").unwrap();
-        let summary = config.summary();
-        assert!(
-            summary.contains("upstream=http://h/\\u{202e}abc"),
-            "{summary}"
-        );
     }
 }

@@ -6,12 +6,16 @@
 //! the key and what was expected; `serde_path_to_error` supplies the key
 //! path and toml's span-preserving parser the position.
 //!
-//! This module holds the types and their defaults; `load` reads a file and
-//! checks what the types cannot, `error` tells what is wrong and where, and
-//! `upstream_url` splits `upstream.url` into what a connection needs.
+//! This module holds the types and their defaults: the file's data, and
+//! nothing read from elsewhere. `load` reads a file and checks what the
+//! types cannot, `error` tells what is wrong and where, `upstream_url`
+//! splits `upstream.url` into what a connection needs, and `plan` resolves
+//! a configuration into what the daemon runs: the files its TLS keys name,
+//! the upstream parsed, the pools' shares.
 
 mod error;
 mod load;
+mod plan;
 mod upstream_url;
 
 use std::net::SocketAddr;
@@ -22,6 +26,7 @@ use serde::Deserialize;
 
 pub use self::error::{ConfigError, Escaped};
 pub use self::load::locate;
+pub use self::plan::{Plan, TlsMaterial};
 pub use self::upstream_url::UpstreamTarget;
 /// `runtime.backend` and `runtime.threading`: chosen by name from the
 /// backends crate's lists.
@@ -38,29 +43,6 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub counter: Option<CounterConfig>,
     pub log: LogConfig,
-    /// What a relative `counter.path` is taken from: `$STATE_DIRECTORY`
-    /// when systemd sets it, else the configuration file's folder (set by
-    /// [`Config::load`]; the working directory otherwise).
-    #[serde(skip)]
-    pub state_base: PathBuf,
-    /// The file this was read from, which a reload reads again (set by
-    /// [`Config::load`]).
-    #[serde(skip)]
-    pub path: PathBuf,
-    /// The certificates and keys the TLS keys name, read by [`Config::load`].
-    #[serde(skip)]
-    pub tls: TlsMaterial,
-}
-
-/// What the TLS keys' files hold, read and checked with the configuration
-/// so that a bad file stops a start (or a reload) as any bad key does.
-#[derive(Debug, Clone, Default)]
-pub struct TlsMaterial {
-    /// `server.tls_cert` with `server.tls_key`, checked to match.
-    pub server: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
-    /// For an https upstream: `upstream.tls_ca`'s certificates, or the
-    /// system's roots.
-    pub upstream_roots: Option<rustls::RootCertStore>,
 }
 
 /// The largest configuration file read (a real one is a few KiB).
@@ -68,8 +50,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The most worker threads `runtime.workers` (and `gateway counter
 /// --workers`) may ask for. More would not run faster on any host this
-/// serves, and far more failed at start: `usize::MAX` overflowed a vector
-/// (a panic), 100,000 had the OS refuse threads.
+/// serves, and a count without a bound reaches what the OS or memory
+/// refuses at start, where it should be a configuration error.
 pub const MAX_WORKERS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -111,10 +93,11 @@ impl RuntimeConfig {
 pub const MAX_CONNECTIONS: usize = 1 << 31;
 
 /// What `server.max_header_bytes` may be. hyper needs at least 8 KiB. It
-/// is also what each connection may buffer of a request head, and hyper
-/// sets no ceiling of its own: a huge value took 32 MiB heads (each
-/// connection, times `server.max_connections`) and never answered 431.
-/// 1 MiB is Go's `net/http` default, 64 times the default here.
+/// is also what each connection may buffer of a request head, times
+/// `server.max_connections`, and hyper sets no ceiling of its own, so the
+/// bound here is what keeps a large value from letting a client hold
+/// that much memory without ever being answered 431. The top is Go's
+/// `net/http` default.
 pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -1,5 +1,8 @@
 //! `upstream.url`, parsed and checked once at load: [`UpstreamTarget`],
-//! the scheme, host, port, `host` header and request path a connection needs.
+//! the scheme, host, port, `host` header and request path a connection
+//! needs, and the name resolved to the addresses to dial.
+
+use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::Escaped;
 
@@ -84,6 +87,15 @@ impl UpstreamTarget {
             path_and_query,
             tls,
         })
+    }
+
+    /// The addresses `host` names (itself, for an address): at least one.
+    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port).to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::other("the name resolved to no address"));
+        }
+        Ok(addrs)
     }
 }
 

@@ -2,7 +2,7 @@
 //! failed connect, its addresses tried in turn, and for an https upstream
 //! the TLS handshake, all within the connect timeout.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -34,9 +34,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    /// Resolves `target`'s name; an error names the upstream.
+    /// Dials `target` at `addrs`, what its name resolved to at start; an
+    /// error names the upstream.
     pub(super) fn new(
         target: UpstreamTarget,
+        addrs: &[SocketAddr],
         connect_timeout: Duration,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
@@ -48,8 +50,6 @@ impl Dialer {
             ));
         }
         let tls = tls.filter(|_| target.tls);
-        let addrs = resolve(&target)
-            .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
         Ok(Self {
             target,
             connect_timeout,
@@ -126,7 +126,7 @@ impl Dialer {
         let spawned = std::thread::Builder::new()
             .name("gateway-resolve".to_owned())
             .spawn(move || {
-                match resolve(&self.target) {
+                match self.target.resolve() {
                     Ok(addrs) => {
                         *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs.into();
                     }
@@ -165,16 +165,6 @@ async fn connect_any<R: Runtime>(
         }
     }
     Err(Outcome::Failed)
-}
-
-fn resolve(target: &UpstreamTarget) -> std::io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()?
-        .collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::other("the name resolved to no address"));
-    }
-    Ok(addrs)
 }
 
 #[cfg(test)]

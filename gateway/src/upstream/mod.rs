@@ -24,6 +24,7 @@ mod pool;
 
 use std::future::Future;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,15 +137,16 @@ enum Attempt<R: Runtime> {
 }
 
 impl<R: Runtime> Upstream<R> {
-    /// Builds the client for `workers` worker threads and resolves the
-    /// upstream's name.
+    /// Builds the client for `workers` worker threads, to `target` (the
+    /// parsed `config.url`) at the addresses its name resolved to.
     pub fn new(
         config: &UpstreamConfig,
+        target: &UpstreamTarget,
+        addrs: &[SocketAddr],
         workers: usize,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
     ) -> Result<Self, String> {
-        let target = UpstreamTarget::parse(&config.url)?;
         let request_head = format!(
             "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
             target.path_and_query, target.authority
@@ -166,7 +168,13 @@ impl<R: Runtime> Upstream<R> {
             batch_head,
             request_timeout: ms(config.request_timeout_ms),
             pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
-            dialer: Dialer::new(target, ms(config.connect_timeout_ms), tls, metrics)?,
+            dialer: Dialer::new(
+                target.clone(),
+                addrs,
+                ms(config.connect_timeout_ms),
+                tls,
+                metrics,
+            )?,
             batcher,
             metrics,
         })
