@@ -5,7 +5,8 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Backend, GatewayConfig};
+use common::{Backend, GatewayConfig, Threading};
+use gateway::config::Named;
 
 fn gateway(args: &[&str], config: Option<&str>) -> Output {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -293,7 +294,7 @@ fn counter_store_flags_must_fit_the_store() {
 /// and can fail a small allocation in a thread that did start instead.)
 async fn refused_worker_threads_are_exit_1(backend: Backend) {
     let upstream = common::TestUpstream::closed_port().await;
-    for threading in ["per-core", "shared"] {
+    for threading in Threading::ALL.iter().copied() {
         let config = GatewayConfig::new(backend, upstream)
             .workers(4)
             .threading(threading)
@@ -311,13 +312,19 @@ async fn refused_worker_threads_are_exit_1(backend: Backend) {
             .expect("the gateway exits")
             .expect("run gateway");
         let message = stderr(&output);
-        assert_eq!(output.status.code(), Some(1), "{threading}: {message}");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{}: {message}",
+            threading.name()
+        );
         assert!(
             message.contains(&format!(
                 "gateway: cannot start the {} runtime: cannot start worker thread 1 of 4",
                 backend.name()
             )),
-            "{threading}: {message}"
+            "{}: {message}",
+            threading.name()
         );
     }
 }

@@ -244,17 +244,18 @@ async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend
         (db, back)
     });
     let (db, back) = db.await.expect("the start");
-    let resumed = loop {
-        if client.post("/counter").await.status == StatusCode::OK {
-            break back.elapsed();
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "{}",
-            counter.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let resumed = common::eventually(
+        "a 200 once the database is back",
+        Duration::from_secs(5),
+        async || match client.post("/counter").await.status {
+            StatusCode::OK => Ok(back.elapsed()),
+            status => Err(format!(
+                "{status}; the counter's log:\n{}",
+                counter.log_text()
+            )),
+        },
+    )
+    .await;
     eprintln!("first 200 {resumed:?} after the database was back");
     assert!(resumed < Duration::from_secs(1), "{resumed:?}");
     assert_eq!(counter_tally(addr).await, 1);
@@ -365,20 +366,21 @@ async fn a_hung_postmaster_is_answered_503_and_counting_resumes_after_it(backend
     }
     drop(frozen);
 
-    let thawed = Instant::now();
-    loop {
-        let answer = within_10_s(&counter, client.post("/counter")).await;
-        match answer.status {
-            StatusCode::OK => break,
-            StatusCode::SERVICE_UNAVAILABLE => assert!(
-                thawed.elapsed() < Duration::from_secs(5),
-                "no 200 since the postmaster went on:\n{}",
-                counter.log_text()
-            ),
-            status => panic!("unexpected {status}:\n{}", counter.log_text()),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "a 200 since the postmaster went on",
+        Duration::from_secs(5),
+        async || {
+            let answer = within_10_s(&counter, client.post("/counter")).await;
+            match answer.status {
+                StatusCode::OK => Ok(()),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    Err(format!("503; the counter's log:\n{}", counter.log_text()))
+                }
+                status => panic!("unexpected {status}:\n{}", counter.log_text()),
+            }
+        },
+    )
+    .await;
     counted += 1;
     let answer = within_10_s(&counter, client.post("/counter")).await;
     assert_eq!(answer.status, StatusCode::OK);

@@ -57,24 +57,16 @@ fn assert_alive(gateway: &mut Process) {
 /// New connections until one shows `expected` (at most 5 s): a reload is
 /// applied some time after the signal.
 async fn wait_for_certificate(addr: std::net::SocketAddr, ca: &TestCa, expected: &Leaf) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let shown = TlsClient::try_connect(addr, "localhost", ca.client_config()).await;
-        if let Ok(client) = &shown {
-            if client.peer == expected.der {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "new connections do not show the new certificate 5 s after SIGHUP (last: {})",
-            match shown {
-                Ok(_) => "the old certificate".to_owned(),
-                Err(error) => format!("{error}"),
-            }
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "the new certificate on new connections after SIGHUP",
+        Duration::from_secs(5),
+        async || match TlsClient::try_connect(addr, "localhost", ca.client_config()).await {
+            Ok(client) if client.peer == expected.der => Ok(()),
+            Ok(_) => Err("the old certificate".to_owned()),
+            Err(error) => Err(error.to_string()),
+        },
+    )
+    .await
 }
 
 async fn https_get_is_welcomed_and_counted_once(backend: Backend) {
@@ -216,7 +208,10 @@ async fn sec1_and_pkcs1_keys_serve_too(backend: Backend) {
     let mut served = vec![("SEC1", cert, key, leaf.der.clone())];
     match ca.rsa_leaf(SERVER_NAMES, folder.path(), 2048) {
         Some((cert, key, der)) => served.push(("PKCS#1", cert, key, der)),
-        None => common::tls::skip_for_want_of("openssl", "the PKCS#1 key (openssl makes it)"),
+        None => common::require::skip_for_want_of(
+            "openssl",
+            "the PKCS#1 key: openssl, which makes it, is not installed",
+        ),
     }
     for (format, cert, key, der) in served {
         let upstream = TestUpstream::start(Behaviour::Ok).await;
@@ -244,14 +239,15 @@ async fn a_connection_closed_before_sending_a_byte_is_no_failed_handshake(backen
     for _ in 0..3 {
         drop(TcpStream::connect(public).await.unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while common::scrape(admin).await["gateway_connections_open"] > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the silent connections stay open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "the silent connections closed",
+        Duration::from_secs(5),
+        async || {
+            let open = common::scrape(admin).await["gateway_connections_open"];
+            if open > 0.0 { Err(open) } else { Ok(()) }
+        },
+    )
+    .await;
     // Then one client that does fail: counted, alone.
     let reply = raw_exchange(public, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
@@ -522,7 +518,10 @@ async fn an_rsa_key_of_1024_bits_is_refused_saying_why(backend: Backend) {
     let dir = folder.path();
     let ca = TestCa::new("test CA");
     let Some((cert, key, _)) = ca.rsa_leaf(SERVER_NAMES, dir, 1024) else {
-        common::tls::skip_for_want_of("openssl", "the 1024-bit RSA key (openssl makes it)");
+        common::require::skip_for_want_of(
+            "openssl",
+            "the 1024-bit RSA key: openssl, which makes it, is not installed",
+        );
         return;
     };
     let file = dir.join("gateway.toml");
@@ -681,11 +680,12 @@ async fn https_upstream_reconnects_resume_the_tls_session(backend: Backend) {
         let answer = common::get(gateway.addr("public"), "/").await;
         assert_eq!(answer.status, StatusCode::OK, "{}", gateway.log_text());
         // Until the gateway's pool has closed the connection, idle.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while upstream.closed() < visit {
-            assert!(Instant::now() < deadline, "the idle connection stays open");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::eventually(
+            "the idle connection closed",
+            Duration::from_secs(5),
+            async || common::at_least(upstream.closed(), visit),
+        )
+        .await;
     }
     assert_eq!(upstream.posts(), 3);
     assert_eq!(
@@ -932,12 +932,7 @@ async fn curl(args: &[&str]) -> Output {
 }
 
 async fn curl_gets_the_welcome_over_https(backend: Backend) {
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        common::tls::skip_for_want_of("curl", "curl over HTTPS");
+    if !common::require::tool_or_skip("curl", &["--version"], "curl over HTTPS") {
         return;
     }
     let folder = tempfile::tempdir().unwrap();
