@@ -240,6 +240,23 @@ impl Leaf {
     }
 }
 
+/// The names the gateway's certificates carry: tests connect to
+/// 127.0.0.1 and verify `localhost`, or the IP itself.
+pub const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
+
+/// The gateway's answer to a visit.
+pub const WELCOME: &str = "Welcome to my site!";
+
+/// Writes `leaf` (chain and key) as `folder/server.{crt,key}` and starts
+/// the gateway of `config` serving it, its config file in `folder`.
+pub fn serve_tls(config: super::GatewayConfig, leaf: &Leaf, folder: &Path) -> super::Process {
+    let (cert, key) = leaf.write(folder, "server");
+    config
+        .server(&server_lines(&cert, &key))
+        .in_folder(folder)
+        .start()
+}
+
 /// `[server]` lines serving `cert` and `key` over TLS.
 pub fn server_lines(cert: &Path, key: &Path) -> String {
     format!("tls_cert = {:?}\ntls_key = {:?}", cert, key)
