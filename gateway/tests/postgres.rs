@@ -320,17 +320,21 @@ async fn a_database_that_never_answers_holds_neither_the_start_nor_the_visits(ba
     // The connection ends (here closed; a timeout, a restart): so does the
     // attempt, and the next one is made.
     held.lock().unwrap().clear();
-    let let_go = Instant::now();
-    while accepted.load(Ordering::SeqCst) < 2 {
-        assert!(
-            let_go.elapsed() < Duration::from_secs(5),
-            "no new attempt once the first ended:\n{}",
-            counter.log_text()
-        );
-        let answer = within_10_s(&counter, client.post("/counter")).await;
-        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    common::eventually(
+        "a new attempt once the first ended",
+        Duration::from_secs(5),
+        async || {
+            if accepted.load(Ordering::SeqCst) >= 2 {
+                return Ok(());
+            }
+            let answer = within_10_s(&counter, client.post("/counter")).await;
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            // A visit every 150 ms or so, with the wait between probes.
+            tokio::time::sleep(Duration::from_millis(130)).await;
+            Err(format!("the counter's log:\n{}", counter.log_text()))
+        },
+    )
+    .await;
     silent.abort();
 }
 
