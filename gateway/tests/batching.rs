@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{
-    Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, counter_tally, scrape,
-    start_counter, visits_in,
+    Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, Threading, counter_tally,
+    scrape, start_counter, visits_in,
 };
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
@@ -79,7 +79,7 @@ async fn batching_counts_exactly_with_shared_threading(backend: Backend) {
     let counter = start_counter(backend);
     let gateway = GatewayConfig::new(backend, counter.addr("counter"))
         .upstream(BATCH)
-        .threading("shared")
+        .threading(Threading::Shared)
         .start();
     common::visit_concurrently(gateway.addr("public"), 64, 20).await;
     assert_eq!(counter_tally(counter.addr("counter")).await, 64 * 20);

@@ -1,11 +1,15 @@
-//! README, "Command line" and "Configuration": the command line, configuration errors and exit statuses.
+//! README, "Command line" and "Configuration": the command line, configuration errors and exit statuses
+//! (the TLS settings' among them).
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Backend, GatewayConfig};
+use common::tls::{SERVER_NAMES, TestCa, server_lines};
+use common::{Backend, GatewayConfig, Threading};
+use gateway::config::Named;
 
 fn gateway(args: &[&str], config: Option<&str>) -> Output {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -293,7 +297,7 @@ fn counter_store_flags_must_fit_the_store() {
 /// and can fail a small allocation in a thread that did start instead.)
 async fn refused_worker_threads_are_exit_1(backend: Backend) {
     let upstream = common::TestUpstream::closed_port().await;
-    for threading in ["per-core", "shared"] {
+    for threading in Threading::ALL.iter().copied() {
         let config = GatewayConfig::new(backend, upstream)
             .workers(4)
             .threading(threading)
@@ -311,13 +315,19 @@ async fn refused_worker_threads_are_exit_1(backend: Backend) {
             .expect("the gateway exits")
             .expect("run gateway");
         let message = stderr(&output);
-        assert_eq!(output.status.code(), Some(1), "{threading}: {message}");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{}: {message}",
+            threading.name()
+        );
         assert!(
             message.contains(&format!(
                 "gateway: cannot start the {} runtime: cannot start worker thread 1 of 4",
                 backend.name()
             )),
-            "{threading}: {message}"
+            "{}: {message}",
+            threading.name()
         );
     }
 }
@@ -355,5 +365,214 @@ fn a_configuration_that_is_not_a_small_regular_file_is_exit_78() {
         let message = stderr(&output);
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains(why), "{message}");
+    }
+}
+
+/// What a configuration error case writes and expects: the config's
+/// extra `[server]` and `[upstream]` lines, the upstream URL when not the
+/// plain default, the key the error names and the path it names.
+struct BadConfig {
+    case: &'static str,
+    server: String,
+    upstream: String,
+    url: Option<String>,
+    keys: &'static [&'static str],
+    /// Any of these paths (as text) in the message; `None`: the config
+    /// file's own path.
+    paths: Option<Vec<PathBuf>>,
+}
+
+impl BadConfig {
+    /// A case in `[server]` alone.
+    fn server(
+        case: &'static str,
+        server: String,
+        keys: &'static [&'static str],
+        paths: Option<Vec<PathBuf>>,
+    ) -> Self {
+        Self {
+            case,
+            server,
+            upstream: String::new(),
+            url: None,
+            keys,
+            paths,
+        }
+    }
+}
+
+/// The TLS settings' configuration errors are read before any runtime
+/// starts, by code the backends do not share in, so the table runs once, on
+/// the default backend, and as a plain start only: that `--check` exits the
+/// same way is shown for every kind of configuration error by
+/// `limits_and_url_rules_are_exit_78_also_for_check`, and the well
+/// configured files pass `--check` below.
+#[tokio::test]
+async fn tls_config_errors_are_exit_78_naming_file_and_key() {
+    let backend = Backend::default();
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    let ca = TestCa::new("test CA");
+    let leaf = ca.leaf(SERVER_NAMES);
+    let (cert, key) = leaf.write(dir, "good");
+    let other_key = ca.leaf(SERVER_NAMES).write(dir, "other").1;
+    let missing = dir.join("missing.pem");
+    let key_only = dir.join("key-only.pem");
+    std::fs::write(&key_only, leaf.key_pem()).unwrap();
+    let cert_only = dir.join("cert-only.pem");
+    std::fs::write(&cert_only, &leaf.pem).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n").unwrap();
+    let ca_file = ca.write(dir, "ca.pem");
+    let a_folder = dir.join("a-folder");
+    std::fs::create_dir(&a_folder).unwrap();
+    let https = "https://127.0.0.1:9/counter".to_owned();
+
+    // The same files, well configured, pass the check.
+    let good = dir.join("good.toml");
+    let mut config = GatewayConfig::new(backend, "127.0.0.1:9".parse().unwrap())
+        .server(&server_lines(&cert, &key))
+        .upstream(&format!("tls_ca = {ca_file:?}"));
+    config.upstream = https.clone();
+    std::fs::write(&good, config.render()).unwrap();
+    let output = tokio::process::Command::new(common::gateway_binary())
+        .arg("--check")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .await
+        .expect("run gateway --check");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let tls = |c: &Path, k: &Path| server_lines(c, k);
+    let cases = [
+        BadConfig::server(
+            "missing certificate file",
+            tls(&missing, &key),
+            &["server.tls_cert"],
+            Some(vec![missing.clone()]),
+        ),
+        BadConfig::server(
+            "missing key file",
+            tls(&cert, &missing),
+            &["server.tls_key"],
+            Some(vec![missing.clone()]),
+        ),
+        BadConfig::server(
+            "unreadable key file (a folder)",
+            tls(&cert, &a_folder),
+            &["server.tls_key"],
+            Some(vec![a_folder.clone()]),
+        ),
+        BadConfig::server(
+            "missing certificate file, relative to the config's folder",
+            format!("tls_cert = \"nowhere.crt\"\ntls_key = {key:?}"),
+            &["server.tls_cert"],
+            Some(vec![dir.join("nowhere.crt")]),
+        ),
+        BadConfig::server(
+            "certificate file with no certificate",
+            tls(&key_only, &key),
+            &["server.tls_cert"],
+            Some(vec![key_only.clone()]),
+        ),
+        BadConfig::server(
+            "key file with no key",
+            tls(&cert, &cert_only),
+            &["server.tls_key"],
+            Some(vec![cert_only.clone()]),
+        ),
+        BadConfig::server(
+            "garbage key file",
+            tls(&cert, &garbage),
+            &["server.tls_key"],
+            Some(vec![garbage.clone()]),
+        ),
+        BadConfig::server(
+            "key not matching the certificate",
+            tls(&cert, &other_key),
+            &["server.tls_key", "server.tls_cert"],
+            Some(vec![other_key.clone(), cert.clone()]),
+        ),
+        BadConfig::server(
+            "tls_cert without tls_key",
+            format!("tls_cert = {cert:?}"),
+            &["tls_key"],
+            None,
+        ),
+        BadConfig::server(
+            "tls_key without tls_cert",
+            format!("tls_key = {key:?}"),
+            &["tls_cert"],
+            None,
+        ),
+        BadConfig {
+            case: "missing CA file",
+            server: String::new(),
+            upstream: format!("tls_ca = {missing:?}"),
+            url: Some(https.clone()),
+            keys: &["upstream.tls_ca"],
+            paths: Some(vec![missing.clone()]),
+        },
+        BadConfig {
+            case: "CA file with no certificate",
+            server: String::new(),
+            upstream: format!("tls_ca = {garbage:?}"),
+            url: Some(https.clone()),
+            keys: &["upstream.tls_ca"],
+            paths: Some(vec![garbage.clone()]),
+        },
+        BadConfig {
+            case: "tls_ca with an http:// url",
+            server: String::new(),
+            upstream: format!("tls_ca = {ca_file:?}"),
+            url: None,
+            keys: &["upstream.tls_ca"],
+            paths: None,
+        },
+    ];
+    for bad in cases {
+        let case = bad.case;
+        let mut config = GatewayConfig::new(backend, "127.0.0.1:9".parse().unwrap());
+        if !bad.server.is_empty() {
+            config = config.server(&bad.server);
+        }
+        if !bad.upstream.is_empty() {
+            config = config.upstream(&bad.upstream);
+        }
+        if let Some(url) = bad.url {
+            config.upstream = url;
+        }
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, config.render()).unwrap();
+        let paths = bad.paths.unwrap_or_else(|| vec![file.clone()]);
+        let mut command = tokio::process::Command::new(common::gateway_binary());
+        command
+            .arg("--config")
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{case}: still running after 10 s"))
+            .expect("run gateway");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{case}: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|line| bad.keys.iter().any(|key| line.contains(key)))
+            .unwrap_or_else(|| panic!("{case}: no line names {:?}: {stderr}", bad.keys));
+        assert!(
+            paths
+                .iter()
+                .any(|path| line.contains(path.to_str().unwrap())),
+            "{case}: the line does not name {paths:?}: {line}"
+        );
+        eprintln!("{case}: {line}");
     }
 }

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Backend;
 use gateway::config::Config;
@@ -80,11 +80,9 @@ fn start_daemon(backend: Backend) -> SocketAddr {
             signals,
         )
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(public).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually_blocking("the daemon's listener", Duration::from_secs(10), || {
+        TcpStream::connect(public).map(drop)
+    });
     public
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, read_until_close,
+    Backend, Behaviour, Client, GatewayConfig, Process, TestUpstream, Threading, read_until_close,
     read_welcomes,
 };
 use http::StatusCode;
@@ -218,22 +218,18 @@ async fn connections_over_the_cap_wait_in_the_backlog(backend: Backend) {
 }
 
 async fn sigterm_answers_requests_in_flight_and_exits_0(backend: Backend) {
-    sigterm_with_100_visits_in_flight(backend, 2, "per-core").await;
+    sigterm_with_100_visits_in_flight(backend, 2, Threading::PerCore).await;
 }
 
 async fn sigterm_on_one_worker_answers_requests_in_flight(backend: Backend) {
-    sigterm_with_100_visits_in_flight(backend, 1, "shared").await;
+    sigterm_with_100_visits_in_flight(backend, 1, Threading::Shared).await;
 }
 
 async fn sigterm_shared_answers_requests_in_flight(backend: Backend) {
-    sigterm_with_100_visits_in_flight(backend, 2, "shared").await;
+    sigterm_with_100_visits_in_flight(backend, 2, Threading::Shared).await;
 }
 
-async fn sigterm_with_100_visits_in_flight(
-    backend: Backend,
-    workers: usize,
-    threading: &'static str,
-) {
+async fn sigterm_with_100_visits_in_flight(backend: Backend, workers: usize, threading: Threading) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(700))).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
         .workers(workers)

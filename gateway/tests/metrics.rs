@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, raw_exchange, request};
+use common::{
+    Backend, Behaviour, Client, GatewayConfig, TestUpstream, Threading, raw_exchange, request,
+};
 use http::StatusCode;
 
 async fn metrics_equal_the_traffic_sent(backend: Backend) {
@@ -126,7 +128,7 @@ async fn per_core_metrics_add_up_every_worker(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(200))).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
         .workers(2)
-        .threading("per-core")
+        .threading(Threading::PerCore)
         .with_admin()
         .start();
     let public = gateway.addr("public");

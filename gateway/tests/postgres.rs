@@ -244,17 +244,18 @@ async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend
         (db, back)
     });
     let (db, back) = db.await.expect("the start");
-    let resumed = loop {
-        if client.post("/counter").await.status == StatusCode::OK {
-            break back.elapsed();
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "{}",
-            counter.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let resumed = common::eventually(
+        "a 200 once the database is back",
+        Duration::from_secs(5),
+        async || match client.post("/counter").await.status {
+            StatusCode::OK => Ok(back.elapsed()),
+            status => Err(format!(
+                "{status}; the counter's log:\n{}",
+                counter.log_text()
+            )),
+        },
+    )
+    .await;
     eprintln!("first 200 {resumed:?} after the database was back");
     assert!(resumed < Duration::from_secs(1), "{resumed:?}");
     assert_eq!(counter_tally(addr).await, 1);
@@ -319,17 +320,21 @@ async fn a_database_that_never_answers_holds_neither_the_start_nor_the_visits(ba
     // The connection ends (here closed; a timeout, a restart): so does the
     // attempt, and the next one is made.
     held.lock().unwrap().clear();
-    let let_go = Instant::now();
-    while accepted.load(Ordering::SeqCst) < 2 {
-        assert!(
-            let_go.elapsed() < Duration::from_secs(5),
-            "no new attempt once the first ended:\n{}",
-            counter.log_text()
-        );
-        let answer = within_10_s(&counter, client.post("/counter")).await;
-        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    common::eventually(
+        "a new attempt once the first ended",
+        Duration::from_secs(5),
+        async || {
+            if accepted.load(Ordering::SeqCst) >= 2 {
+                return Ok(());
+            }
+            let answer = within_10_s(&counter, client.post("/counter")).await;
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            // A visit every 150 ms or so, with the wait between probes.
+            tokio::time::sleep(Duration::from_millis(130)).await;
+            Err(format!("the counter's log:\n{}", counter.log_text()))
+        },
+    )
+    .await;
     silent.abort();
 }
 
@@ -365,20 +370,21 @@ async fn a_hung_postmaster_is_answered_503_and_counting_resumes_after_it(backend
     }
     drop(frozen);
 
-    let thawed = Instant::now();
-    loop {
-        let answer = within_10_s(&counter, client.post("/counter")).await;
-        match answer.status {
-            StatusCode::OK => break,
-            StatusCode::SERVICE_UNAVAILABLE => assert!(
-                thawed.elapsed() < Duration::from_secs(5),
-                "no 200 since the postmaster went on:\n{}",
-                counter.log_text()
-            ),
-            status => panic!("unexpected {status}:\n{}", counter.log_text()),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "a 200 since the postmaster went on",
+        Duration::from_secs(5),
+        async || {
+            let answer = within_10_s(&counter, client.post("/counter")).await;
+            match answer.status {
+                StatusCode::OK => Ok(()),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    Err(format!("503; the counter's log:\n{}", counter.log_text()))
+                }
+                status => panic!("unexpected {status}:\n{}", counter.log_text()),
+            }
+        },
+    )
+    .await;
     counted += 1;
     let answer = within_10_s(&counter, client.post("/counter")).await;
     assert_eq!(answer.status, StatusCode::OK);

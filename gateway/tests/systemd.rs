@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, start_counter};
+use common::{Backend, Behaviour, Client, GatewayConfig, TestUpstream, Threading, start_counter};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -254,16 +254,16 @@ async fn switching_backend_or_threading_refuses_nothing_and_fails_nothing(first:
 
     // Each restart also switches `runtime.threading`, so the socket is
     // served in turn by one accept loop and by one per worker.
-    let mut served_by = vec![(first, "shared")];
+    let mut served_by = vec![(first, Threading::Shared)];
     for generation in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         // `systemctl restart`: stop the old one, then start the new one.
         gateway.terminate();
         gateway.assert_exits_0_within(Duration::from_secs(10)).await;
         let (next, threading) = if generation % 2 == 0 {
-            (other, "per-core")
+            (other, Threading::PerCore)
         } else {
-            (first, "shared")
+            (first, Threading::Shared)
         };
         served_by.push((next, threading));
         gateway = GatewayConfig::new(next, counter_addr)

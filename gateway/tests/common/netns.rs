@@ -3,8 +3,8 @@
 //! real network stack, and a host can be cut off from another the way a
 //! partition does: silently.
 //! Needs root and iproute2; where either is missing the tests that need
-//! it say so and skip, unless `GATEWAY_REQUIRE_NETNS` is set (as `.ci/run`
-//! sets it): then they fail.
+//! it say so and skip, unless `GATEWAY_REQUIRE` names `netns` (see
+//! [`super::require`]): then they fail.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -40,10 +40,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 fn skip(why: &str) -> Option<Network> {
-    if std::env::var_os("GATEWAY_REQUIRE_NETNS").is_some() {
-        panic!("{why}, and GATEWAY_REQUIRE_NETNS is set");
-    }
-    eprintln!("SKIPPED: {why}");
+    super::require::skip_for_want_of("netns", why);
     None
 }
 

@@ -2,8 +2,8 @@
 //! temporary folder, on a free loopback port, run as a non-root user (the
 //! `postgres` account when the tests run as root, as CI does), stopped and
 //! removed on drop. Where PostgreSQL is not installed the tests that need
-//! it say so and skip, unless `GATEWAY_REQUIRE_POSTGRES` is set (as
-//! `.ci/run` sets it, having installed it): then they fail.
+//! it say so and skip, unless `GATEWAY_REQUIRE` names `postgres` (see
+//! [`super::require`]): then they fail.
 
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
@@ -59,10 +59,7 @@ impl Postgres {
         let Some(bin) = find_bin() else {
             let why = "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin \
                        or $GATEWAY_TEST_PG_BIN; `apt-get install postgresql`)";
-            if std::env::var_os("GATEWAY_REQUIRE_POSTGRES").is_some() {
-                panic!("{why}, and GATEWAY_REQUIRE_POSTGRES is set");
-            }
-            eprintln!("SKIPPED: {why}");
+            super::require::skip_for_want_of("postgres", why);
             return None;
         };
         let folder = tempfile::tempdir().expect("a folder for the cluster");

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -240,6 +240,23 @@ impl Leaf {
     }
 }
 
+/// The names the gateway's certificates carry: tests connect to
+/// 127.0.0.1 and verify `localhost`, or the IP itself.
+pub const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
+
+/// The gateway's answer to a visit.
+pub const WELCOME: &str = "Welcome to my site!";
+
+/// Writes `leaf` (chain and key) as `folder/server.{crt,key}` and starts
+/// the gateway of `config` serving it, its config file in `folder`.
+pub fn serve_tls(config: super::GatewayConfig, leaf: &Leaf, folder: &Path) -> super::Process {
+    let (cert, key) = leaf.write(folder, "server");
+    config
+        .server(&server_lines(&cert, &key))
+        .in_folder(folder)
+        .start()
+}
+
 /// `[server]` lines serving `cert` and `key` over TLS.
 pub fn server_lines(cert: &Path, key: &Path) -> String {
     format!("tls_cert = {:?}\ntls_key = {:?}", cert, key)
@@ -444,19 +461,19 @@ pub async fn handshake_failures(admin: SocketAddr) -> f64 {
 /// Waits (at most 5 s) until [`handshake_failures`] reaches `at_least`;
 /// the last value seen.
 pub async fn wait_for_handshake_failures(admin: SocketAddr, at_least: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let seen = handshake_failures(admin).await;
-        if seen >= at_least {
-            return seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway_tls_handshake_failures_total stayed at {seen}, expected at least {at_least}:\n{}",
-            super::get(admin, "/metrics").await.body
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::eventually(
+        &format!("at least {at_least} gateway_tls_handshake_failures_total"),
+        Duration::from_secs(5),
+        async || {
+            let seen = handshake_failures(admin).await;
+            if seen >= at_least {
+                Ok(seen)
+            } else {
+                Err(seen)
+            }
+        },
+    )
+    .await
 }
 
 /// The first flight a TLS client sends: its ClientHello record.
@@ -642,14 +659,4 @@ impl Drop for TlsUpstream {
     fn drop(&mut self) {
         self.tasks.abort_all();
     }
-}
-
-/// Says that `what` is skipped for want of `tool`; fails instead when
-/// `GATEWAY_REQUIRE_TOOLS` is set (as `.ci/run` sets it, having installed
-/// every tool the tests use).
-pub fn skip_for_want_of(tool: &str, what: &str) {
-    if std::env::var_os("GATEWAY_REQUIRE_TOOLS").is_some() {
-        panic!("{what}: {tool} is not installed, and GATEWAY_REQUIRE_TOOLS is set");
-    }
-    eprintln!("SKIPPED: {what}: {tool} is not installed (`apt-get install {tool}`)");
 }
