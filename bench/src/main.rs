@@ -249,7 +249,36 @@ fn run(options: &Options) -> Result<bool, String> {
     let json = out.join("results.json");
     let svg = out.join("throughput.svg");
     report::write_json(&report, &json)?;
-    report::write_svg(&report, &svg)?;
+    report::write_svg(&report, &command_line(), &svg)?;
     println!("wrote {} and {}", json.display(), svg.display());
     Ok(report.rows.iter().all(|r| r.count_ok != Some(false)))
+}
+
+/// How this run was started, as it could be typed again: the program's
+/// name, then its arguments, each quoted where a shell would need it.
+fn command_line() -> String {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .and_then(|path| {
+            std::path::Path::new(&path)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "bench".to_owned());
+    let mut line = program;
+    for arg in args {
+        let arg = arg.to_string_lossy();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c));
+        line.push(' ');
+        if plain {
+            line.push_str(&arg);
+        } else {
+            line.push_str(&format!("'{}'", arg.replace('\'', "'\\''")));
+        }
+    }
+    line
 }
