@@ -22,7 +22,7 @@ const PANEL_HEIGHT: u32 = 320;
 const CAPTION_LINE: u32 = 20;
 /// The longest caption line, in characters, before the command line is
 /// wrapped onto the next.
-const CAPTION_WIDTH: usize = 140;
+const CAPTION_WIDTH: usize = 160;
 
 /// Colours told apart on a projector and in print (Tableau's palette).
 const PALETTE: [RGBColor; 8] = [
@@ -264,6 +264,7 @@ where
         .configure_mesh()
         .x_desc("connections")
         .y_desc(panel.y_desc)
+        .light_line_style(TRANSPARENT)
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 15))
         .x_label_formatter(&|c| format!("{c:.0}"))
@@ -320,7 +321,7 @@ fn draw_legend<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let name = ("sans-serif", 14)
+    let name = ("sans-serif", 17)
         .into_font()
         .color(&BLACK)
         .pos(Pos::new(HPos::Left, VPos::Center));
