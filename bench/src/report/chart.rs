@@ -463,4 +463,15 @@ mod tests {
             format!("command: {long}")
         );
     }
+
+    /// `--target`: one level, and no server process whose CPU is read.
+    #[test]
+    fn one_level_without_cpu_figures_is_drawn_and_says_so() {
+        let mut report = report(EIGHT, 19.2, 4.0, 12.0);
+        report.rows[0].target = "target".to_owned();
+        report.rows[0].cpu.server_s = None;
+        let svg = svg(&report, "bench --target 127.0.0.1:8080");
+        assert_eq!(texts_at(&svg, "not measured").len(), 1);
+        assert!(svg.contains("host: test (16 CPUs); load on CPUs 10-15"));
+    }
 }
