@@ -14,6 +14,7 @@
 mod cpu;
 mod layout;
 mod load;
+mod measure;
 mod procs;
 mod report;
 mod tls;
@@ -21,16 +22,14 @@ mod tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use backends::{Backend, Named};
 use clap::Parser;
-use rustls::ClientConfig;
 
 use crate::layout::{Layout, available_cpus, cpu_model};
-use crate::load::LoadSpec;
-use crate::report::{Report, Row};
+use crate::measure::{measure, measure_local};
+use crate::report::Report;
 
 #[derive(Debug, Parser)]
 #[command(about = "Compare the gateway's throughput across backends (and nginx) on this host.")]
@@ -143,7 +142,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(options: &Options) -> Result<bool, String> {
+/// The options' checks that clap's own do not make: an error names the
+/// option and says what to give.
+fn check(options: &Options) -> Result<(), String> {
     if options.batch.is_some_and(|n| n < 2) {
         return Err("--batch: give 2 or more visits a POST (1 is the unbatched row)".to_owned());
     }
@@ -174,6 +175,11 @@ fn run(options: &Options) -> Result<bool, String> {
                 .to_owned(),
         );
     }
+    Ok(())
+}
+
+fn run(options: &Options) -> Result<bool, String> {
+    check(options)?;
     let cpus = available_cpus();
     let mut layout = Layout::for_cpus(&cpus);
     if let Some(spec) = &options.cpus {
@@ -243,250 +249,36 @@ fn run(options: &Options) -> Result<bool, String> {
     let json = out.join("results.json");
     let svg = out.join("throughput.svg");
     report::write_json(&report, &json)?;
-    report::write_svg(&report, &svg)?;
+    report::write_svg(&report, &command_line(), &svg)?;
     println!("wrote {} and {}", json.display(), svg.display());
     Ok(report.rows.iter().all(|r| r.count_ok != Some(false)))
 }
 
-/// Starts the counter, then each backend's gateway (and nginx), and
-/// measures each at every concurrency level; with `https`, each server
-/// serves those certificates and the load connects with that client.
-fn measure_local(
-    options: &Options,
-    layout: &Layout,
-    workers: usize,
-    cpus: &[usize],
-    out: &std::path::Path,
-    https: Option<(&tls::Certificates, &Arc<ClientConfig>)>,
-) -> Result<Vec<Row>, String> {
-    let binary = match &options.gateway {
-        Some(path) if path.is_file() => path.clone(),
-        Some(path) => return Err(format!("--gateway: no file at {}", path.display())),
-        None => procs::gateway_binary()?,
-    };
-    let nginx = match options.reference.as_deref() {
-        Some("nginx") => match procs::nginx_binary() {
-            Some(path) => Some(path),
-            None => {
-                eprintln!("bench: nginx is not installed; no reference row");
-                None
-            }
-        },
-        _ => None,
-    };
-    eprintln!(
-        "bench: {} ({} CPUs): gateway on CPUs {} ({} workers), counter ({} store) on {}, load on {}",
-        cpu_model(),
-        cpus.len(),
-        layout.gateway,
-        workers,
-        options.counter_store,
-        layout.counter,
-        layout.load
-    );
-    let certificates = https.map(|(certificates, _)| certificates);
-    if let Some(files) = certificates {
-        eprintln!(
-            "bench: HTTPS on {} and {} (CA {})",
-            files.chain.display(),
-            files.key.display(),
-            files.ca.display()
-        );
-    }
-    let counter = procs::start_counter(
-        &binary,
-        &layout.counter,
-        &options.counter_store,
-        options.postgres_url.as_deref(),
-        out,
-    )?;
-
-    let mut targets: Vec<String> = Vec::new();
-    for target in options.backends.iter().filter(|t| !t.is_empty()) {
-        targets.push(target.clone());
-        if let Some(batch) = options.batch {
-            if !target.contains("/batch") {
-                targets.push(format!("{target}/batch{batch}"));
-            }
-        }
-    }
-    if nginx.is_some() {
-        targets.push("nginx".to_owned());
-    }
-    if targets.is_empty() {
-        return Err("nothing to measure: no backend, and nginx is not installed".to_owned());
-    }
-    let total_runs = options.rounds * targets.len() * options.connections.len();
-    let mut run_index = 0;
-    let mut rows = Vec::new();
-    for round in 1..=options.rounds {
-        // Rotated, so that no target always runs first (or last) in a
-        // round while the host's load drifts.
-        let mut order = targets.clone();
-        order.rotate_left((round - 1) % targets.len());
-        for target in &order {
-            let server = match (target.as_str(), &nginx) {
-                ("nginx", Some(nginx)) => procs::start_nginx(
-                    nginx,
-                    &layout.gateway,
-                    workers,
-                    counter.addr,
-                    out,
-                    certificates,
-                )?,
-                _ => procs::start_gateway(
-                    &binary,
-                    &layout.gateway,
-                    target,
-                    workers,
-                    counter.addr,
-                    out,
-                    certificates,
-                )?,
-            };
-            // The row's name says it ran over TLS, as `/batchN` says what
-            // else differs from a bare backend.
-            let label = match https {
-                Some(_) => format!("{target}/tls"),
-                None => target.clone(),
-            };
-            // What the server negotiated, once per start; a server that
-            // does not present the bench's certificate stops the run here.
-            let negotiated = match https {
-                Some((_, client)) => {
-                    let negotiated = load::tls_probe(server.addr, Arc::clone(client))
-                        .map_err(|e| format!("{label} at {}: {e}", server.addr))?;
-                    eprintln!("      {label}: {negotiated}");
-                    Some(negotiated)
-                }
-                None => None,
-            };
-            for &connections in &options.connections {
-                run_index += 1;
-                let progress = format!("[{run_index}/{total_runs}] {label}");
-                let mut row = measure(
-                    options,
-                    layout,
-                    &label,
-                    workers,
-                    server.addr,
-                    Some(&server),
-                    Some(&counter),
-                    https.map(|(_, client)| client),
-                    connections,
-                    &progress,
-                )?;
-                row.round = round;
-                row.tls = negotiated.clone();
-                rows.push(row);
-            }
-            server.stop();
-        }
-    }
-    counter.stop();
-    Ok(rows)
-}
-
-/// One row: load at one concurrency level, checked against the counter's
-/// tally when there is one, with each side's CPU time over the window, and
-/// cross-checked with wrk when asked.
-#[allow(clippy::too_many_arguments)]
-fn measure(
-    options: &Options,
-    layout: &Layout,
-    target: &str,
-    workers: usize,
-    addr: SocketAddr,
-    server: Option<&procs::Running>,
-    counter: Option<&procs::Running>,
-    tls: Option<&Arc<ClientConfig>>,
-    connections: usize,
-    progress: &str,
-) -> Result<Row, String> {
-    let counter_addr = counter.map(|c| c.addr);
-    eprintln!(
-        "{progress}, {connections} {}: {} warm-up, {} measured{}",
-        if options.new_connections {
-            "in flight, a new connection each"
+/// How this run was started, as it could be typed again: the program's
+/// name, then its arguments, each quoted where a shell would need it.
+fn command_line() -> String {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .and_then(|path| {
+            std::path::Path::new(&path)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "bench".to_owned());
+    let mut line = program;
+    for arg in args {
+        let arg = arg.to_string_lossy();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c));
+        line.push(' ');
+        if plain {
+            line.push_str(&arg);
         } else {
-            "connections"
-        },
-        humantime::format_duration(options.warmup),
-        humantime::format_duration(options.duration),
-        options
-            .rate
-            .map(|r| format!(", open loop at {r:.0}/s"))
-            .unwrap_or_default()
-    );
-    let before = counter_addr.map(procs::settled_tally).transpose()?;
-    let spec = LoadSpec {
-        target: addr,
-        connections,
-        cpus: layout.load.clone(),
-        warmup: options.warmup,
-        duration: options.duration,
-        rate: options.rate,
-        new_connections: options.new_connections,
-        tls: tls.cloned(),
-        stalled: options.stalled,
-        idle: options.idle,
-    };
-    let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
-    let (result, window_start, window_end) =
-        load::run(&spec, || cpu::Sample::take(server_pid, counter_pid))
-            .map_err(|e| format!("load generator: {e}"))?;
-    let cpu = cpu::Usage::between(&window_start, &window_end);
-    let after = counter_addr.map(procs::settled_tally).transpose()?;
-    let tally_delta = before.zip(after).map(|(before, after)| after - before);
-    if let Some(error) = &result.first_error {
-        // A row with no 200 at all measured nothing but the failure.
-        if result.ok_total == 0 {
-            return Err(format!("{target} at {addr}: no request succeeded: {error}"));
+            line.push_str(&format!("'{}'", arg.replace('\'', "'\\''")));
         }
-        eprintln!("      first error: {error}");
     }
-    let wrk = if options.wrk {
-        procs::wrk(
-            &layout.load,
-            addr,
-            connections,
-            options.duration,
-            tls.is_some(),
-            options.new_connections,
-        )
-    } else {
-        None
-    };
-    let row = Row {
-        target: target.to_owned(),
-        workers,
-        connections,
-        requests: result.requests,
-        requests_per_second: result.requests_per_second(),
-        p50_us: result.latency.value_at_quantile(0.50),
-        p99_us: result.latency.value_at_quantile(0.99),
-        p999_us: result.latency.value_at_quantile(0.999),
-        errors: result.errors,
-        count_ok: tally_delta.map(|delta| delta == result.ok_total),
-        ok_total: result.ok_total,
-        tally_delta,
-        wrk_requests_per_second: wrk,
-        round: 1,
-        cpu,
-        tls: None,
-    };
-    eprintln!(
-        "      {:.0} requests/s, p99 {:.2}ms, {} errors, count {}{}",
-        row.requests_per_second,
-        row.p99_us as f64 / 1000.0,
-        row.errors,
-        match row.count_ok {
-            Some(true) => "ok",
-            Some(false) => "MISMATCH",
-            None => "not checked",
-        },
-        wrk.map(|w| format!(", wrk {w:.0} requests/s"))
-            .unwrap_or_default()
-    );
-    Ok(row)
+    line
 }

@@ -1,0 +1,140 @@
+//! The counter's tables: made where absent, once per process, and the
+//! total read from them; with the reading of the answers to this store's
+//! simple queries.
+
+use std::fmt::Write as _;
+use std::io;
+
+use postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+use super::STATEMENT_TIMEOUT;
+use super::connection::Failure;
+
+/// The session's limits, set on every connection.
+pub(super) fn limits() -> String {
+    let timeout = STATEMENT_TIMEOUT.as_millis();
+    format!("SET statement_timeout = '{timeout}ms'; SET lock_timeout = '{timeout}ms';")
+}
+
+/// The tables, made where absent.
+pub(super) const COUNTER_TABLE: &str = "CREATE TABLE gateway_counter (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    total bigint NOT NULL CHECK (total >= 0));";
+pub(super) const WRITERS_TABLE: &str = "CREATE TABLE gateway_counter_writers (
+    writer text PRIMARY KEY,
+    last_batch bigint NOT NULL,
+    updated timestamptz NOT NULL);";
+
+/// Readies the database, once per process: under an advisory lock (its
+/// key is "gwcount" in ASCII), makes whichever table is absent (looked up
+/// on the search path, as the counter's statements find it), puts the
+/// total's row in place so that settling always has a row to lock, and
+/// forgets writers idle for a week, never this one. A `CREATE ... IF NOT
+/// EXISTS` would need `CREATE` on the schema even where the table exists,
+/// and log a notice each time.
+pub(super) fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> {
+    let messages = client.simple_query(
+        "BEGIN;
+         SELECT pg_advisory_xact_lock(29123191556632180);
+         SELECT to_regclass('gateway_counter') IS NULL,
+                to_regclass('gateway_counter_writers') IS NULL;",
+    )?;
+    let absent = last_row(&messages, 2)?
+        .ok_or_else(|| io::Error::other("no answer to whether the tables exist"))?;
+    let mut statements = String::new();
+    // The total's row is made with its table only: a row deleted later
+    // stays missing, an error for every counter, instead of coming back
+    // at 0 with the next counter to start.
+    if parse_bool(absent[0].as_deref())? {
+        statements.push_str(COUNTER_TABLE);
+        statements.push_str("INSERT INTO gateway_counter (id, total) VALUES (1, 0);");
+    }
+    if parse_bool(absent[1].as_deref())? {
+        statements.push_str(WRITERS_TABLE);
+    }
+    // The hex writer id only: nothing here needs quoting.
+    let _ = write!(
+        statements,
+        "DELETE FROM gateway_counter_writers
+           WHERE updated < now() - interval '7 days' AND writer <> '{writer}';
+         COMMIT;"
+    );
+    client.batch_execute(&statements)?;
+    Ok(())
+}
+
+/// Why visits are refused once the total's row was deleted: it is not
+/// made again, which would start the count again from 0.
+pub(super) const ROW_GONE: &str =
+    "the counter's total row (id = 1) is gone: restore it to go on counting";
+
+/// The total in the database. Its row is made with the tables, so a
+/// missing one was deleted: an error, not a count of 0.
+pub(super) fn read_total(client: &mut Client) -> Result<u64, Failure> {
+    let messages = client.simple_query("SELECT total FROM gateway_counter WHERE id = 1")?;
+    let row = first_row(&messages, 1)?.ok_or_else(|| io::Error::other(ROW_GONE))?;
+    Ok(parse_number(row[0].as_deref())?)
+}
+
+/// The values of the first row in a simple query's answer, which must have
+/// `columns` columns.
+pub(super) fn first_row(
+    messages: &[SimpleQueryMessage],
+    columns: usize,
+) -> io::Result<Option<Vec<Option<String>>>> {
+    row_values(rows(messages).next(), columns)
+}
+
+/// The values of the last row, which must have `columns` columns.
+pub(super) fn last_row(
+    messages: &[SimpleQueryMessage],
+    columns: usize,
+) -> io::Result<Option<Vec<Option<String>>>> {
+    row_values(rows(messages).last(), columns)
+}
+
+pub(super) fn rows(messages: &[SimpleQueryMessage]) -> impl Iterator<Item = &SimpleQueryRow> {
+    messages.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    })
+}
+
+pub(super) fn row_values(
+    row: Option<&SimpleQueryRow>,
+    columns: usize,
+) -> io::Result<Option<Vec<Option<String>>>> {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    if row.len() != columns {
+        return Err(io::Error::other(format!(
+            "expected {columns} columns, the database answered {}",
+            row.len()
+        )));
+    }
+    (0..columns)
+        .map(|i| {
+            row.try_get(i)
+                .map(|value| value.map(str::to_owned))
+                .map_err(|e| io::Error::other(format!("an unreadable answer: {e}")))
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map(Some)
+}
+
+pub(super) fn parse_bool(value: Option<&str>) -> io::Result<bool> {
+    match value {
+        Some("t") => Ok(true),
+        Some("f") => Ok(false),
+        _ => Err(io::Error::other(format!(
+            "expected true or false, the database answered {value:?}"
+        ))),
+    }
+}
+
+pub(super) fn parse_number(value: Option<&str>) -> io::Result<u64> {
+    value.and_then(|v| v.parse().ok()).ok_or_else(|| {
+        io::Error::other(format!("expected a count, the database answered {value:?}"))
+    })
+}
