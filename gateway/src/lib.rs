@@ -21,7 +21,8 @@
 //! - [`systemd`]: socket activation and `sd_notify`; [`logging`], stderr
 //!   at a level a reload can change; [`startup_signals`], the signals
 //!   noted before the runtime catches them.
-//! - [`stats`]: per-thread counters and histograms summed when read.
+//! - [`stats`]: per-thread counters and histograms summed when read;
+//!   [`escaped`], outside text made safe to print on one line.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
 //! The runtime itself lives in the `backends` crate; nothing here uses
@@ -32,6 +33,7 @@ pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod daemon;
+pub mod escaped;
 pub mod forward;
 pub mod logging;
 pub mod metrics;

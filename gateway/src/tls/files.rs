@@ -14,7 +14,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore};
 
 use super::provider;
-use crate::config::Escaped;
+use crate::escaped::Escaped;
 
 /// The most a PEM file may hold: far more than any chain or CA bundle
 /// (the system's is about 200 KiB), and a bound on a file that is not one.
