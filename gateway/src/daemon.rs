@@ -22,7 +22,7 @@ use crate::counter::Counter;
 use crate::forever;
 use crate::forward::Forward;
 use crate::logging::LogLevel;
-use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
@@ -30,7 +30,7 @@ use crate::shutdown::{Latch, Stop};
 use crate::startup_signals::StartupSignals;
 use crate::systemd;
 use crate::tls::{ClientTls, ServerTls};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamMetrics};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use super::{
     Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
     StoreKind, TlsMaterial, UpstreamTarget,
 };
-use crate::counter::MAX_VISITS_PER_POST;
+use crate::batch_protocol::MAX_VISITS_PER_POST;
 use crate::tls;
 
 /// The longest timeout a configuration may set, in milliseconds: a day.

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
-use super::Outcome;
+use super::metrics::UpstreamMetrics;
 use crate::config::UpstreamTarget;
-use crate::metrics::UpstreamMetrics;
+use crate::outcome::Outcome;
 use crate::time::{Elapsed, timeout_at};
 use crate::tls::{ClientTls, UpstreamStream};
 
@@ -184,7 +184,8 @@ mod tests {
 
     use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 
-    use super::{Outcome, connect_any};
+    use super::connect_any;
+    use crate::outcome::Outcome;
 
     /// An address nothing listens on (bound, then let go).
     fn refusing() -> SocketAddr {
