@@ -30,7 +30,7 @@ use crate::shutdown::{Latch, Stop};
 use crate::startup_signals::StartupSignals;
 use crate::systemd;
 use crate::tls::{ClientTls, ServerTls};
-use crate::upstream::{Upstream, UpstreamMetrics};
+use crate::upstream::{Upstream, UpstreamError, UpstreamMetrics};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub enum Fatal {
     },
     /// The message names the upstream as configured: escaped.
     #[error("{}", Escaped(.0))]
-    Upstream(String),
+    Upstream(UpstreamError),
     #[error("cannot open the counter's store: {0}")]
     Store(std::io::Error),
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
@@ -382,9 +382,10 @@ fn upstream_pools<R: Runtime>(
     let tls = match &config.tls.upstream_roots {
         Some(roots) => {
             let target = crate::config::UpstreamTarget::parse(&config.upstream.url)
-                .map_err(Fatal::Upstream)?;
+                .map_err(|e| Fatal::Upstream(UpstreamError::Url(e)))?;
             Some(forever(
-                ClientTls::new(&target.host, roots.clone()).map_err(Fatal::Tls)?,
+                ClientTls::new(&target.host, roots.clone())
+                    .map_err(|e| Fatal::Tls(e.to_string()))?,
             ))
         }
         None => None,

@@ -95,7 +95,7 @@ impl Config {
             } else {
                 "upstream.url"
             };
-            Some(tls::roots(ca.as_deref()).map_err(|e| (key, e))?)
+            Some(tls::roots(ca.as_deref()).map_err(|e| (key, e.to_string()))?)
         } else {
             None
         };

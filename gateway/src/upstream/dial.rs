@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
+use super::UpstreamError;
 use super::metrics::UpstreamMetrics;
 use crate::config::UpstreamTarget;
 use crate::outcome::Outcome;
@@ -40,16 +41,17 @@ impl Dialer {
         connect_timeout: Duration,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, UpstreamError> {
         if target.tls && tls.is_none() {
-            return Err(format!(
-                "upstream {} is https, and no TLS settings were given for it",
-                target.authority
-            ));
+            return Err(UpstreamError::NoTls {
+                authority: target.authority,
+            });
         }
         let tls = tls.filter(|_| target.tls);
-        let addrs = resolve(&target)
-            .map_err(|e| format!("cannot resolve upstream {}: {e}", target.authority))?;
+        let addrs = resolve(&target).map_err(|source| UpstreamError::Resolve {
+            authority: target.authority.clone(),
+            source,
+        })?;
         Ok(Self {
             target,
             connect_timeout,

@@ -18,6 +18,7 @@
 
 mod batch;
 mod dial;
+mod error;
 pub mod exchange;
 mod framing;
 mod metrics;
@@ -34,6 +35,7 @@ use http::HeaderMap;
 
 use self::batch::Batcher;
 use self::dial::Dialer;
+pub use self::error::UpstreamError;
 use self::exchange::{Connection, Exchange};
 pub use self::metrics::UpstreamMetrics;
 use self::pool::{Found, Handoff, Pool, Queued, Slot};
@@ -104,8 +106,8 @@ impl<R: Runtime> Upstream<R> {
         workers: usize,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
-    ) -> Result<Self, String> {
-        let target = UpstreamTarget::parse(&config.url)?;
+    ) -> Result<Self, UpstreamError> {
+        let target = UpstreamTarget::parse(&config.url).map_err(UpstreamError::Url)?;
         let requests = Requests::new(&target);
         let batcher = (config.batch_max > 1).then(|| {
             Batcher::new(

@@ -527,10 +527,36 @@ impl Delivery {
     }
 }
 
+/// How an in-memory read went wrong in a way no [`Want`] describes.
+#[derive(Debug)]
+enum Misread {
+    /// Failed with a message the case does not expect.
+    Failed(String),
+    /// Called the request unsent, on a connection that took it.
+    Unsent(String),
+    /// Called reused with part of the answer left unread.
+    ReusedEarly { consumed: usize, answer: usize },
+    /// The next answer on a connection called reusable was misread.
+    NextAnswer(String),
+}
+
+impl std::fmt::Display for Misread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Misread::Failed(error) => write!(f, "failed: {error}"),
+            Misread::Unsent(error) => write!(f, "unsent: {error}"),
+            Misread::ReusedEarly { consumed, answer } => {
+                write!(f, "reused after consuming {consumed} of {answer} bytes")
+            }
+            Misread::NextAnswer(got) => write!(f, "the next answer on it was read as {got}"),
+        }
+    }
+}
+
 /// What the exchange made of `case`'s answer delivered as `delivery`, in
 /// memory: the outcome, and then a second answer on a connection called
 /// reused, which must be read as itself.
-fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
+fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, Misread> {
     let upstream = InMemory::new(delivery.cut(&case.answer), case.closes);
     let mut connection = Connection::new(upstream);
     let want = match connection.exchange_now(REQUEST) {
@@ -544,18 +570,17 @@ fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
             // The fragment of the message the case expects, if it is there.
             return Ok(match case.want {
                 Want::Fails(fragment) if text.contains(fragment) => Want::Fails(fragment),
-                _ => return Err(format!("failed: {text}")),
+                _ => return Err(Misread::Failed(text)),
             });
         }
-        Some(Exchange::Unsent(error)) => return Err(format!("unsent: {error}")),
+        Some(Exchange::Unsent(error)) => return Err(Misread::Unsent(error.to_string())),
     };
     if let Want::Answered { reused: true, .. } = want {
         if connection.consumed() != case.answer.len() {
-            return Err(format!(
-                "reused after consuming {} of {} bytes",
-                connection.consumed(),
-                case.answer.len()
-            ));
+            return Err(Misread::ReusedEarly {
+                consumed: connection.consumed(),
+                answer: case.answer.len(),
+            });
         }
         let next = b"HTTP/1.1 299 Next\r\ncontent-length: 0\r\n\r\n";
         connection.upstream().send([&next[..]]);
@@ -564,7 +589,7 @@ fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
                 status: 299,
                 reusable: true,
             }) => {}
-            other => return Err(format!("the next answer on it was read as {other:?}")),
+            other => return Err(Misread::NextAnswer(format!("{other:?}"))),
         }
     }
     Ok(want)
