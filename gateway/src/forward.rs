@@ -50,11 +50,11 @@ impl<R: Runtime> Forward<R> {
 }
 
 impl<R: Runtime> Service for Forward<R> {
-    /// Not an `async fn`: all it needs of the request (248 bytes, which an
-    /// `async fn` would keep twice in its future) is read before the first
-    /// wait, so the future holds only the upstream request's bytes. hyper
-    /// moves each request's future into the connection's own memory, cold
-    /// when a thousand connections take turns; a smaller one is cheaper
+    /// Not an `async fn`: all it needs of the request is read before the
+    /// first wait, so the future holds only the upstream request's bytes,
+    /// not the request (which an `async fn` would keep, twice). hyper moves
+    /// each request's future into the connection's own memory, which is
+    /// cold when many connections take turns; a smaller future is cheaper
     /// to move and to fill.
     fn call(
         &'static self,

@@ -326,9 +326,8 @@ impl<R: Runtime> Upstream<R> {
     /// room for it even on the common path, which takes a pooled
     /// connection. hyper moves each request's future into the client
     /// connection's own memory, so every visit would copy that room, and
-    /// with many connections taking turns it is written cold (callgrind's
-    /// cache model; bench/README.md). A connect is rare; its allocation is
-    /// not.
+    /// with many connections taking turns it is written cold. A connect is
+    /// rare; its allocation is not.
     fn connect(
         &'static self,
         slot: Slot<Pooled<R>>,
