@@ -359,3 +359,6 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
