@@ -83,13 +83,26 @@ fn chunked(body: &[u8]) -> Vec<u8> {
 /// when the reads fill the buffer with them.
 const LINE_TOO_LARGE: &str = "a chunk-size line or its trailers are too large";
 
+/// Every answer the table checks, by how it is framed.
 fn cases() -> Vec<Case> {
-    use Want::{Fails, Waits};
-    let forty_headers: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let many_headers: String = (0..2000).map(|i| format!("x{i}:\r\n")).collect();
-    let many_trailers: String = (0..100).map(|i| format!("x-t{i}: v\r\n")).collect();
+    [
+        framed_by_content_length(),
+        chunked_answers(),
+        delimited_by_the_close(),
+        interim_and_bodiless(),
+        heads_at_and_over_the_limits(),
+        lengths_read_two_ways(),
+        chunks_that_do_not_add_up(),
+        cut_short(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Framed by content-length.
+fn framed_by_content_length() -> Vec<Case> {
     vec![
-        // Framed by content-length.
         case("plain", ok("content-length: 0\r\n", b""), reused(200)),
         case(
             "with a body",
@@ -119,7 +132,13 @@ fn cases() -> Vec<Case> {
             ),
             reused(200),
         ),
-        // Chunked.
+    ]
+}
+
+/// Chunked.
+fn chunked_answers() -> Vec<Case> {
+    let many_trailers: String = (0..100).map(|i| format!("x-t{i}: v\r\n")).collect();
+    vec![
         case(
             "chunked with an extension and trailers",
             chunked(b"3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"),
@@ -153,7 +172,12 @@ fn cases() -> Vec<Case> {
             ),
             reused(200),
         ),
-        // Delimited by the close, or not reusable for another reason.
+    ]
+}
+
+/// Delimited by the close, or not reusable for another reason.
+fn delimited_by_the_close() -> Vec<Case> {
+    vec![
         case("no length: to the close", ok("", b""), closed(200)),
         case(
             "no length: the body is not waited for",
@@ -204,7 +228,12 @@ fn cases() -> Vec<Case> {
             closed(200),
         )
         .then_closes(),
-        // Interim and bodiless answers.
+    ]
+}
+
+/// Interim and bodiless answers.
+fn interim_and_bodiless() -> Vec<Case> {
+    vec![
         case(
             "100 then 200",
             [
@@ -264,7 +293,15 @@ fn cases() -> Vec<Case> {
             b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
             closed(304),
         ),
-        // Heads at and over the limits.
+    ]
+}
+
+/// Heads at and over the limits.
+fn heads_at_and_over_the_limits() -> Vec<Case> {
+    use Want::Fails;
+    let forty_headers: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many_headers: String = (0..2000).map(|i| format!("x{i}:\r\n")).collect();
+    vec![
         case(
             "40 headers",
             ok(&format!("{forty_headers}content-length: 0\r\n"), b""),
@@ -309,7 +346,13 @@ fn cases() -> Vec<Case> {
             ok("content-length: 0\r\nx-a: b\r\n c\r\n", b""),
             Fails("bad upstream answer"),
         ),
-        // Lengths that two readers could take differently.
+    ]
+}
+
+/// Lengths that two readers could take differently.
+fn lengths_read_two_ways() -> Vec<Case> {
+    use Want::Fails;
+    vec![
         case(
             "content-length with a sign",
             ok("content-length: +0\r\n", b""),
@@ -374,7 +417,13 @@ fn cases() -> Vec<Case> {
             ok("transfer-encoding: ,\r\ncontent-length: 0\r\n", b""),
             Fails("an empty transfer-encoding"),
         ),
-        // Chunks and trailers that do not add up.
+    ]
+}
+
+/// Chunks and trailers that do not add up.
+fn chunks_that_do_not_add_up() -> Vec<Case> {
+    use Want::Fails;
+    vec![
         case(
             "chunk size that wraps",
             chunked(b"fffffffffffffffe\r\n0\r\n\r\n"),
@@ -458,7 +507,13 @@ fn cases() -> Vec<Case> {
             chunked(b"0\r\nhell/\r\n10\r\n\r\n"),
             Fails("bad trailers"),
         ),
-        // Cut short.
+    ]
+}
+
+/// Cut short.
+fn cut_short() -> Vec<Case> {
+    use Want::{Fails, Waits};
+    vec![
         case(
             "a head cut short, then the close",
             b"HTTP/1.1 200 OK\r\ncontent-le".to_vec(),
