@@ -7,9 +7,11 @@
 //! ([`pool`] has the rules). The exchange itself runs in the visitor's own
 //! task ([`exchange`], which reads the answer as [`framing`] says); a
 //! connection is just a stream, its buffer, and its slot under the cap.
-//! [`dial`] resolves and connects. With `upstream.batch_max` above 1,
-//! [`batch`] gathers the visits that arrive while POSTs are in flight into
-//! one POST that carries their number.
+//! [`dial`] resolves and connects. [`request`] writes the POSTs: a
+//! visit's, with its `x-forwarded-for`, and a batch's. With
+//! `upstream.batch_max` above 1, [`batch`] gathers the visits that arrive
+//! while POSTs are in flight into one POST that carries their number, and
+//! sends it. [`metrics`] is what the client records for `/metrics`.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
