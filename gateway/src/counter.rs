@@ -17,6 +17,7 @@ use http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::batch_protocol::MAX_VISITS_PER_POST;
 use crate::config::{CounterConfig, StoreKind};
 use crate::service::{Body, Service, method_not_allowed, status_only, text, text_owned};
 use crate::stats::ShardedCounter;
@@ -118,9 +119,6 @@ impl<R: Runtime> Counter<R> {
         text(StatusCode::OK, "", true)
     }
 }
-
-/// The most visits one POST may carry.
-pub const MAX_VISITS_PER_POST: u64 = 1 << 20;
 
 /// The longest body a count can have: its digits.
 const MAX_COUNT_BODY: usize = 7;

@@ -28,6 +28,7 @@ use crate::logging::LogLevel;
 use crate::reload::Reloader;
 use crate::startup_signals::StartupSignals;
 use crate::systemd;
+use crate::upstream::UpstreamError;
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +52,7 @@ pub enum Fatal {
     },
     /// The message names the upstream as configured: escaped.
     #[error("{}", Escaped(.0))]
-    Upstream(String),
+    Upstream(UpstreamError),
     #[error("cannot resolve upstream {}: {source}", Escaped(.authority))]
     Resolve {
         authority: String,

@@ -11,7 +11,9 @@
 //! - [`service`]: the `Request` → `Response` seam the server drives.
 //! - [`forward`]: the gateway's service, visits forwarded to the counter.
 //! - [`upstream`]: the pooled HTTP/1.1 client to the counter, and
-//!   [`upstream::exchange`], one request and answer on one of its connections.
+//!   [`upstream::exchange`], one request and answer on one of its connections;
+//!   [`outcome`], how a visit's exchange ended and what that answers;
+//!   [`batch_protocol`], a batched POST on the wire.
 //! - [`tls`]: HTTPS on the public listener and to https upstreams (rustls),
 //!   once for both runtimes.
 //! - [`reload`]: what SIGHUP re-reads and applies in place.
@@ -21,7 +23,8 @@
 //! - [`systemd`]: socket activation and `sd_notify`; [`logging`], stderr
 //!   at a level a reload can change; [`startup_signals`], the signals
 //!   noted before the runtime catches them.
-//! - [`stats`]: per-thread counters and histograms summed when read.
+//! - [`stats`]: per-thread counters and histograms summed when read;
+//!   [`escaped`], outside text made safe to print on one line.
 //! - [`shutdown`], [`time`]: small primitives over the runtime trait.
 //!
 //! The runtime itself lives in the `backends` crate; nothing here uses
@@ -29,12 +32,15 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod batch_protocol;
 pub mod config;
 pub mod counter;
 pub mod daemon;
+pub mod escaped;
 pub mod forward;
 pub mod logging;
 pub mod metrics;
+pub mod outcome;
 pub mod reload;
 pub mod request_rules;
 pub mod server;

@@ -48,14 +48,29 @@ impl LogLevel {
     }
 
     /// Logs at `level` from now on; says why not when it cannot.
-    pub fn set(&self, level: &str) -> Result<(), String> {
+    pub fn set(&self, level: &str) -> Result<(), LevelNotSet> {
         if self.overridden {
-            return Err("RUST_LOG is set, and decides the log level".to_owned());
+            return Err(LevelNotSet::Overridden);
         }
         let Some(handle) = &self.handle else {
-            return Err("this process does not manage its logging".to_owned());
+            return Err(LevelNotSet::Unmanaged);
         };
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        handle.reload(filter).map_err(|e| e.to_string())
+        let filter = EnvFilter::try_new(level)?;
+        Ok(handle.reload(filter)?)
     }
+}
+
+/// Why [`LogLevel::set`] left the level as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum LevelNotSet {
+    #[error("RUST_LOG is set, and decides the log level")]
+    Overridden,
+    #[error("this process does not manage its logging")]
+    Unmanaged,
+    /// Not a level or a directive list `EnvFilter` understands.
+    #[error(transparent)]
+    Invalid(#[from] tracing_subscriber::filter::ParseError),
+    /// The subscriber the level belongs to is gone.
+    #[error(transparent)]
+    Reload(#[from] reload::Error),
 }

@@ -18,18 +18,13 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::outcome::Outcome;
 use crate::stats::{ShardedCounter, ShardedHistogram};
-use crate::upstream::Outcome;
+use crate::upstream::UpstreamMetrics;
 
 /// Statuses the public service answers, in the order they are reported.
 /// (400 and 431 come from the HTTP parser: `gateway_bad_requests_total`.)
 const STATUSES: [u16; 6] = [200, 404, 405, 502, 503, 504];
-const OUTCOMES: [(Outcome, &str); 4] = [
-    (Outcome::Counted, "ok"),
-    (Outcome::Failed, "error"),
-    (Outcome::TimedOut, "timeout"),
-    (Outcome::Overloaded, "overloaded"),
-];
 
 /// Everything recorded about the public listener and the upstream.
 pub struct Metrics {
@@ -54,40 +49,6 @@ impl std::fmt::Debug for Metrics {
         f.debug_struct("Metrics")
             .field("backend", &self.backend)
             .finish_non_exhaustive()
-    }
-}
-
-/// What the upstream client records, per POST: a POST's outcome, how long
-/// it took, and how many visits it carried (one, unless batching is on),
-/// so that visits over POSTs is the batching factor.
-#[derive(Debug, Default)]
-pub struct UpstreamMetrics {
-    posts: [ShardedCounter; OUTCOMES.len()],
-    visits: [ShardedCounter; OUTCOMES.len()],
-    duration: ShardedHistogram,
-    /// Connections to an https upstream whose handshake failed.
-    tls_failures: ShardedCounter,
-}
-
-impl UpstreamMetrics {
-    /// A POST (or the attempt at one) that carried `visits` and ended with
-    /// `outcome` after `duration`.
-    #[inline]
-    pub fn record(&self, outcome: Outcome, visits: u64, duration: Duration) {
-        if cfg!(gateway_no_metrics) {
-            return;
-        }
-        if let Some(index) = OUTCOMES.iter().position(|(o, _)| *o == outcome) {
-            self.posts[index].increment();
-            self.visits[index].add(visits);
-        }
-        self.duration.observe(duration);
-    }
-
-    /// A TLS handshake with the upstream failed (its certificate did not
-    /// verify, say).
-    pub fn record_tls_failure(&self) {
-        self.tls_failures.increment();
     }
 }
 
@@ -175,110 +136,151 @@ impl EncodeMetric for Value<u64> {
 impl Collector for MetricsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = self.0;
-        {
-            let mut family = encoder.encode_descriptor(
-                "gateway_requests",
-                "Requests answered by the service, by status.",
-                None,
-                MetricType::Counter,
-            )?;
-            let mut statuses: Vec<(Cow<'static, str>, u64)> = STATUSES
-                .iter()
-                .zip(&m.by_status)
-                .map(|(s, c)| (Cow::Owned(s.to_string()), c.get()))
-                .collect();
-            statuses.push((Cow::Borrowed("other"), m.other_status.get()));
-            for (status, value) in statuses {
-                let labels = [("status", status)];
-                Value(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
+        encode_requests(m, &mut encoder)?;
         Value(m.bad_requests.get()).encode(encoder.encode_descriptor(
             "gateway_bad_requests",
             "Requests the HTTP parser rejected before the service.",
             None,
             MetricType::Counter,
         )?)?;
-        {
-            let mut family = encoder.encode_descriptor(
-                "gateway_tls_handshake_failures",
-                "TLS handshakes that failed or timed out: side=\"public\", a client's; side=\"upstream\", the gateway's with an https upstream.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (side, counter) in [
-                ("public", &m.tls_handshake_failures),
-                ("upstream", &m.upstream.tls_failures),
-            ] {
-                Value(counter.get()).encode(family.encode_family(&[("side", side)])?)?;
-            }
-        }
-        for (name, help, counters) in [
-            (
-                "gateway_upstream_requests",
-                "Upstream POSTs, by outcome: ok, error (502), timeout (504), overloaded (503, never sent).",
-                &m.upstream.posts,
-            ),
-            (
-                "gateway_upstream_visits",
-                "Visits the upstream POSTs carried, by their POST's outcome (more than one a POST with batching).",
-                &m.upstream.visits,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((_, outcome), counter) in OUTCOMES.iter().zip(counters) {
-                let labels = [("outcome", *outcome)];
-                Value(counter.get()).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        for (name, help, histogram) in [
-            (
-                "gateway_request_duration_seconds",
-                "Time from a complete request head to the answer.",
-                &m.request_duration,
-            ),
-            (
-                "gateway_upstream_duration_seconds",
-                "Upstream round trip of a POST, pool wait included.",
-                &m.upstream.duration,
-            ),
-        ] {
-            let (buckets, count, sum) = histogram.snapshot();
-            encoder
-                .encode_descriptor(name, help, None, MetricType::Histogram)?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
-        encoder
-            .encode_descriptor(
-                "gateway_connections_open",
-                "Open connections on the public listener.",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&((m.connections_open)() as i64))?;
-        encoder
-            .encode_descriptor(
-                "gateway_upstream_connections_open",
-                "Open connections to the upstream, idle or busy.",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&((m.upstream_open)() as i64))?;
-        let workers = m.workers.to_string();
-        encoder
-            .encode_descriptor(
-                "gateway_build",
-                "Version, backend and workers.",
-                None,
-                MetricType::Info,
-            )?
-            .encode_info(&[
-                ("version", env!("CARGO_PKG_VERSION")),
-                ("backend", m.backend),
-                ("workers", workers.as_str()),
-            ])?;
-        Ok(())
+        encode_tls_handshake_failures(m, &mut encoder)?;
+        encode_upstream_outcomes(m.upstream, &mut encoder)?;
+        encode_durations(m, &mut encoder)?;
+        encode_open_connections(m, &mut encoder)?;
+        encode_build(m, &mut encoder)
     }
+}
+
+/// `gateway_requests`: the public service's answers, by status.
+fn encode_requests(m: &Metrics, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "gateway_requests",
+        "Requests answered by the service, by status.",
+        None,
+        MetricType::Counter,
+    )?;
+    let mut statuses: Vec<(Cow<'static, str>, u64)> = STATUSES
+        .iter()
+        .zip(&m.by_status)
+        .map(|(s, c)| (Cow::Owned(s.to_string()), c.get()))
+        .collect();
+    statuses.push((Cow::Borrowed("other"), m.other_status.get()));
+    for (status, value) in statuses {
+        let labels = [("status", status)];
+        Value(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// `gateway_tls_handshake_failures`: the public listener's and the
+/// upstream client's, one family told apart by `side`.
+fn encode_tls_handshake_failures(
+    m: &Metrics,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "gateway_tls_handshake_failures",
+        "TLS handshakes that failed or timed out: side=\"public\", a client's; side=\"upstream\", the gateway's with an https upstream.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (side, failures) in [
+        ("public", m.tls_handshake_failures.get()),
+        ("upstream", m.upstream.tls_failures()),
+    ] {
+        Value(failures).encode(family.encode_family(&[("side", side)])?)?;
+    }
+    Ok(())
+}
+
+/// `gateway_upstream_requests` and `gateway_upstream_visits`, by outcome.
+fn encode_upstream_outcomes(
+    upstream: &UpstreamMetrics,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    type Count = fn(&UpstreamMetrics, Outcome) -> u64;
+    let families: [(&str, &str, Count); 2] = [
+        (
+            "gateway_upstream_requests",
+            "Upstream POSTs, by outcome: ok, error (502), timeout (504), overloaded (503, never sent).",
+            UpstreamMetrics::posts,
+        ),
+        (
+            "gateway_upstream_visits",
+            "Visits the upstream POSTs carried, by their POST's outcome (more than one a POST with batching).",
+            UpstreamMetrics::visits,
+        ),
+    ];
+    for (name, help, count) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for outcome in Outcome::ALL {
+            let labels = [("outcome", outcome.label())];
+            Value(count(upstream, outcome)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The two latency histograms: the public service's and the upstream's.
+fn encode_durations(m: &Metrics, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    for (name, help, histogram) in [
+        (
+            "gateway_request_duration_seconds",
+            "Time from a complete request head to the answer.",
+            &m.request_duration,
+        ),
+        (
+            "gateway_upstream_duration_seconds",
+            "Upstream round trip of a POST, pool wait included.",
+            m.upstream.duration(),
+        ),
+    ] {
+        let (buckets, count, sum) = histogram.snapshot();
+        encoder
+            .encode_descriptor(name, help, None, MetricType::Histogram)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// The gauges of open connections, public and upstream.
+fn encode_open_connections(
+    m: &Metrics,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(
+            "gateway_connections_open",
+            "Open connections on the public listener.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&((m.connections_open)() as i64))?;
+    encoder
+        .encode_descriptor(
+            "gateway_upstream_connections_open",
+            "Open connections to the upstream, idle or busy.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&((m.upstream_open)() as i64))
+}
+
+/// `gateway_build`: what is running.
+fn encode_build(m: &Metrics, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let workers = m.workers.to_string();
+    encoder
+        .encode_descriptor(
+            "gateway_build",
+            "Version, backend and workers.",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("backend", m.backend),
+            ("workers", workers.as_str()),
+        ])
 }
 
 /// The OpenMetrics text of `registry`.

@@ -12,7 +12,7 @@ use super::{
     Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
     UpstreamTarget,
 };
-use crate::counter::MAX_VISITS_PER_POST;
+use crate::batch_protocol::MAX_VISITS_PER_POST;
 
 /// The longest timeout a configuration may set, in milliseconds: a day.
 const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;

@@ -199,7 +199,7 @@ fn read_tls_files(
         } else {
             "upstream.url"
         };
-        Some(tls::roots(ca.as_deref()).map_err(|e| (key, e))?)
+        Some(tls::roots(ca.as_deref()).map_err(|e| (key, e.to_string()))?)
     } else {
         None
     };

@@ -12,10 +12,9 @@ use super::{Fatal, Mode};
 use crate::config::{Plan, UpstreamConfig, ms};
 use crate::counter::Counter;
 use crate::forever;
-use crate::metrics::UpstreamMetrics;
 use crate::systemd;
 use crate::tls::{ClientTls, ServerTls};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamMetrics};
 
 /// Binds `addr` for the listener `name`; an error names both.
 fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
@@ -95,7 +94,8 @@ fn upstream_pools<R: Runtime>(plan: &Plan) -> Result<UpstreamPools<R>, Fatal> {
     // worker's reconnect resumes a session another worker began.
     let tls = match &plan.tls.upstream_roots {
         Some(roots) => Some(forever(
-            ClientTls::new(&plan.upstream.host, roots.clone()).map_err(Fatal::Tls)?,
+            ClientTls::new(&plan.upstream.host, roots.clone())
+                .map_err(|e| Fatal::Tls(e.to_string()))?,
         )),
         None => None,
     };

@@ -14,39 +14,76 @@ use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore};
 
 use super::provider;
-use crate::config::Escaped;
+use crate::escaped::Escaped;
 
 /// The most a PEM file may hold: far more than any chain or CA bundle
 /// (the system's is about 200 KiB), and a bound on a file that is not one.
 const MAX_PEM_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Why a PEM file gave no certificates (or CA roots) to use; each names
+/// the file, as shown in a configuration error (escaped).
+#[derive(Debug, thiserror::Error)]
+pub enum PemFileError {
+    #[error("cannot read {file}: {source}")]
+    Unreadable {
+        file: String,
+        source: std::io::Error,
+    },
+    /// A FIFO, a device or a folder.
+    #[error("cannot read {file}: not a regular file")]
+    NotAFile { file: String },
+    #[error("cannot read {file}: larger than {max} bytes", max = MAX_PEM_BYTES)]
+    TooLarge { file: String },
+    #[error("{file}: not a valid PEM certificate file ({source})")]
+    NotPem {
+        file: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{file}: no certificate in it (expected \"-----BEGIN CERTIFICATE-----\")")]
+    NoCertificate { file: String },
+    #[error("{file}: a certificate in it is not a usable CA ({source})")]
+    UnusableCa { file: String, source: rustls::Error },
+    /// No `upstream.tls_ca`, and the system's store gave no root: `why`
+    /// is the first reason it gave, or that it had none.
+    #[error(
+        "no trusted root certificate on this system to verify the upstream with ({why}); install ca-certificates or set upstream.tls_ca"
+    )]
+    NoSystemRoots { why: String },
+}
+
+/// `path` as a configuration error shows it.
+fn shown(path: &Path) -> String {
+    Escaped(path.display()).to_string()
+}
+
 /// Reads a file for its PEM sections; only a regular file is read, so a
 /// FIFO or `/dev/zero` named by mistake cannot stall or fill memory.
-fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
-    let shown = Escaped(path.display());
-    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+fn read_pem(path: &Path) -> Result<Vec<u8>, PemFileError> {
+    let unreadable = |source| PemFileError::Unreadable {
+        file: shown(path),
+        source,
+    };
+    let metadata = std::fs::metadata(path).map_err(unreadable)?;
     if !metadata.is_file() {
-        return Err(format!("cannot read {shown}: not a regular file"));
+        return Err(PemFileError::NotAFile { file: shown(path) });
     }
     if metadata.len() > MAX_PEM_BYTES {
-        return Err(format!(
-            "cannot read {shown}: larger than {MAX_PEM_BYTES} bytes"
-        ));
+        return Err(PemFileError::TooLarge { file: shown(path) });
     }
-    std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))
+    std::fs::read(path).map_err(unreadable)
 }
 
 /// Every certificate in the PEM file at `path`, in order; none is an error.
-pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemFileError> {
     let pem = read_pem(path)?;
-    let shown = Escaped(path.display());
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{shown}: not a valid PEM certificate file ({e})"))?;
+        .map_err(|source| PemFileError::NotPem {
+            file: shown(path),
+            source,
+        })?;
     if certificates.is_empty() {
-        return Err(format!(
-            "{shown}: no certificate in it (expected \"-----BEGIN CERTIFICATE-----\")"
-        ));
+        return Err(PemFileError::NoCertificate { file: shown(path) });
     }
     Ok(certificates)
 }
@@ -58,8 +95,8 @@ pub type KeyedError = (&'static str, String);
 /// The certificate chain at `cert_path` (leaf first) with the private key
 /// at `key_path` (PKCS#8, SEC1 or PKCS#1), checked to match.
 pub fn certified_key(cert_path: &Path, key_path: &Path) -> Result<Arc<CertifiedKey>, KeyedError> {
-    let chain = certificates(cert_path).map_err(|e| ("server.tls_cert", e))?;
-    let pem = read_pem(key_path).map_err(|e| ("server.tls_key", e))?;
+    let chain = certificates(cert_path).map_err(|e| ("server.tls_cert", e.to_string()))?;
+    let pem = read_pem(key_path).map_err(|e| ("server.tls_key", e.to_string()))?;
     let shown = Escaped(key_path.display());
     let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         (
@@ -195,17 +232,17 @@ fn rsa_key_bits(key: &PrivateKeyDer<'_>) -> Option<u64> {
 
 /// The roots an https upstream is verified against: the CA certificates in
 /// `ca_path`, or the system's trusted roots.
-pub fn roots(ca_path: Option<&Path>) -> Result<RootCertStore, String> {
+pub fn roots(ca_path: Option<&Path>) -> Result<RootCertStore, PemFileError> {
     let mut roots = RootCertStore::empty();
     match ca_path {
         Some(path) => {
             for certificate in certificates(path)? {
-                roots.add(certificate).map_err(|e| {
-                    format!(
-                        "{}: a certificate in it is not a usable CA ({e})",
-                        Escaped(path.display())
-                    )
-                })?;
+                roots
+                    .add(certificate)
+                    .map_err(|source| PemFileError::UnusableCa {
+                        file: shown(path),
+                        source,
+                    })?;
             }
         }
         None => {
@@ -216,9 +253,7 @@ pub fn roots(ca_path: Option<&Path>) -> Result<RootCertStore, String> {
                     .errors
                     .first()
                     .map_or_else(|| "none found".to_owned(), ToString::to_string);
-                return Err(format!(
-                    "no trusted root certificate on this system to verify the upstream with ({why}); install ca-certificates or set upstream.tls_ca"
-                ));
+                return Err(PemFileError::NoSystemRoots { why });
             }
         }
     }

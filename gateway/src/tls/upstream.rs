@@ -13,6 +13,20 @@ use rustls::pki_types::ServerName;
 
 use super::{FuturesIo, HyperIo, client_config};
 
+/// Why the TLS settings for an https upstream could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    /// The URL's host is neither a DNS name nor an IP address.
+    #[error("`{host}` cannot be checked against a certificate ({source})")]
+    ServerName {
+        host: String,
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// rustls refused the client configuration.
+    #[error(transparent)]
+    Config(#[from] rustls::Error),
+}
+
 /// How the gateway opens TLS to its upstream.
 pub struct ClientTls {
     connector: TlsConnector,
@@ -22,10 +36,13 @@ pub struct ClientTls {
 
 impl ClientTls {
     /// TLS to `host` (a DNS name or an IP address), verified against `roots`.
-    pub fn new(host: &str, roots: rustls::RootCertStore) -> Result<Self, String> {
-        let server_name = ServerName::try_from(host.to_owned())
-            .map_err(|e| format!("`{host}` cannot be checked against a certificate ({e})"))?;
-        let config = client_config(roots).map_err(|e| e.to_string())?;
+    pub fn new(host: &str, roots: rustls::RootCertStore) -> Result<Self, ClientTlsError> {
+        let server_name =
+            ServerName::try_from(host.to_owned()).map_err(|source| ClientTlsError::ServerName {
+                host: host.to_owned(),
+                source,
+            })?;
+        let config = client_config(roots)?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,

@@ -17,16 +17,20 @@
 //! its batch is sent leaves it (and is not counted); once sent, its visit
 //! is in the POST's count whatever happens to the visitor.
 //!
-//! Generic over what a batch's first visit brings (its own request), so
-//! that these rules are tested with plain values.
+//! [`Batcher`] is generic over what a batch's first visit brings (its own
+//! request), so that these rules are tested with plain values; the
+//! client's side of them (joining, and the tasks that send) comes after it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use backends::Runtime;
 use event_listener::Event;
 
-use super::Outcome;
+use super::Upstream;
+use crate::outcome::Outcome;
+use crate::time::timeout_at;
 
 /// The waiting batches and how many POSTs are in flight.
 pub(super) struct Batcher<T> {
@@ -278,6 +282,90 @@ impl<T> Drop for Ticket<'_, T> {
     fn drop(&mut self) {
         if !self.settled && self.reply.get().is_none() {
             self.batcher.leave(self.id, self.first);
+        }
+    }
+}
+
+/// A batch's POST under way. Should its sender stop before the POST ends
+/// (a panic, a task dropped), the batch's visitors are answered 504 (it
+/// may have left) and the waiting batch goes on a new sender, so no visit
+/// waits for an outcome that never comes and no slot in flight is lost.
+pub(super) struct Sending<R: Runtime> {
+    pub(super) upstream: &'static Upstream<R>,
+    pub(super) batcher: &'static Batcher<Vec<u8>>,
+    /// Taken once the outcome is given; still here, it is owed.
+    pub(super) reply: Option<Arc<Reply>>,
+}
+
+impl<R: Runtime> Drop for Sending<R> {
+    fn drop(&mut self) {
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        tracing::warn!(
+            "a batch's sender stopped before its POST ended; its visits are answered 504"
+        );
+        reply.set(Outcome::TimedOut);
+        if let Some(next) = self.batcher.next() {
+            R::spawn(self.upstream.send_batches(self.batcher, next));
+        }
+    }
+}
+
+impl<R: Runtime> Upstream<R> {
+    /// A visit's way through the batcher: sent at once in a batch of its
+    /// own, or waiting for a POST in flight to end and its batch to go.
+    pub(super) async fn register_in_batch(
+        &'static self,
+        batcher: &'static Batcher<Vec<u8>>,
+        request: Vec<u8>,
+        started: Instant,
+    ) -> Outcome {
+        let deadline = started + self.request_timeout;
+        let mut ticket = match batcher.join(request, started) {
+            Joined::Send(batch, ticket) => {
+                R::spawn(self.send_batches(batcher, batch));
+                ticket
+            }
+            Joined::Wait(ticket) => ticket,
+        };
+        if let Ok(outcome) = timeout_at::<R, _>(deadline, ticket.outcome()).await {
+            return outcome;
+        }
+        // Unsent, it leaves (503). Sent, its POST's deadline (from the
+        // batch's oldest visit) is no later than this one's: the outcome
+        // is due now, and its sender gives one even if it fails.
+        match ticket.leave_unsent() {
+            Some(outcome) => outcome,
+            None => ticket.outcome().await,
+        }
+    }
+
+    /// Sends `batch`, then every batch that is waiting when a POST ends,
+    /// until none is.
+    async fn send_batches(
+        &'static self,
+        batcher: &'static Batcher<Vec<u8>>,
+        mut batch: Batch<Vec<u8>>,
+    ) {
+        loop {
+            let request = match batch.alone.take() {
+                Some(request) if batch.visits == 1 => request,
+                _ => self.requests.batch(batch.visits),
+            };
+            let mut sending = Sending {
+                upstream: self,
+                batcher,
+                reply: Some(batch.reply),
+            };
+            let outcome = self.post(request, batch.visits as u64, batch.started).await;
+            if let Some(reply) = sending.reply.take() {
+                reply.set(outcome);
+            }
+            match batcher.next() {
+                Some(next) => batch = next,
+                None => return,
+            }
         }
     }
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use backends::Runtime;
 
-use super::Outcome;
+use super::UpstreamError;
+use super::metrics::UpstreamMetrics;
 use crate::config::UpstreamTarget;
-use crate::metrics::UpstreamMetrics;
+use crate::outcome::Outcome;
 use crate::time::{Elapsed, timeout_at};
 use crate::tls::{ClientTls, UpstreamStream};
 
@@ -42,12 +43,11 @@ impl Dialer {
         connect_timeout: Duration,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, UpstreamError> {
         if target.tls && tls.is_none() {
-            return Err(format!(
-                "upstream {} is https, and no TLS settings were given for it",
-                target.authority
-            ));
+            return Err(UpstreamError::NoTls {
+                authority: target.authority,
+            });
         }
         let tls = tls.filter(|_| target.tls);
         Ok(Self {
@@ -174,7 +174,8 @@ mod tests {
 
     use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 
-    use super::{Outcome, connect_any};
+    use super::connect_any;
+    use crate::outcome::Outcome;
 
     /// An address nothing listens on (bound, then let go).
     fn refusing() -> SocketAddr {

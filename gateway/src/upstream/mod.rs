@@ -7,9 +7,11 @@
 //! ([`pool`] has the rules). The exchange itself runs in the visitor's own
 //! task ([`exchange`], which reads the answer as [`framing`] says); a
 //! connection is just a stream, its buffer, and its slot under the cap.
-//! [`dial`] resolves and connects. With `upstream.batch_max` above 1,
-//! [`batch`] gathers the visits that arrive while POSTs are in flight into
-//! one POST that carries their number.
+//! [`dial`] resolves and connects. [`request`] writes the POSTs: a
+//! visit's, with its `x-forwarded-for`, and a batch's. With
+//! `upstream.batch_max` above 1, [`batch`] gathers the visits that arrive
+//! while POSTs are in flight into one POST that carries their number, and
+//! sends it. [`metrics`] is what the client records for `/metrics`.
 //!
 //! The never-send-twice rule ("What it answers" in the README): a POST is retried only when no
 //! byte of it can have left — the pooled connection was found closed
@@ -18,40 +20,32 @@
 
 mod batch;
 mod dial;
+mod error;
 pub mod exchange;
 mod framing;
+mod metrics;
 mod pool;
+mod request;
 
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::Runtime;
+use http::HeaderMap;
 
-use self::batch::{Batch, Batcher, Joined, Reply};
+use self::batch::Batcher;
 use self::dial::Dialer;
+pub use self::error::UpstreamError;
 use self::exchange::{Connection, Exchange};
+pub use self::metrics::UpstreamMetrics;
 use self::pool::{Found, Handoff, Pool, Queued, Slot};
+use self::request::Requests;
 use crate::config::{UpstreamConfig, UpstreamTarget, ms};
-use crate::metrics::UpstreamMetrics;
+use crate::outcome::Outcome;
 use crate::time::{Elapsed, timeout_at};
 use crate::tls::{ClientTls, UpstreamStream};
-
-/// How a visit's upstream exchange ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The upstream answered 2xx and its body was read to the end.
-    Counted,
-    /// Refused, reset, non-2xx or garbage: answer 502.
-    Failed,
-    /// The deadline passed while connecting or awaiting the answer: 504.
-    TimedOut,
-    /// The deadline passed waiting for a connection at the cap: 503.
-    Overloaded,
-}
 
 /// What the pool holds: an upstream connection on the runtime's stream.
 type Pooled<R> = Connection<UpstreamStream<<R as Runtime>::Stream>>;
@@ -86,41 +80,11 @@ impl<R: Runtime, F: Future<Output = Attempt<R>> + Send + 'static> Drop for Unfin
     }
 }
 
-/// A batch's POST under way. Should its sender stop before the POST ends
-/// (a panic, a task dropped), the batch's visitors are answered 504 (it
-/// may have left) and the waiting batch goes on a new sender, so no visit
-/// waits for an outcome that never comes and no slot in flight is lost.
-struct Sending<R: Runtime> {
-    upstream: &'static Upstream<R>,
-    batcher: &'static Batcher<Vec<u8>>,
-    reply: Option<Arc<Reply>>,
-}
-
-impl<R: Runtime> Drop for Sending<R> {
-    fn drop(&mut self) {
-        let Some(reply) = self.reply.take() else {
-            return;
-        };
-        tracing::warn!(
-            "a batch's sender stopped before its POST ended; its visits are answered 504"
-        );
-        reply.set(Outcome::TimedOut);
-        if let Some(next) = self.batcher.next() {
-            R::spawn(self.upstream.send_batches(self.batcher, next));
-        }
-    }
-}
-
 /// The upstream client and its connection pool; one per process, or one
 /// per worker with `runtime.threading = "per-core"`.
 pub struct Upstream<R: Runtime> {
-    /// `POST … HTTP/1.1`, `host`, `content-length: 0` and the
-    /// `x-forwarded-for: ` name: every visit's request up to its one
-    /// varying value.
-    request_head: Vec<u8>,
-    /// `POST … HTTP/1.1`, `host`, `content-type` and the `content-length: `
-    /// name: a batch's request up to its length and its count.
-    batch_head: Vec<u8>,
+    /// The visit's and the batch's request heads.
+    requests: Requests,
     request_timeout: Duration,
     pool: Pool<Pooled<R>>,
     dialer: Dialer,
@@ -146,17 +110,8 @@ impl<R: Runtime> Upstream<R> {
         workers: usize,
         tls: Option<&'static ClientTls>,
         metrics: &'static UpstreamMetrics,
-    ) -> Result<Self, String> {
-        let request_head = format!(
-            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nx-forwarded-for: ",
-            target.path_and_query, target.authority
-        )
-        .into_bytes();
-        let batch_head = format!(
-            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: text/plain\r\ncontent-length: ",
-            target.path_and_query, target.authority
-        )
-        .into_bytes();
+    ) -> Result<Self, UpstreamError> {
+        let requests = Requests::new(target);
         let batcher = (config.batch_max > 1).then(|| {
             Batcher::new(
                 config.batch_max,
@@ -164,8 +119,7 @@ impl<R: Runtime> Upstream<R> {
             )
         });
         Ok(Self {
-            request_head,
-            batch_head,
+            requests,
             request_timeout: ms(config.request_timeout_ms),
             pool: Pool::new(config.max_connections, ms(config.pool_idle_timeout_ms)),
             dialer: Dialer::new(
@@ -185,24 +139,12 @@ impl<R: Runtime> Upstream<R> {
         self.pool.open()
     }
 
-    /// The POST that registers a visit, whose `x-forwarded-for` value
-    /// `forwarded_for` writes; for [`Upstream::register_visit`].
-    pub fn visit_request(&self, forwarded_for: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-        let mut request = Vec::with_capacity(self.request_head.len() + 64);
-        request.extend_from_slice(&self.request_head);
-        forwarded_for(&mut request);
-        request.extend_from_slice(b"\r\n\r\n");
-        request
-    }
-
-    /// The POST that carries `visits` visits at once: the count is its body.
-    fn batch_request(&self, visits: usize) -> Vec<u8> {
-        let count = visits.to_string();
-        let mut request = Vec::with_capacity(self.batch_head.len() + 16);
-        request.extend_from_slice(&self.batch_head);
-        // Writing into a Vec cannot fail.
-        let _ = write!(request, "{}\r\n\r\n{count}", count.len());
-        request
+    /// The POST that registers the visit of the client at `peer`, whose
+    /// request carried the headers `received` (it passes their
+    /// `x-forwarded-for` on); for [`Upstream::register_visit`].
+    #[inline]
+    pub fn visit_request(&self, received: &HeaderMap, peer: SocketAddr) -> Vec<u8> {
+        self.requests.visit(received, peer)
     }
 
     /// Registers one visit, which began at `started`: `request` (from
@@ -212,62 +154,6 @@ impl<R: Runtime> Upstream<R> {
         match &self.batcher {
             None => self.post(request, 1, started).await,
             Some(batcher) => self.register_in_batch(batcher, request, started).await,
-        }
-    }
-
-    /// A visit's way through the batcher: sent at once in a batch of its
-    /// own, or waiting for a POST in flight to end and its batch to go.
-    async fn register_in_batch(
-        &'static self,
-        batcher: &'static Batcher<Vec<u8>>,
-        request: Vec<u8>,
-        started: Instant,
-    ) -> Outcome {
-        let deadline = started + self.request_timeout;
-        let mut ticket = match batcher.join(request, started) {
-            Joined::Send(batch, ticket) => {
-                R::spawn(self.send_batches(batcher, batch));
-                ticket
-            }
-            Joined::Wait(ticket) => ticket,
-        };
-        if let Ok(outcome) = timeout_at::<R, _>(deadline, ticket.outcome()).await {
-            return outcome;
-        }
-        // Unsent, it leaves (503). Sent, its POST's deadline (from the
-        // batch's oldest visit) is no later than this one's: the outcome
-        // is due now, and its sender gives one even if it fails.
-        match ticket.leave_unsent() {
-            Some(outcome) => outcome,
-            None => ticket.outcome().await,
-        }
-    }
-
-    /// Sends `batch`, then every batch that is waiting when a POST ends,
-    /// until none is.
-    async fn send_batches(
-        &'static self,
-        batcher: &'static Batcher<Vec<u8>>,
-        mut batch: Batch<Vec<u8>>,
-    ) {
-        loop {
-            let request = match batch.alone.take() {
-                Some(request) if batch.visits == 1 => request,
-                _ => self.batch_request(batch.visits),
-            };
-            let mut sending = Sending {
-                upstream: self,
-                batcher,
-                reply: Some(batch.reply),
-            };
-            let outcome = self.post(request, batch.visits as u64, batch.started).await;
-            if let Some(reply) = sending.reply.take() {
-                reply.set(outcome);
-            }
-            match batcher.next() {
-                Some(next) => batch = next,
-                None => return,
-            }
         }
     }
 
@@ -449,9 +335,8 @@ impl<R: Runtime> Upstream<R> {
     /// room for it even on the common path, which takes a pooled
     /// connection. hyper moves each request's future into the client
     /// connection's own memory, so every visit would copy that room, and
-    /// with many connections taking turns it is written cold (callgrind's
-    /// cache model; bench/README.md). A connect is rare; its allocation is
-    /// not.
+    /// with many connections taking turns it is written cold. A connect is
+    /// rare; its allocation is not.
     fn connect(
         &'static self,
         slot: Slot<Pooled<R>>,
@@ -483,3 +368,6 @@ impl<R: Runtime> Upstream<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

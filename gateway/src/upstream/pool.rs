@@ -7,11 +7,11 @@
 //! either. The queue is first come, first served: a connection coming
 //! back, or a slot freed, is handed to the visit that has waited longest.
 //!
-//! Before the queue, a woken waiter raced for the freed connection with
-//! every visit arriving meanwhile, among them the one whose answer had just
-//! freed it (its client's next request, on the same task), and mostly lost:
-//! with more clients than the cap, a few visits waited far longer than the
-//! rest (the runs are in bench/README.md).
+//! The handoff is what makes it fair: a waiter that was merely woken would
+//! race for the freed connection with every visit arriving meanwhile,
+//! among them the one whose answer had just freed it (its client's next
+//! request, on the same task), and mostly lose, so that with more clients
+//! than the cap a few visits would wait far longer than the rest.
 //!
 //! Generic over what a connection is, so that these rules are tested with
 //! plain values; the upstream pools [`super::exchange::Connection`]s.

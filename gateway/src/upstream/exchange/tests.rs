@@ -83,13 +83,26 @@ fn chunked(body: &[u8]) -> Vec<u8> {
 /// when the reads fill the buffer with them.
 const LINE_TOO_LARGE: &str = "a chunk-size line or its trailers are too large";
 
+/// Every answer the table checks, by how it is framed.
 fn cases() -> Vec<Case> {
-    use Want::{Fails, Waits};
-    let forty_headers: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let many_headers: String = (0..2000).map(|i| format!("x{i}:\r\n")).collect();
-    let many_trailers: String = (0..100).map(|i| format!("x-t{i}: v\r\n")).collect();
+    [
+        framed_by_content_length(),
+        chunked_answers(),
+        delimited_by_the_close(),
+        interim_and_bodiless(),
+        heads_at_and_over_the_limits(),
+        lengths_read_two_ways(),
+        chunks_that_do_not_add_up(),
+        cut_short(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Framed by content-length.
+fn framed_by_content_length() -> Vec<Case> {
     vec![
-        // Framed by content-length.
         case("plain", ok("content-length: 0\r\n", b""), reused(200)),
         case(
             "with a body",
@@ -119,7 +132,13 @@ fn cases() -> Vec<Case> {
             ),
             reused(200),
         ),
-        // Chunked.
+    ]
+}
+
+/// Chunked.
+fn chunked_answers() -> Vec<Case> {
+    let many_trailers: String = (0..100).map(|i| format!("x-t{i}: v\r\n")).collect();
+    vec![
         case(
             "chunked with an extension and trailers",
             chunked(b"3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"),
@@ -153,7 +172,12 @@ fn cases() -> Vec<Case> {
             ),
             reused(200),
         ),
-        // Delimited by the close, or not reusable for another reason.
+    ]
+}
+
+/// Delimited by the close, or not reusable for another reason.
+fn delimited_by_the_close() -> Vec<Case> {
+    vec![
         case("no length: to the close", ok("", b""), closed(200)),
         case(
             "no length: the body is not waited for",
@@ -204,7 +228,12 @@ fn cases() -> Vec<Case> {
             closed(200),
         )
         .then_closes(),
-        // Interim and bodiless answers.
+    ]
+}
+
+/// Interim and bodiless answers.
+fn interim_and_bodiless() -> Vec<Case> {
+    vec![
         case(
             "100 then 200",
             [
@@ -264,7 +293,15 @@ fn cases() -> Vec<Case> {
             b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
             closed(304),
         ),
-        // Heads at and over the limits.
+    ]
+}
+
+/// Heads at and over the limits.
+fn heads_at_and_over_the_limits() -> Vec<Case> {
+    use Want::Fails;
+    let forty_headers: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many_headers: String = (0..2000).map(|i| format!("x{i}:\r\n")).collect();
+    vec![
         case(
             "40 headers",
             ok(&format!("{forty_headers}content-length: 0\r\n"), b""),
@@ -309,7 +346,13 @@ fn cases() -> Vec<Case> {
             ok("content-length: 0\r\nx-a: b\r\n c\r\n", b""),
             Fails("bad upstream answer"),
         ),
-        // Lengths that two readers could take differently.
+    ]
+}
+
+/// Lengths that two readers could take differently.
+fn lengths_read_two_ways() -> Vec<Case> {
+    use Want::Fails;
+    vec![
         case(
             "content-length with a sign",
             ok("content-length: +0\r\n", b""),
@@ -374,7 +417,13 @@ fn cases() -> Vec<Case> {
             ok("transfer-encoding: ,\r\ncontent-length: 0\r\n", b""),
             Fails("an empty transfer-encoding"),
         ),
-        // Chunks and trailers that do not add up.
+    ]
+}
+
+/// Chunks and trailers that do not add up.
+fn chunks_that_do_not_add_up() -> Vec<Case> {
+    use Want::Fails;
+    vec![
         case(
             "chunk size that wraps",
             chunked(b"fffffffffffffffe\r\n0\r\n\r\n"),
@@ -458,7 +507,13 @@ fn cases() -> Vec<Case> {
             chunked(b"0\r\nhell/\r\n10\r\n\r\n"),
             Fails("bad trailers"),
         ),
-        // Cut short.
+    ]
+}
+
+/// Cut short.
+fn cut_short() -> Vec<Case> {
+    use Want::{Fails, Waits};
+    vec![
         case(
             "a head cut short, then the close",
             b"HTTP/1.1 200 OK\r\ncontent-le".to_vec(),
@@ -527,10 +582,36 @@ impl Delivery {
     }
 }
 
+/// How an in-memory read went wrong in a way no [`Want`] describes.
+#[derive(Debug)]
+enum Misread {
+    /// Failed with a message the case does not expect.
+    Failed(String),
+    /// Called the request unsent, on a connection that took it.
+    Unsent(String),
+    /// Called reused with part of the answer left unread.
+    ReusedEarly { consumed: usize, answer: usize },
+    /// The next answer on a connection called reusable was misread.
+    NextAnswer(String),
+}
+
+impl std::fmt::Display for Misread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Misread::Failed(error) => write!(f, "failed: {error}"),
+            Misread::Unsent(error) => write!(f, "unsent: {error}"),
+            Misread::ReusedEarly { consumed, answer } => {
+                write!(f, "reused after consuming {consumed} of {answer} bytes")
+            }
+            Misread::NextAnswer(got) => write!(f, "the next answer on it was read as {got}"),
+        }
+    }
+}
+
 /// What the exchange made of `case`'s answer delivered as `delivery`, in
 /// memory: the outcome, and then a second answer on a connection called
 /// reused, which must be read as itself.
-fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
+fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, Misread> {
     let upstream = InMemory::new(delivery.cut(&case.answer), case.closes);
     let mut connection = Connection::new(upstream);
     let want = match connection.exchange_now(REQUEST) {
@@ -544,18 +625,17 @@ fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
             // The fragment of the message the case expects, if it is there.
             return Ok(match case.want {
                 Want::Fails(fragment) if text.contains(fragment) => Want::Fails(fragment),
-                _ => return Err(format!("failed: {text}")),
+                _ => return Err(Misread::Failed(text)),
             });
         }
-        Some(Exchange::Unsent(error)) => return Err(format!("unsent: {error}")),
+        Some(Exchange::Unsent(error)) => return Err(Misread::Unsent(error.to_string())),
     };
     if let Want::Answered { reused: true, .. } = want {
         if connection.consumed() != case.answer.len() {
-            return Err(format!(
-                "reused after consuming {} of {} bytes",
-                connection.consumed(),
-                case.answer.len()
-            ));
+            return Err(Misread::ReusedEarly {
+                consumed: connection.consumed(),
+                answer: case.answer.len(),
+            });
         }
         let next = b"HTTP/1.1 299 Next\r\ncontent-length: 0\r\n\r\n";
         connection.upstream().send([&next[..]]);
@@ -564,7 +644,7 @@ fn read_in_memory(case: &Case, delivery: Delivery) -> Result<Want, String> {
                 status: 299,
                 reusable: true,
             }) => {}
-            other => return Err(format!("the next answer on it was read as {other:?}")),
+            other => return Err(Misread::NextAnswer(format!("{other:?}"))),
         }
     }
     Ok(want)
