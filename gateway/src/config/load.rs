@@ -172,8 +172,8 @@ impl Config {
     /// `upstream.url` usable, and verifiable when https; `upstream.tls_ca`
     /// only with https.
     fn check_upstream(&self) -> Result<(), (&'static str, String)> {
-        let upstream =
-            UpstreamTarget::parse(&self.upstream.url).map_err(|m| ("upstream.url", m))?;
+        let upstream = UpstreamTarget::parse(&self.upstream.url)
+            .map_err(|m| ("upstream.url", m.to_string()))?;
         if upstream.tls && rustls::pki_types::ServerName::try_from(upstream.host.as_str()).is_err()
         {
             return Err((

@@ -109,8 +109,8 @@ impl Plan {
             invalid_at(path, text, span_of(text, key), key.to_owned(), message)
         };
         // Validation has checked the URL: this is the one parse the pools use.
-        let upstream =
-            UpstreamTarget::parse(&config.upstream.url).map_err(|m| invalid("upstream.url", m))?;
+        let upstream = UpstreamTarget::parse(&config.upstream.url)
+            .map_err(|m| invalid("upstream.url", m.to_string()))?;
         let folder = path.parent().unwrap_or(Path::new(""));
         let tls = read_tls_files(&config, &upstream, folder, running)
             .map_err(|(key, message)| invalid(key, message))?;

@@ -6,6 +6,33 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::Escaped;
 
+/// Why `upstream.url` was refused; the message shows the URL escaped.
+#[derive(Debug, thiserror::Error)]
+#[error("`{}`{why}", Escaped(&self.url))]
+pub struct UrlRefused {
+    pub url: String,
+    pub why: Why,
+}
+
+/// What is wrong with a refused URL.
+#[derive(Debug, thiserror::Error)]
+pub enum Why {
+    #[error(" is not a valid URL ({0})")]
+    Unparsable(url::ParseError),
+    #[error(": expected an http:// or https:// URL")]
+    Scheme,
+    #[error(": credentials in the URL are not supported")]
+    Credentials,
+    #[error(": a fragment (#...) is never sent to a server; remove it")]
+    Fragment,
+    #[error(": {0}; write the URL as it is to be sent (percent-encode spaces and the like)")]
+    Repaired(url::SyntaxViolation),
+    #[error(": the URL has no host")]
+    NoHost,
+    #[error(": port 0 cannot be connected to")]
+    PortZero,
+}
+
 /// The upstream URL, split into what a connection needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
@@ -29,8 +56,11 @@ impl UpstreamTarget {
     /// credentials, a fragment, and anything the parser would have had to
     /// repair (a tab or newline it would drop, a space it would encode,
     /// `http:/host`): the URL the gateway uses is the one written.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let shown = Escaped(text);
+    pub fn parse(text: &str) -> Result<Self, UrlRefused> {
+        let refused = |why| UrlRefused {
+            url: text.to_owned(),
+            why,
+        };
         let repaired = std::cell::Cell::new(None);
         let record = |violation| {
             if repaired.get().is_none() {
@@ -40,33 +70,27 @@ impl UpstreamTarget {
         let url = url::Url::options()
             .syntax_violation_callback(Some(&record))
             .parse(text)
-            .map_err(|e| format!("`{shown}` is not a valid URL ({e})"))?;
+            .map_err(|e| refused(Why::Unparsable(e)))?;
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,
-            _ => return Err(format!("`{shown}`: expected an http:// or https:// URL")),
+            _ => return Err(refused(Why::Scheme)),
         };
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(format!(
-                "`{shown}`: credentials in the URL are not supported"
-            ));
+            return Err(refused(Why::Credentials));
         }
         if url.fragment().is_some() {
-            return Err(format!(
-                "`{shown}`: a fragment (#...) is never sent to a server; remove it"
-            ));
+            return Err(refused(Why::Fragment));
         }
         if let Some(violation) = repaired.get() {
-            return Err(format!(
-                "`{shown}`: {violation}; write the URL as it is to be sent (percent-encode spaces and the like)"
-            ));
+            return Err(refused(Why::Repaired(violation)));
         }
         let (Some(host), Some(name)) = (url.host(), url.host_str()) else {
-            return Err(format!("`{shown}`: the URL has no host"));
+            return Err(refused(Why::NoHost));
         };
         let port = url.port_or_known_default().unwrap_or(80);
         if port == 0 {
-            return Err(format!("`{shown}`: port 0 cannot be connected to"));
+            return Err(refused(Why::PortZero));
         }
         let host = match host {
             url::Host::Ipv6(address) => address.to_string(),
@@ -153,7 +177,7 @@ mod tests {
             ("http://h/a\tb", "tabs or newlines"),
             (" http://h/", "leading or trailing"),
         ] {
-            let err = UpstreamTarget::parse(url).unwrap_err();
+            let err = UpstreamTarget::parse(url).unwrap_err().to_string();
             assert!(err.contains(why), "{url}: {err}");
         }
     }
