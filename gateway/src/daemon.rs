@@ -205,7 +205,7 @@ fn run_on<R: Runtime>(
             status_source = Some((connections, Box::new(|| service.count())));
             // Per core, the same counter on every worker: the connections
             // are spread over them like the public ones.
-            let services: &'static [_] = vec![service; shards].leak();
+            let services = std::iter::repeat_n(service, shards);
             counter.serve::<R, _>(listener, services, counter_settings, connections);
         }
 
@@ -235,16 +235,14 @@ fn run_on<R: Runtime>(
             for (worker, &upstream) in upstreams.iter().enumerate() {
                 R::spawn_on(worker, upstream.reap_idle());
             }
-            let services: Vec<&'static Forward<R>> = (0..shards)
-                .map(|worker| forwards[worker % forwards.len()])
-                .collect();
-            public.serve::<R, _>(listener, services.leak(), public_settings, connections);
+            let services = (0..shards).map(|worker| forwards[worker % forwards.len()]);
+            public.serve::<R, _>(listener, services, public_settings, connections);
             if let Some(listener) = admin_listener {
                 let (listener, _) = adopt::<R>("admin", listener)?;
                 let admin_settings = settings("admin", server.idle_timeout_ms, None, None);
                 let connections = forever(Connections::new(ADMIN_MAX_CONNECTIONS));
                 let service = forever(Admin::new(metrics));
-                admin.serve::<R, _>(listener, forever([service]), admin_settings, connections);
+                admin.serve::<R, _>(listener, [service], admin_settings, connections);
             }
         }
 
@@ -347,7 +345,7 @@ impl Stage {
     fn serve<R: Runtime, S: Service>(
         &mut self,
         listener: R::Listener,
-        services: &'static [&'static S],
+        services: impl IntoIterator<Item = &'static S>,
         settings: &'static ServerSettings,
         connections: &'static Connections,
     ) {
