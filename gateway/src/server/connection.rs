@@ -154,14 +154,14 @@ pub(super) async fn serve_connection<R, S, I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     // A task keeps room for every variable of its function that is still
-    // in scope at a wait: what only the start needs is in `start` (and the
-    // accepted connection comes boxed).
-    let started = {
-        // Moved in here, so that its box is freed with the block.
+    // in scope at a wait: what only the start needs is in `start`, and
+    // what it gives back is never held in a variable of its own (the
+    // accepted connection comes boxed; moved into the block, its box is
+    // freed there).
+    let Some((mut watch, mut io, open)) = start::<R, S, I>(open_stream, security, {
         let connection = connection;
-        start::<R, S, I>(open_stream, security, *connection)
-    };
-    let Some((mut watch, mut io, open)) = started else {
+        *connection
+    }) else {
         return;
     };
     let ended = loop {
