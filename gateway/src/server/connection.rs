@@ -323,17 +323,109 @@ async fn wait_parked<R: Runtime, S: Service, I>(
     io: &mut WatchedIo<I>,
     readable: &impl Readable<I>,
 ) -> Option<Ended> {
-    poll_fn(|cx| {
-        if watch.stopping(cx) {
-            return Poll::Ready(Some(Ended::Closed(Ok(()))));
+    poll_fn(|cx| poll_parked(watch, io, readable, cx)).await
+}
+
+/// Polls a parked connection once: see [`wait_parked`].
+fn poll_parked<R: Runtime, S: Service, I>(
+    watch: &mut Watch<R, S>,
+    io: &mut WatchedIo<I>,
+    readable: &impl Readable<I>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Ended>> {
+    if watch.stopping(cx) {
+        return Poll::Ready(Some(Ended::Closed(Ok(()))));
+    }
+    match readable(io.inner_mut(), cx) {
+        Poll::Ready(Ok(())) => return Poll::Ready(None),
+        Poll::Ready(Err(error)) => return Poll::Ready(Some(Ended::Unreadable(error))),
+        Poll::Pending => {}
+    }
+    ready!(watch.wait_for(cx, [watch.deadline(), None]));
+    Poll::Ready(Some(Ended::TimedOut(watch.activity.phase())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use http::{Request, Response, StatusCode};
+
+    use super::*;
+    use crate::forever;
+    use crate::server::Connections;
+    use crate::service::status_only;
+
+    /// Every byte of the connection future is a byte of each parked
+    /// connection's task (`tests/idle_memory.rs` measures the whole), and
+    /// a variable kept across a wait by mistake grows it unseen.
+    const CONNECTION_FUTURE_MAX_BYTES: usize = 256;
+
+    /// A service for a connection that is never served.
+    struct Unserved;
+
+    impl Service for Unserved {
+        fn call(
+            &'static self,
+            _: Request<Incoming>,
+            _: SocketAddr,
+        ) -> impl Future<Output = Response<Body>> + Send + 'static {
+            std::future::ready(status_only(StatusCode::NOT_FOUND))
         }
-        match readable(io.inner_mut(), cx) {
-            Poll::Ready(Ok(())) => return Poll::Ready(None),
-            Poll::Ready(Err(error)) => return Poll::Ready(Some(Ended::Unreadable(error))),
-            Poll::Pending => {}
+    }
+
+    /// The size of a plain connection's future on `R`, made as the
+    /// listener makes it and dropped unpolled.
+    fn connection_future_size<R: Runtime>() -> usize {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, peer) = listener.accept().unwrap();
+        let settings = forever(ServerSettings {
+            name: "test",
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+            access_log: false,
+            metrics: None,
+            tls: None,
+        });
+        let connections = forever(Connections::new(1));
+        let permit = connections.limit.try_acquire_arc().unwrap();
+        let listening = forever(Listening {
+            service: forever(Unserved),
+            settings,
+            builder: forever(http1::Builder::new()),
+            stop: forever(Latch::new()),
+        });
+        let accepted = Accepted {
+            peer,
+            at: Instant::now(),
+            listening,
+            open: Open::new(connections, permit),
+        };
+        let future = serve_connection::<R, Unserved, _>(
+            move |peer| adopt::<R>(stream, peer),
+            Security::Plain,
+            Box::new(accepted),
+            backends::Stream::poll_readable,
+        );
+        std::mem::size_of_val(&future)
+    }
+
+    macro_rules! sizes_on_every_backend {
+        (; $([$runtime:ty, $backend:expr, $name:ident])*) => {
+            [$((<$runtime as Runtime>::NAME, connection_future_size::<$runtime>())),*]
+        };
+    }
+
+    #[test]
+    fn a_connection_future_does_not_grow() {
+        for (backend, size) in backends::for_every_backend!(sizes_on_every_backend!()) {
+            assert!(
+                size <= CONNECTION_FUTURE_MAX_BYTES,
+                "{backend}: the connection future is {size} bytes, over {CONNECTION_FUTURE_MAX_BYTES}"
+            );
         }
-        ready!(watch.wait_for(cx, [watch.deadline(), None]));
-        Poll::Ready(Some(Ended::TimedOut(watch.activity.phase())))
-    })
-    .await
+    }
 }
