@@ -31,6 +31,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Instant;
 
 mod named;
+mod pass_through;
 mod smol;
 mod tokio;
 

@@ -52,18 +52,18 @@ impl Future for SmolSleep {
 ///
 /// hyper hands a reader uninitialised memory; futures-io readers want
 /// initialised memory, and zeroing hyper's whole read buffer before every
-/// read (what a generic adapter must do without `unsafe`) cost more than
-/// the rest of a request in profiles. Instead reads land in a per-thread
+/// read (what a generic adapter must do without `unsafe`) would cost more
+/// than the rest of a small request. Instead reads land in a per-thread
 /// buffer, zeroed once, and what arrived is copied; a per-stream buffer
-/// would cost every idle connection 4 KiB.
+/// would cost every idle connection its size.
 ///
 /// async-io's own `poll_read` tries the read syscall on every poll, and
 /// hyper polls a connection's read side each time its task wakes (for
-/// the next request, or to notice a client that left mid-visit): in
-/// profiles most of a visit's `recvfrom` calls came back `EAGAIN`
-/// (bench/README.md). Like tokio, this adapter remembers when a read has
-/// drained the socket (a short read) and then waits for the reactor's next
-/// readable event before reading again.
+/// the next request, or to notice a client that left mid-visit), so most
+/// of those reads would find nothing and come back `EAGAIN`. Like tokio,
+/// this adapter remembers when a read has drained the socket (a short
+/// read) and then waits for the reactor's next readable event before
+/// reading again.
 pub struct SmolStream {
     io: Async<TcpStream>,
     /// False once a read came back short or would block, until async-io
@@ -133,8 +133,8 @@ impl hyper::rt::Read for SmolStream {
 /// raises a flag: the next event (a FIN, a reset, bytes nobody asked for)
 /// sets it, and checking it costs no syscall. The waker is what counts:
 /// `poll_readable`'s own "an event came since" answer can miss an event
-/// delivered by a reactor turn that began before the arming (measured: a
-/// closed connection taken as usable). The exchange that reuses the stream
+/// delivered by a reactor turn that began before the arming, and a closed
+/// connection would be taken as usable. The exchange that reuses the stream
 /// finds the interest still armed and replaces the waker with its own.
 impl crate::Stream for SmolStream {
     fn watch_while_idle(&mut self) {
@@ -189,53 +189,32 @@ impl Wake for Arrived {
 }
 
 impl hyper::rt::Write for SmolStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
+    crate::pass_through!(
+        self.io => poll_write, poll_write_vectored, poll_flush, poll_shutdown = poll_close
+    );
 
     fn is_write_vectored(&self) -> bool {
         true
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_close(cx)
     }
 }
 
 /// Tasks between two polls of the reactor by a busy worker.
 ///
-/// async-io's fallback thread wakes every 50 µs (backing off to 10 ms
-/// while it sees the reactor ticking) and takes the reactor itself when no
-/// one polled it since its last look; its wake-ups then preempt the worker
-/// and the worker parks whenever it finds the reactor taken. With larger
-/// batches, many connections made a batch outlast that wake-up and the
-/// fallback thread stayed in charge: a context switch for most visits, and
-/// fewer requests a second. Smaller batches cost slightly more syscalls a
-/// visit under light load (the runs are in bench/README.md).
+/// async-io's fallback thread wakes often and takes the reactor itself
+/// when no one polled it since its last look; its wake-ups then preempt
+/// the worker, and the worker parks whenever it finds the reactor taken.
+/// A batch must therefore end before that thread looks again, even with
+/// many connections ready, or the fallback thread stays in charge and
+/// most visits pay a context switch. A smaller batch polls the reactor
+/// more often than light load needs, which costs syscalls.
 const TASKS_PER_REACTOR_POLL: usize = 16;
 
 /// A worker's loop: run tasks, and every few let `smol::block_on` poll the
 /// reactor without blocking. A worker inside `Executor::run` never returns
 /// to `block_on` while tasks are ready, so under load only async-io's
 /// fallback thread would collect I/O events, and its every wake-up
-/// preempts a worker (profiled: one context switch per event batch on a
-/// single core). Yielding keeps event collection on the workers.
+/// preempts a worker: a context switch per batch of events. Yielding keeps
+/// event collection on the workers.
 async fn work(executor: &'static Executor<'static>) {
     loop {
         executor.tick().await;
@@ -249,7 +228,8 @@ async fn work(executor: &'static Executor<'static>) {
 }
 
 /// The per-core workers' executors, for [`Runtime::spawn_on`]; unset with
-/// shared threading.
+/// shared threading. A static, as [`EXECUTOR`] is: `spawn_on` is called
+/// with no runtime value to hold them, from any task.
 static PER_CORE: OnceLock<Vec<&'static Executor<'static>>> = OnceLock::new();
 
 thread_local! {

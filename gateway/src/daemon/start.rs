@@ -104,7 +104,7 @@ fn start_counter<R: Runtime>(
     let connections = forever(Connections::new(usize::MAX >> 4));
     // Per core, the same counter on every worker: the connections are
     // spread over them like the public ones.
-    let services: &'static [_] = vec![service; plan.shards].leak();
+    let services = std::iter::repeat_n(service, plan.shards);
     stage.serve::<R, _>(listener, services, settings, connections);
     Ok((connections, Box::new(|| service.count())))
 }
@@ -143,12 +143,10 @@ fn start_public<R: Runtime>(
     for (worker, &upstream) in upstreams.iter().enumerate() {
         R::spawn_on(worker, upstream.reap_idle());
     }
-    let services: Vec<&'static Forward<R>> = (0..plan.shards)
-        .map(|worker| forwards[worker % forwards.len()])
-        .collect();
+    let services = (0..plan.shards).map(|worker| forwards[worker % forwards.len()]);
     stages
         .public
-        .serve::<R, _>(listener, services.leak(), settings, connections);
+        .serve::<R, _>(listener, services, settings, connections);
     if let Some(listener) = public.admin {
         let (listener, _) = adopt::<R>("admin", listener)?;
         let settings = server_settings(plan, "admin", server.idle_timeout_ms, None, None);
@@ -156,7 +154,7 @@ fn start_public<R: Runtime>(
         let service = forever(Admin::new(metrics));
         stages
             .admin
-            .serve::<R, _>(listener, forever([service]), settings, connections);
+            .serve::<R, _>(listener, [service], settings, connections);
     }
     Ok((connections, Box::new(|| metrics.requests_total())))
 }
@@ -207,7 +205,7 @@ impl Stage {
     fn serve<R: Runtime, S: Service>(
         &mut self,
         listener: R::Listener,
-        services: &'static [&'static S],
+        services: impl IntoIterator<Item = &'static S>,
         settings: &'static ServerSettings,
         connections: &'static Connections,
     ) {

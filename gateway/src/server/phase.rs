@@ -277,13 +277,9 @@ impl<S: Read + Unpin> WatchedIo<S> {
 }
 
 impl<S: Write + Unpin> Write for WatchedIo<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
+    backends::pass_through!(
+        self.inner => poll_write, is_write_vectored, poll_write_vectored
+    );
 
     /// hyper flushes its stream once its buffer is written out: an answer
     /// given to it is then all on its way.
@@ -301,18 +297,6 @@ impl<S: Write + Unpin> Write for WatchedIo<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.activity.closing.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
