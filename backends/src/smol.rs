@@ -26,7 +26,10 @@ use smol_hyper::rt::SmolTimer;
 
 use crate::{Runtime, Signal, Threading};
 
-/// The executor shared by every worker thread.
+/// The executor shared by every worker thread. A static because the
+/// [`Runtime`] trait's spawns are associated functions, called from any task
+/// with no runtime value to reach it through (see `PER_CORE` in tokio.rs);
+/// `'static` too because every spawned task may outlive any scope.
 static EXECUTOR: Executor<'static> = Executor::new();
 
 /// Runs the gateway on smol: a shared executor over async-io.
