@@ -551,22 +551,7 @@ async fn tls_config_errors_are_exit_78_naming_file_and_key() {
         let file = dir.join("gateway.toml");
         std::fs::write(&file, config.render()).unwrap();
         let paths = bad.paths.unwrap_or_else(|| vec![file.clone()]);
-        let mut command = tokio::process::Command::new(common::gateway_binary());
-        command
-            .arg("--config")
-            .arg(&file)
-            .env_remove("RUST_LOG")
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
-            .await
-            .unwrap_or_else(|_| panic!("{case}: still running after 10 s"))
-            .expect("run gateway");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(78), "{case}: {stderr}");
-        let line = stderr
-            .lines()
-            .find(|line| bad.keys.iter().any(|key| line.contains(key)))
-            .unwrap_or_else(|| panic!("{case}: no line names {:?}: {stderr}", bad.keys));
+        let line = common::refused_config_line(&file, false, bad.keys, case).await;
         assert!(
             paths
                 .iter()

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::tls::{
-    SERVER_NAMES, TestCa, TlsClient, WELCOME, certificate_error, client_hello,
+    SERVER_NAMES, TestCa, TlsClient, TlsSite, WELCOME, certificate_error, client_hello,
     client_hello_offering, handshake_failures, https_get, serve_tls, server_lines, tls_connect,
     wait_for_handshake_failures,
 };
@@ -102,16 +102,8 @@ async fn read_bytes_until_close(stream: &mut TcpStream, limit: Duration) -> (Vec
 }
 
 async fn tls10_and_tls11_clients_are_refused(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr).with_admin(),
-        &ca.leaf(SERVER_NAMES),
-        folder.path(),
-    );
-    let public = gateway.addr("public");
-    let admin = gateway.addr("admin");
+    let site = TlsSite::start(backend).await;
+    let (ca, public, admin) = (&site.ca, site.public, site.admin);
     let failures_before = handshake_failures(admin).await;
     for (name, version) in [("TLS 1.0", [3, 1]), ("TLS 1.1", [3, 2])] {
         let mut stream = TcpStream::connect(public).await.unwrap();
@@ -145,7 +137,7 @@ async fn tls10_and_tls11_clients_are_refused(backend: Backend) {
         (22, 2),
         "a ServerHello for TLS 1.2: {head:02x?}"
     );
-    assert_eq!(https_get(public, &ca, "/").await.status, StatusCode::OK);
+    assert_eq!(https_get(public, ca, "/").await.status, StatusCode::OK);
 }
 
 /// Keys as SEC1 (`EC PRIVATE KEY`) and PKCS#1 (`RSA PRIVATE KEY`, made
@@ -179,15 +171,8 @@ async fn sec1_and_pkcs1_keys_serve_too(backend: Backend) {
 }
 
 async fn a_connection_closed_before_sending_a_byte_is_no_failed_handshake(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr).with_admin(),
-        &ca.leaf(SERVER_NAMES),
-        folder.path(),
-    );
-    let (public, admin) = (gateway.addr("public"), gateway.addr("admin"));
+    let site = TlsSite::start(backend).await;
+    let (public, admin) = (site.public, site.admin);
     // Health checks' TCP connects, browsers' unused preconnects.
     for _ in 0..3 {
         drop(TcpStream::connect(public).await.unwrap());
@@ -286,17 +271,9 @@ async fn unfinished_handshakes_are_closed_at_the_header_timeout(backend: Backend
 }
 
 async fn clients_failing_verification_leave_others_served(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr).with_admin(),
-        &ca.leaf(SERVER_NAMES),
-        folder.path(),
-    );
-    let public = gateway.addr("public");
-    let admin = gateway.addr("admin");
-    let mut served = TlsClient::connect(public, &ca).await;
+    let site = TlsSite::start(backend).await;
+    let (ca, public, admin) = (&site.ca, site.public, site.admin);
+    let mut served = TlsClient::connect(public, ca).await;
     assert_eq!(served.get("/").await.status, StatusCode::OK);
     let failures_before = handshake_failures(admin).await;
 
@@ -332,8 +309,8 @@ async fn clients_failing_verification_leave_others_served(backend: Backend) {
     wait_for_handshake_failures(admin, failures_before + 2.0).await;
     // The open connection and new ones are served as before.
     assert_eq!(served.get("/").await.status, StatusCode::OK);
-    assert_eq!(https_get(public, &ca, "/").await.status, StatusCode::OK);
-    assert_eq!(upstream.posts(), 3);
+    assert_eq!(https_get(public, ca, "/").await.status, StatusCode::OK);
+    assert_eq!(site.upstream.posts(), 3);
 }
 
 async fn an_expired_certificate_fails_client_verification(backend: Backend) {
@@ -396,25 +373,7 @@ async fn an_rsa_key_of_1024_bits_is_refused_saying_why(backend: Backend) {
     std::fs::write(&file, config.render()).unwrap();
     for check in [true, false] {
         let how = if check { "--check" } else { "a plain start" };
-        let mut command = tokio::process::Command::new(common::gateway_binary());
-        if check {
-            command.arg("--check");
-        }
-        command
-            .arg("--config")
-            .arg(&file)
-            .env_remove("RUST_LOG")
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
-            .await
-            .unwrap_or_else(|_| panic!("{how}: still running after 10 s"))
-            .expect("run gateway");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(78), "{how}: {stderr}");
-        let line = stderr
-            .lines()
-            .find(|line| line.contains("server.tls_key"))
-            .unwrap_or_else(|| panic!("{how}: no line names server.tls_key: {stderr}"));
+        let line = common::refused_config_line(&file, check, &["server.tls_key"], how).await;
         assert!(line.contains(key.to_str().unwrap()), "{how}: {line}");
         assert!(line.contains("RSA key of 1024 bits"), "{how}: {line}");
         assert!(line.contains("2048, 3072 or 4096 bits"), "{how}: {line}");

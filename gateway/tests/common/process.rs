@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,33 @@ use super::{Backend, Threading};
 
 pub fn gateway_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_gateway"))
+}
+
+/// Runs the gateway on the configuration `file`, with `--check` if asked,
+/// to its exit; asserts that it was 78, a refused configuration, and
+/// returns the line of its stderr that names one of `keys`. `what` names
+/// the case in a failure.
+pub async fn refused_config_line(file: &Path, check: bool, keys: &[&str], what: &str) -> String {
+    let mut command = tokio::process::Command::new(gateway_binary());
+    if check {
+        command.arg("--check");
+    }
+    command
+        .arg("--config")
+        .arg(file)
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running after 10 s"))
+        .expect("run gateway");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{what}: {stderr}");
+    stderr
+        .lines()
+        .find(|line| keys.iter().any(|key| line.contains(key)))
+        .unwrap_or_else(|| panic!("{what}: no line names {keys:?}: {stderr}"))
+        .to_owned()
 }
 
 /// A child process whose stderr is collected; killed on drop.

@@ -257,6 +257,39 @@ pub fn serve_tls(config: super::GatewayConfig, leaf: &Leaf, folder: &Path) -> su
         .start()
 }
 
+/// A gateway serving HTTPS on a leaf of a test CA of its own, with an
+/// admin listener, in front of a scripted upstream that answers 200.
+pub struct TlsSite {
+    _gateway: super::Process,
+    pub upstream: super::TestUpstream,
+    pub ca: TestCa,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    _folder: tempfile::TempDir,
+}
+
+impl TlsSite {
+    pub async fn start(backend: super::Backend) -> Self {
+        let folder = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("test CA");
+        let upstream = super::TestUpstream::start(super::Behaviour::Ok).await;
+        let gateway = serve_tls(
+            super::GatewayConfig::new(backend, upstream.addr).with_admin(),
+            &ca.leaf(SERVER_NAMES),
+            folder.path(),
+        );
+        let (public, admin) = (gateway.addr("public"), gateway.addr("admin"));
+        Self {
+            _gateway: gateway,
+            upstream,
+            ca,
+            public,
+            admin,
+            _folder: folder,
+        }
+    }
+}
+
 /// `[server]` lines serving `cert` and `key` over TLS.
 pub fn server_lines(cert: &Path, key: &Path) -> String {
     format!("tls_cert = {:?}\ntls_key = {:?}", cert, key)
