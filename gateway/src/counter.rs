@@ -17,7 +17,7 @@ use http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::batch_protocol::MAX_VISITS_PER_POST;
+use crate::batch_protocol::{MAX_COUNT_BODY, parse_visits};
 use crate::config::{CounterConfig, StoreKind};
 use crate::service::{Body, Service, method_not_allowed, status_only, text, text_owned};
 use crate::stats::ShardedCounter;
@@ -120,9 +120,6 @@ impl<R: Runtime> Counter<R> {
     }
 }
 
-/// The longest body a count can have: its digits.
-const MAX_COUNT_BODY: usize = 7;
-
 /// The visits a POST carries: one when it has no body; else its body, the
 /// decimal number of visits (1 to [`MAX_VISITS_PER_POST`], digits only),
 /// read by `deadline`. `None` for any other body, or one that is late: a
@@ -139,14 +136,6 @@ async fn visits<R: Runtime>(body: Incoming, deadline: Instant) -> Option<u64> {
         .ok()?
         .to_bytes();
     parse_visits(&bytes)
-}
-
-fn parse_visits(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) || bytes[0] == b'0' {
-        return None;
-    }
-    let visits: u64 = std::str::from_utf8(bytes).ok()?.parse().ok()?;
-    (visits <= MAX_VISITS_PER_POST).then_some(visits)
 }
 
 /// A POST whose body is not a count (or did not arrive in time): nothing
@@ -214,36 +203,5 @@ impl<R: Runtime> Service for Counter<R> {
 
     fn reads_bodies(&self) -> bool {
         true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_count_is_digits_from_1_to_the_limit() {
-        for (body, visits) in [
-            (&b"1"[..], Some(1)),
-            (b"37", Some(37)),
-            (b"1048576", Some(1 << 20)),
-        ] {
-            assert_eq!(parse_visits(body), visits, "{body:?}");
-        }
-        for body in [
-            &b""[..],
-            b"0",
-            b"007",
-            b"-1",
-            b"+1",
-            b"1e3",
-            b" 1",
-            b"1\n",
-            b"1048577",
-            b"9999999",
-            b"x",
-        ] {
-            assert_eq!(parse_visits(body), None, "{body:?}");
-        }
     }
 }
