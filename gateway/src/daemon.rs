@@ -3,11 +3,11 @@
 //! [`run_plan`] runs a resolved configuration ([`Plan`]) in named steps:
 //! it binds the listeners and opens the store and the upstream pools
 //! (`bind`: so "address in use" is reported before any thread starts),
-//! picks the runtime from `runtime.backend` — the only place in the
-//! gateway that names a backend type — and, on it, starts the listeners
+//! hands the rest to `runtime.backend`'s runtime (`Backend::run` is
+//! where a name becomes a runtime type), and on it starts the listeners
 //! (`start`), handles signals until one says stop, and stops. On
-//! SIGTERM/SIGINT the public listener stops accepting and drains first; the built-in counter it may be forwarding to
-//! stops after it. SIGHUP reloads (the `reload` module says what);
+//! SIGTERM/SIGINT the public listener stops accepting and drains first;
+//! the built-in counter it may be forwarding to stops after it. SIGHUP reloads (the `reload` module says what);
 //! SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored. Those that came
 //! while it started (`startup_signals`) are acted on once it is up.
 
@@ -28,6 +28,7 @@ use crate::logging::LogLevel;
 use crate::reload::Reloader;
 use crate::startup_signals::StartupSignals;
 use crate::systemd;
+use crate::tls::ClientTlsError;
 use crate::upstream::UpstreamError;
 
 /// What to run.
@@ -63,7 +64,9 @@ pub enum Fatal {
     #[error("the socket passed by systemd (LISTEN_FDS) is not a usable TCP listener: {0}")]
     Activation(std::io::Error),
     #[error("cannot set up TLS: {0}")]
-    Tls(String),
+    ServerTls(rustls::Error),
+    #[error("cannot set up TLS: {0}")]
+    ClientTls(ClientTlsError),
     #[error("cannot start the {backend} runtime: {source}")]
     Runtime {
         backend: &'static str,

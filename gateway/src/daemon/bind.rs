@@ -61,7 +61,7 @@ impl<R: Runtime> Bound<R> {
         let listener = public_listener(config.server.listen)?;
         let tls = match &plan.tls.server {
             Some(certificate) => Some(forever(
-                ServerTls::new(certificate.clone()).map_err(|e| Fatal::Tls(e.to_string()))?,
+                ServerTls::new(certificate.clone()).map_err(Fatal::ServerTls)?,
             )),
             None => None,
         };
@@ -94,8 +94,7 @@ fn upstream_pools<R: Runtime>(plan: &Plan) -> Result<UpstreamPools<R>, Fatal> {
     // worker's reconnect resumes a session another worker began.
     let tls = match &plan.tls.upstream_roots {
         Some(roots) => Some(forever(
-            ClientTls::new(&plan.upstream.host, roots.clone())
-                .map_err(|e| Fatal::Tls(e.to_string()))?,
+            ClientTls::new(&plan.upstream.host, roots.clone()).map_err(Fatal::ClientTls)?,
         )),
         None => None,
     };

@@ -23,7 +23,7 @@ use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
 
 pub use self::files::{KeyedError, OutOfDate, certified_key, out_of_date, roots};
 pub use self::io::{FuturesIo, HyperIo};
-pub use self::upstream::{ClientTls, UpstreamStream};
+pub use self::upstream::{ClientTls, ClientTlsError, UpstreamStream};
 use crate::time::{Elapsed, timeout_at};
 
 /// The one crypto provider both sides use.

@@ -1,7 +1,9 @@
-//! Why an upstream client could not be built, at start or on a reload.
+//! Why an upstream client could not be built at start.
 
 /// Why [`Upstream::new`](super::Upstream::new) failed; the message names
-/// the upstream as configured (the daemon escapes it).
+/// the upstream as configured (the daemon escapes it). A plan always
+/// brings TLS settings for an https upstream, so the daemon never meets
+/// this: it guards other callers of `Upstream::new`.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// An `https://` upstream, and no TLS client settings to reach it with.
