@@ -39,6 +39,11 @@ pub use crate::named::{Backend, Named, OnRuntime};
 pub use crate::smol::Smol;
 pub use crate::tokio::Tokio;
 
+/// For [`pass_through!`]: hyper, reached through this crate so that a
+/// crate using the macro need not name hyper itself.
+#[doc(hidden)]
+pub use hyper as __hyper;
+
 /// Calls `$callback!(args... ; [runtime type, Backend value, name] ...)`
 /// once, with every backend: the one list that tests which must cover
 /// every backend expand from, so that a backend added here is covered by

@@ -45,7 +45,7 @@ macro_rules! pass_through {
         fn poll_read(
             self: ::core::pin::Pin<&mut Self>,
             cx: &mut ::core::task::Context<'_>,
-            buf: ::hyper::rt::ReadBufCursor<'_>,
+            buf: $crate::__hyper::rt::ReadBufCursor<'_>,
         ) -> ::core::task::Poll<::std::io::Result<()>> {
             $crate::pass_through!(@pinned $via self $inner(cx, buf))
         }
