@@ -108,7 +108,8 @@ impl Plan {
                 .map_or((Path::new(""), ""), |o| (o.path, o.text));
             invalid_at(path, text, span_of(text, key), key.to_owned(), message)
         };
-        // Validation has checked the URL: this is the one parse the pools use.
+        // Validation parsed the URL too, to check it; this parse is the one
+        // every pool keeps.
         let upstream = UpstreamTarget::parse(&config.upstream.url)
             .map_err(|m| invalid("upstream.url", m.to_string()))?;
         let folder = path.parent().unwrap_or(Path::new(""));

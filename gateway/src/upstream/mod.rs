@@ -7,7 +7,8 @@
 //! ([`pool`] has the rules). The exchange itself runs in the visitor's own
 //! task ([`exchange`], which reads the answer as [`framing`] says); a
 //! connection is just a stream, its buffer, and its slot under the cap.
-//! [`dial`] resolves and connects. [`request`] writes the POSTs: a
+//! [`dial`] connects to the addresses the plan resolved, and looks the
+//! name up again after a failed connect. [`request`] writes the POSTs: a
 //! visit's, with its `x-forwarded-for`, and a batch's. With
 //! `upstream.batch_max` above 1, [`batch`] gathers the visits that arrive
 //! while POSTs are in flight into one POST that carries their number, and

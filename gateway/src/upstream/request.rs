@@ -1,4 +1,4 @@
-//! The POSTs the client sends, written once per process up to what varies:
+//! The POSTs the client sends, written once per pool up to what varies:
 //! a visit's, whose one varying value is its `x-forwarded-for`, and a
 //! batch's, whose length and body carry its count
 //! ([`batch_protocol`](crate::batch_protocol)).

@@ -244,7 +244,7 @@ impl OnRuntime for TimedOutPostFinished {
             let (mut connection, _) = listener.accept().unwrap();
             assert!(read_request(&mut connection));
             // Past the visit's deadline (`request_timeout_ms`, 1000).
-            std::thread::sleep(Duration::from_millis(1300));
+            std::thread::sleep(Duration::from_millis(1400));
             connection.write_all(OK).unwrap();
             assert!(read_request(&mut connection));
             connection.write_all(OK).unwrap();
@@ -255,7 +255,7 @@ impl OnRuntime for TimedOutPostFinished {
                 || upstream.visit_request(&Default::default(), "10.0.0.1:1".parse().unwrap());
             let late = upstream.register_visit(visit(), Instant::now()).await;
             // The late answer arrives meanwhile.
-            R::sleep_until(Instant::now() + Duration::from_millis(700)).await;
+            R::sleep_until(Instant::now() + Duration::from_millis(900)).await;
             let next = upstream.register_visit(visit(), Instant::now()).await;
             (late, next)
         })
