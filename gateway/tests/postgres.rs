@@ -249,10 +249,10 @@ async fn two_hundreds_resume_within_a_second_of_the_database_coming_back(backend
         Duration::from_secs(5),
         async || match client.post("/counter").await.status {
             StatusCode::OK => Ok(back.elapsed()),
-            status => Err(format!(
+            status => Err(common::Text(format!(
                 "{status}; the counter's log:\n{}",
                 counter.log_text()
-            )),
+            ))),
         },
     )
     .await;
@@ -331,7 +331,10 @@ async fn a_database_that_never_answers_holds_neither_the_start_nor_the_visits(ba
             assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
             // A visit every 150 ms or so, with the wait between probes.
             tokio::time::sleep(Duration::from_millis(130)).await;
-            Err(format!("the counter's log:\n{}", counter.log_text()))
+            Err(common::Text(format!(
+                "the counter's log:\n{}",
+                counter.log_text()
+            )))
         },
     )
     .await;
@@ -377,9 +380,10 @@ async fn a_hung_postmaster_is_answered_503_and_counting_resumes_after_it(backend
             let answer = within_10_s(&counter, client.post("/counter")).await;
             match answer.status {
                 StatusCode::OK => Ok(()),
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    Err(format!("503; the counter's log:\n{}", counter.log_text()))
-                }
+                StatusCode::SERVICE_UNAVAILABLE => Err(common::Text(format!(
+                    "503; the counter's log:\n{}",
+                    counter.log_text()
+                ))),
                 status => panic!("unexpected {status}:\n{}", counter.log_text()),
             }
         },

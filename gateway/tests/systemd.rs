@@ -1,4 +1,4 @@
-//! README, "Deploy with systemd": sd_notify, socket activation, and replacing the running
+//! docs/systemd.md, "Restarts and switching backend": sd_notify, socket activation, and replacing the running
 //! gateway (alternating backends) without a refused connection or a
 //! failed request.
 

@@ -64,6 +64,16 @@ pub fn within_blocking<T, Seen>(
     }
 }
 
+/// What a probe saw, shown as it is when the wait gives up: a log's lines
+/// on lines of their own, not one escaped string.
+pub struct Text(pub String);
+
+impl Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `Ok(())` once `seen` has reached `wanted`, else `Err(seen)`: the probe
 /// for a count that only grows.
 pub fn at_least<N: PartialOrd + Debug>(seen: N, wanted: N) -> Result<(), N> {

@@ -21,7 +21,7 @@ pub mod tls;
 #[allow(unused_imports)]
 pub use client::*;
 #[allow(unused_imports)]
-pub use eventually::{at_least, eventually, eventually_blocking, within};
+pub use eventually::{Text, at_least, eventually, eventually_blocking, within};
 #[allow(unused_imports)]
 pub use process::*;
 #[allow(unused_imports)]

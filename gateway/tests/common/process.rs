@@ -6,10 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::eventually::{eventually, within_blocking};
+use super::eventually::{Text, eventually, within_blocking};
 use super::{Backend, Threading};
 
 pub fn gateway_binary() -> PathBuf {
@@ -98,22 +99,31 @@ impl Process {
     }
 
     /// Waits until `expected` listeners are logged; kills the process and
-    /// fails the test if they are not within 20 s.
+    /// fails the test if they are not within 20 s, or at once if it exits
+    /// first. Not [`eventually`]: the channel closing is the news that the
+    /// process ended, and a poll would sit out the 20 s instead.
     pub fn wait_for_listeners(&mut self, expected: usize) {
-        let started = within_blocking(Duration::from_secs(20), || {
-            self.listeners.extend(self.listening.try_iter());
-            if self.listeners.len() >= expected {
-                Ok(())
-            } else {
-                Err(self.listeners.clone())
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.listeners.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.listening.recv_timeout(left) {
+                Ok(listener) => self.listeners.push(listener),
+                Err(why) => {
+                    let _ = self.child.kill();
+                    let ended = match why {
+                        RecvTimeoutError::Timeout => "did not start within 20 s".to_owned(),
+                        RecvTimeoutError::Disconnected => match self.child.wait() {
+                            Ok(status) => format!("ended before it listened ({status})"),
+                            Err(error) => format!("ended before it listened ({error})"),
+                        },
+                    };
+                    panic!(
+                        "gateway {ended} (listening: {:?}); its log:\n{}",
+                        self.listeners,
+                        self.log_text()
+                    );
+                }
             }
-        });
-        if let Err(listening) = started {
-            let _ = self.child.kill();
-            panic!(
-                "gateway did not start within 20 s (listening: {listening:?}); its log:\n{}",
-                self.log_text()
-            );
         }
     }
 
@@ -152,7 +162,7 @@ impl Process {
             let log = self.log.lock().unwrap();
             match log[from..].iter().find(|line| wanted(line)) {
                 Some(line) => Ok(line.clone()),
-                None => Err(format!("the log:\n{}", log.join("\n"))),
+                None => Err(Text(format!("the log:\n{}", log.join("\n")))),
             }
         })
         .await

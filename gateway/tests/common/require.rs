@@ -1,5 +1,5 @@
 //! Tools a test needs from the host (PostgreSQL, curl, openssl, network
-//! namespaces, a container manager): where one is missing the test says so
+//! namespaces): where one is missing the test says so
 //! and skips, unless `GATEWAY_REQUIRE` names it (a comma-separated list of
 //! tools, or `all`, as `.ci/run` sets it after installing every one); then
 //! the skip is a failure.
