@@ -290,11 +290,11 @@ impl<T> Drop for Ticket<'_, T> {
 /// (a panic, a task dropped), the batch's visitors are answered 504 (it
 /// may have left) and the waiting batch goes on a new sender, so no visit
 /// waits for an outcome that never comes and no slot in flight is lost.
-pub(super) struct Sending<R: Runtime> {
-    pub(super) upstream: &'static Upstream<R>,
-    pub(super) batcher: &'static Batcher<Vec<u8>>,
+struct Sending<R: Runtime> {
+    upstream: &'static Upstream<R>,
+    batcher: &'static Batcher<Vec<u8>>,
     /// Taken once the outcome is given; still here, it is owed.
-    pub(super) reply: Option<Arc<Reply>>,
+    reply: Option<Arc<Reply>>,
 }
 
 impl<R: Runtime> Drop for Sending<R> {
@@ -343,7 +343,7 @@ impl<R: Runtime> Upstream<R> {
 
     /// Sends `batch`, then every batch that is waiting when a POST ends,
     /// until none is.
-    async fn send_batches(
+    pub(super) async fn send_batches(
         &'static self,
         batcher: &'static Batcher<Vec<u8>>,
         mut batch: Batch<Vec<u8>>,

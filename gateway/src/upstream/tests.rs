@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use backends::{Backend, Named, OnRuntime, Runtime, Threading};
 
-use super::batch::{Joined, Sending};
+use super::batch::Joined;
 use super::{Upstream, UpstreamMetrics};
 use crate::config::{UpstreamConfig, UpstreamTarget};
 use crate::forever;
@@ -286,9 +286,9 @@ fn a_post_answered_past_its_deadline_keeps_its_connection_and_is_recorded_once()
     on_every_backend(TimedOutPostFinished);
 }
 
-/// A batch's sender stopped before its POST ended: its guard answers the
-/// batch's visitors 504 and puts the waiting batch on a new sender, which
-/// sends it.
+/// A batch's sender stopped while its POST is out (its task dropped, as a
+/// runtime shutting down drops it): its guard answers the batch's visitors
+/// 504 and puts the waiting batch on a new sender, which sends it.
 #[derive(Clone)]
 struct StoppedSenderHandsOn;
 
@@ -297,10 +297,17 @@ impl OnRuntime for StoppedSenderHandsOn {
     fn run<R: Runtime>(self) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (upstream, _) = client::<R>(listener.local_addr().unwrap(), 8);
+        let (posted, post_seen) = std::sync::mpsc::channel();
         let counter = std::thread::spawn(move || {
-            let (mut connection, _) = listener.accept().unwrap();
-            assert!(read_request(&mut connection));
-            connection.write_all(OK).unwrap();
+            // The stopped sender's POST: read, and answered only after the
+            // batch handed on has been, on a connection of its own.
+            let (mut first, _) = listener.accept().unwrap();
+            assert!(read_request(&mut first));
+            posted.send(()).unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            assert!(read_request(&mut second));
+            second.write_all(OK).unwrap();
+            first.write_all(OK).unwrap();
         });
         let (stopped, waited) = R::block_on(1, Threading::Shared, async move {
             let batcher = upstream.batcher.as_ref().unwrap();
@@ -318,11 +325,20 @@ impl OnRuntime for StoppedSenderHandsOn {
                 panic!("expected to wait");
             };
             let (batch, mut ticket) = in_flight.remove(0);
-            drop(Sending {
-                upstream,
-                batcher,
-                reply: Some(batch.reply),
-            });
+            let until_posted = async move {
+                while post_seen.try_recv().is_err() {
+                    R::sleep_until(Instant::now() + Duration::from_millis(5)).await;
+                }
+            };
+            futures_lite::future::or(
+                // The sender, dropped with this future once the POST is out.
+                async move {
+                    upstream.send_batches(batcher, batch).await;
+                    panic!("the sender ended before its POST was answered");
+                },
+                until_posted,
+            )
+            .await;
             let deadline = Instant::now() + Duration::from_secs(5);
             let stopped = timeout_at::<R, _>(deadline, ticket.outcome()).await;
             let waited = timeout_at::<R, _>(deadline, waiting.outcome()).await;
