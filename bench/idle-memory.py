@@ -25,6 +25,17 @@ Method, for each server and each scheme (plain HTTP, then HTTPS):
 Every first answer must be 200; the table's "answers ok" column gives
 first answers ok / N and second answers ok / sample, per scheme.
 
+HTTP/2 (--http2): every connection speaks HTTP/2 instead of HTTP/1.1,
+with prior knowledge (h2c) on plain HTTP and by ALPN `h2` with HTTPS (a
+handshake that selects anything else counts as a failed connection). A
+connection sends the preface, an empty SETTINGS and `GET /` as one
+HEADERS frame on stream 1 (the second `GET /` goes on stream 3),
+acknowledges the server's SETTINGS, and reads frames until its stream
+ends. The answer's status is its first header field, which must be
+indexed in HPACK's static table (both servers send 200 so); a GOAWAY or
+a reset of the stream fails the answer. nginx listens with `http2`
+(1.22's `listen` parameter: without ssl, h2c by prior knowledge only).
+
 What the figure includes: whatever one wave's requests left in the heap
 (spread over N), and the upstream connections the server keeps to the
 counter (up to W). nginx allocates its connection structures for all
@@ -32,6 +43,9 @@ counter (up to W). nginx allocates its connection structures for all
 Both servers get a keep-alive idle timeout of 900 s, so that no
 connection is closed while the waves are opened (HTTPS handshakes from
 Python take a while), and the gateway `server.max_connections = N + 1024`.
+The timeout covers HTTP/2 too: the gateway's `server.idle_timeout_ms` ends an
+HTTP/2 connection with no stream open, and nginx's `keepalive_timeout`
+has replaced `http2_idle_timeout` (obsolete since 1.19.7).
 
 HTTPS: at start a CA and, signed by it, an ECDSA P-256 leaf for
 `localhost` and 127.0.0.1 are made with `openssl`; both servers serve the
@@ -48,14 +62,16 @@ Usage (from the repository root, after `cargo build --release -p gateway`):
   bench/idle-memory.py                       # 10,000 connections, HTTP and HTTPS
   bench/idle-memory.py --connections 2000 --no-tls --backends smol
   bench/idle-memory.py --gateway /tmp/old/gateway --out before.json
+  bench/idle-memory.py --http2 --connections 5000
 
 Options: --gateway PATH (target/release/gateway), --nginx PATH (`nginx` on
 PATH or in /usr/sbin; the nginx row is skipped, with a message, if there
 is none; --nginx none skips it too), --connections N (10000), --wave W
 (500), --idle-secs S (3), --sample K (100), --backends tokio,smol,
---no-tls or --tls-only, --insecure, --timeout-secs T (per measurement,
-600), --out FILE (the table as JSON). Everything runs on 127.0.0.1; every
-process the script starts is stopped when it ends, on error too.
+--no-tls or --tls-only, --http2, --insecure, --timeout-secs T (per
+measurement, 600), --out FILE (the table as JSON). Everything runs on
+127.0.0.1; every process the script starts is stopped when it ends, on
+error too.
 Python 3.11, standard library only.
 """
 
@@ -73,11 +89,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REQUEST = b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n"
+# HTTP/2 (--http2): what a GET / needs of it, framed by hand.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x7
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY = 0x4, 0x8, 0x20
+# The statuses HPACK's static table indexes, by index.
+STATIC_STATUSES = {8: 200, 9: 204, 10: 206, 11: 304, 12: 400, 13: 404, 14: 500}
 # Keep-alive idle timeouts for both servers, far above a run's length, so
 # that no connection is closed for idling while the waves are opened.
 IDLE_TIMEOUT_SECS = 900
@@ -107,6 +131,8 @@ def parse_args() -> argparse.Namespace:
     schemes = parser.add_mutually_exclusive_group()
     schemes.add_argument("--no-tls", action="store_true", help="plain HTTP only")
     schemes.add_argument("--tls-only", action="store_true", help="HTTPS only")
+    parser.add_argument("--http2", action="store_true",
+                        help="connections speak HTTP/2 (h2c by prior knowledge, or ALPN h2)")
     parser.add_argument("--insecure", action="store_true",
                         help="HTTPS client does not verify the certificate")
     parser.add_argument("--timeout-secs", type=float, default=600,
@@ -282,7 +308,7 @@ http {{
   keepalive_requests 1000000;
   keepalive_timeout {idle_timeout}s;
   server {{
-    listen 127.0.0.1:{port} backlog=4096{ssl};
+    listen 127.0.0.1:{port} backlog=4096{ssl}{http2};
     {tls}
     location = / {{
       proxy_pass http://counter/counter;
@@ -299,7 +325,7 @@ http {{
 
 
 def start_nginx(nginx: str, counter_port: int, tls: "Certificates | None", work: Path,
-                connections: int) -> Server:
+                connections: int, http2: bool) -> Server:
     directory = work / f"nginx-{'https' if tls else 'http'}"
     directory.mkdir()
     # Each client connection, plus one upstream connection per request in
@@ -316,7 +342,8 @@ def start_nginx(nginx: str, counter_port: int, tls: "Certificates | None", work:
         dir=directory, port=free_port(), counter_port=counter_port,
         worker_connections=worker_connections, rlimit=rlimit,
         idle_timeout=IDLE_TIMEOUT_SECS,
-        ssl=" ssl" if tls else "",
+            ssl=" ssl" if tls else "",
+        http2=" http2" if http2 else "",
         tls=(f'ssl_certificate "{tls.chain}";\n    ssl_certificate_key "{tls.key}";\n'
              "    ssl_protocols TLSv1.3;") if tls else "# plain HTTP")
     config_path = directory / "nginx.conf"
@@ -372,10 +399,10 @@ def make_certificates(work: Path) -> Certificates:
     return Certificates(chain=chain, key=key, ca=ca)
 
 
-def client_context(certificates: Certificates, verify: bool) -> ssl.SSLContext:
+def client_context(certificates: Certificates, verify: bool, http2: bool) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(["h2"] if http2 else ["http/1.1"])
     if verify:
         context.load_verify_locations(cafile=certificates.ca)
     else:
@@ -449,6 +476,64 @@ def read_response(connection: socket.socket) -> int:
     return status
 
 
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags])
+            + stream.to_bytes(4, "big") + payload)
+
+
+def http2_request(stream: int, scheme: bytes) -> bytes:
+    """GET / on stream; on stream 1, after the preface and an empty SETTINGS."""
+    # Literal fields without indexing, named by HPACK's static table
+    # (:authority 1, :method 2, :path 4, :scheme 6): the server's decoder
+    # table stays empty, so no request depends on an earlier one.
+    fields = b"".join(bytes([index, len(value)]) + value for index, value in
+                      ((2, b"GET"), (6, scheme), (1, b"localhost"), (4, b"/")))
+    headers = frame(HEADERS, END_STREAM | END_HEADERS, stream, fields)
+    return PREFACE + frame(SETTINGS, 0, 0) + headers if stream == 1 else headers
+
+
+def receive_exactly(connection: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed before the end of the answer")
+        data += chunk
+    return bytes(data)
+
+
+def read_http2_response(connection: socket.socket, stream: int) -> int:
+    """Reads frames until stream ends, acknowledging the server's SETTINGS; its status.
+
+    Frame by frame, never past the stream's last one, so that the next
+    answer's frames are read whole."""
+    status = None
+    while True:
+        head = receive_exactly(connection, 9)
+        kind, flags = head[3], head[4]
+        on = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
+        payload = receive_exactly(connection, int.from_bytes(head[:3], "big"))
+        if kind == SETTINGS and not flags & ACK:
+            connection.sendall(frame(SETTINGS, ACK, 0))
+        elif kind == GOAWAY:
+            last, error = (int.from_bytes(payload[i:i + 4], "big") for i in (0, 4))
+            raise ConnectionError(f"GOAWAY (last stream {last & 0x7FFF_FFFF}, error {error})")
+        if on != stream:
+            continue
+        if kind == RST_STREAM:
+            raise ConnectionError(f"RST_STREAM, error {int.from_bytes(payload[:4], 'big')}")
+        if kind == HEADERS and status is None:
+            fields = payload[1:len(payload) - payload[0]] if flags & PADDED else payload
+            fields = fields[5:] if flags & PRIORITY else fields
+            status = STATIC_STATUSES.get(fields[0] ^ 0x80) if fields else None
+            if status is None:
+                raise ValueError("the first field is not a :status of the static table")
+        elif kind == DATA and status is None:
+            raise ValueError("DATA before HEADERS")
+        if kind in (HEADERS, DATA) and flags & END_STREAM:
+            return status
+
+
 @dataclass
 class Tally:
     """How requests went: ok (200), other statuses, errors by kind."""
@@ -464,24 +549,30 @@ class Tally:
         return f"{self.ok}/{self.asked}{extra}"
 
 
-def connect(port: int, context: ssl.SSLContext | None) -> socket.socket:
+def connect(port: int, context: ssl.SSLContext | None, http2: bool) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS)
     if context is None:
         return connection
     try:
-        return context.wrap_socket(connection, server_hostname="localhost")
+        connection = context.wrap_socket(connection, server_hostname="localhost")
+        # The handshake succeeds where the server ignores ALPN.
+        if http2 and connection.selected_alpn_protocol() != "h2":
+            raise ConnectionError(f"ALPN selected {connection.selected_alpn_protocol()}, not h2")
+        return connection
     except BaseException:
         connection.close()
         raise
 
 
-def ask(connections: list[socket.socket], tally: Tally) -> list[socket.socket]:
-    """Sends GET / on each connection, then reads each answer; the ones that answered."""
+def ask(connections: list[socket.socket], tally: Tally, request: bytes,
+        read: Callable[[socket.socket], int]) -> list[socket.socket]:
+    """Sends request (a GET /) on each connection, then reads each answer
+    (read returns its status); the ones that answered."""
     sent = []
     for connection in connections:
         tally.asked += 1
         try:
-            connection.sendall(REQUEST)
+            connection.sendall(request)
             sent.append(connection)
         except OSError as error:
             tally.note(f"send: {type(error).__name__}")
@@ -489,7 +580,7 @@ def ask(connections: list[socket.socket], tally: Tally) -> list[socket.socket]:
     answered = []
     for connection in sent:
         try:
-            status = read_response(connection)
+            status = read(connection)
         except (OSError, ValueError) as error:
             tally.note(f"read: {type(error).__name__}: {error}"[:80])
             connection.close()
@@ -502,12 +593,12 @@ def ask(connections: list[socket.socket], tally: Tally) -> list[socket.socket]:
     return answered
 
 
-def open_wave(size: int, port: int, context: ssl.SSLContext | None,
+def open_wave(size: int, port: int, context: ssl.SSLContext | None, http2: bool,
               tally: Tally) -> list[socket.socket]:
     wave = []
     for _ in range(size):
         try:
-            wave.append(connect(port, context))
+            wave.append(connect(port, context, http2))
         except OSError as error:
             tally.asked += 1
             tally.note(f"connect: {type(error).__name__}: {error}"[:80])
@@ -518,6 +609,14 @@ def measure(server: Server, args: argparse.Namespace,
             context: ssl.SSLContext | None) -> dict:
     """The method of the docstring, on one started server."""
     deadline = time.monotonic() + args.timeout_secs
+    if args.http2:
+        scheme = b"https" if context else b"http"
+        first_ask = (http2_request(1, scheme),
+                     lambda connection: read_http2_response(connection, 1))
+        second_ask = (http2_request(3, scheme),
+                      lambda connection: read_http2_response(connection, 3))
+    else:
+        first_ask = second_ask = (REQUEST, read_response)
     time.sleep(0.5)
     before = rss_kib(server.process.pid)
     first, again = Tally(), Tally()
@@ -528,13 +627,14 @@ def measure(server: Server, args: argparse.Namespace,
             if time.monotonic() > deadline:
                 raise RuntimeError("over --timeout-secs while opening waves")
             size = min(args.wave, args.connections - first.asked)
-            idle += ask(open_wave(size, server.port, context, first), first)
+            idle += ask(open_wave(size, server.port, context, args.http2, first), first,
+                        *first_ask)
         opened_in = time.monotonic() - started
         time.sleep(args.idle_secs)
         after = rss_kib(server.process.pid)
         step = max(1, len(idle) // args.sample) if args.sample else 0
         sample = idle[::step][:args.sample] if args.sample else []
-        ask(sample, again)
+        ask(sample, again, *second_ask)
     finally:
         for connection in idle:
             connection.close()
@@ -584,13 +684,14 @@ def run_all(args, gateway: str, nginx: str | None, work: Path) -> dict[str, dict
     try:
         for scheme in args.schemes:
             tls = certificates if scheme == "https" else None
-            context = client_context(certificates, not args.insecure) if tls else None
+            context = (client_context(certificates, not args.insecure, args.http2)
+                       if tls else None)
             starts = {f"gateway {b}": (lambda b=b, tls=tls: start_gateway(
                 gateway, b, counter.port, tls, work, args.connections))
                       for b in args.backends}
             if nginx:
                 starts["nginx"] = lambda tls=tls: start_nginx(
-                    nginx, counter.port, tls, work, args.connections)
+                    nginx, counter.port, tls, work, args.connections, args.http2)
             for name, start in starts.items():
                 result = run_one(name, start, args, context)
                 results.setdefault(name, {})[scheme] = result
@@ -606,7 +707,8 @@ def cell(result: dict | None, key: str) -> str:
 
 
 def print_table(results: dict[str, dict], args) -> None:
-    print(f"{args.connections:,} idle keep-alive connections, waves of {args.wave},"
+    protocol = " HTTP/2" if args.http2 else ""
+    print(f"{args.connections:,} idle keep-alive{protocol} connections, waves of {args.wave},"
           f" {args.idle_secs:g} s idle; bytes of RSS growth per connection")
     print(f"{'server':<14} {'HTTP B/conn':>12} {'HTTPS B/conn':>13}  answers ok"
           " (first GET, second GET after idle)")
@@ -651,7 +753,7 @@ def main() -> None:
         results = run_all(args, args.gateway, nginx, Path(temporary))
     print_table(results, args)
     if args.out:
-        report = {"connections": args.connections, "wave": args.wave,
+        report = {"connections": args.connections, "http2": args.http2, "wave": args.wave,
                   "idle_secs": args.idle_secs, "sample": args.sample,
                   "machine": machine_facts(args.gateway, nginx), "servers": results}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,7 @@ use common::h2::{
     self, CANCEL, CONTINUATION, DATA, END_HEADERS, HEADERS, INITIAL_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS, NO_ERROR, PING, SETTINGS, frame, header_block,
 };
-use common::tls::{SERVER_NAMES, TestCa, WELCOME, serve_tls, tls_connect};
+use common::tls::{TlsSite, WELCOME, tls_connect};
 use common::{Backend, Behaviour, GatewayConfig, TestUpstream, counter_tally};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
@@ -52,15 +52,8 @@ async fn prior_knowledge_and_http1_share_the_plain_port(backend: Backend) {
 }
 
 async fn alpn_chooses_h2_or_http1_on_the_tls_port(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr),
-        &ca.leaf(SERVER_NAMES),
-        folder.path(),
-    );
-    let public = gateway.addr("public");
+    let site = TlsSite::start(backend).await;
+    let (public, ca) = (site.public, &site.ca);
     let mut config = (*ca.client_config()).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let stream = tls_connect(public, "localhost", config.into())
@@ -74,10 +67,10 @@ async fn alpn_chooses_h2_or_http1_on_the_tls_port(backend: Backend) {
         (StatusCode::OK, WELCOME)
     );
     // A client offering only HTTP/1.1 gets it.
-    let mut client = common::tls::TlsClient::connect(public, &ca).await;
+    let mut client = common::tls::TlsClient::connect(public, ca).await;
     assert_eq!(client.alpn.as_deref(), Some(&b"http/1.1"[..]));
     assert_eq!(client.get("/").await.status, StatusCode::OK);
-    assert_eq!(upstream.accepted_visits(), 2);
+    assert_eq!(site.upstream.accepted_visits(), 2);
 }
 
 async fn http2_off_leaves_http1_alone(backend: Backend) {

@@ -4,7 +4,7 @@
 //!
 //! hyper's HTTP/2 connection cannot be taken apart and built again, so an
 //! idle one is not parked: it keeps h2's buffers and tables while it
-//! idles (README, "HTTPS", says what that costs). Its timeouts:
+//! idles (docs/http2.md, "What it costs"). Its timeouts:
 //! - the preface and the first request within the header-read timeout of
 //!   the accept (with TLS, of the handshake's start), or the connection
 //!   closes;
