@@ -73,7 +73,7 @@ try:
     assert headers["content-type"].startswith("application/openmetrics-text"), headers
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = {s.labels["status"]: s.value for s in families["gateway_requests"].samples
-                if s.name == "gateway_requests_total"}
+                if s.name == "gateway_requests_total" and s.labels["protocol"] == "http/1.1"}
     for code, n in sent.items():
         assert requests[code] == n, (code, requests)
     histogram = {s.name: s.value for s in families["gateway_request_duration_seconds"].samples

@@ -26,23 +26,63 @@ use crate::upstream::UpstreamMetrics;
 /// (400 and 431 come from the HTTP parser: `gateway_bad_requests_total`.)
 const STATUSES: [u16; 6] = [200, 404, 405, 502, 503, 504];
 
+/// The HTTP a request or connection spoke: the `protocol` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1 = 0,
+    Http2 = 1,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
+
+    /// As ALPN names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+        }
+    }
+}
+
+/// Answers of one protocol, by status.
+struct ByStatus {
+    known: [ShardedCounter; STATUSES.len()],
+    other: ShardedCounter,
+}
+
+impl ByStatus {
+    fn new() -> Self {
+        Self {
+            known: std::array::from_fn(|_| ShardedCounter::new()),
+            other: ShardedCounter::new(),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.known.iter().map(ShardedCounter::get).sum::<u64>() + self.other.get()
+    }
+}
+
 /// Everything recorded about the public listener and the upstream.
 pub struct Metrics {
     backend: &'static str,
     workers: usize,
-    by_status: [ShardedCounter; STATUSES.len()],
-    other_status: ShardedCounter,
+    by_protocol: [ByStatus; Protocol::ALL.len()],
     bad_requests: ShardedCounter,
     /// Clients whose TLS handshake failed or timed out.
     tls_handshake_failures: ShardedCounter,
     upstream: &'static UpstreamMetrics,
     request_duration: ShardedHistogram,
-    connections_open: Gauge,
+    connections_open: GaugeByProtocol,
     upstream_open: Gauge,
 }
 
 /// A gauge read at scrape time from wherever it is kept.
 pub type Gauge = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// A gauge per [`Protocol`], in the order of [`Protocol::ALL`].
+pub type GaugeByProtocol = Box<dyn Fn() -> [usize; Protocol::ALL.len()] + Send + Sync>;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,14 +97,13 @@ impl Metrics {
         backend: &'static str,
         workers: usize,
         upstream: &'static UpstreamMetrics,
-        connections_open: Gauge,
+        connections_open: GaugeByProtocol,
         upstream_open: Gauge,
     ) -> Self {
         Self {
             backend,
             workers,
-            by_status: std::array::from_fn(|_| ShardedCounter::new()),
-            other_status: ShardedCounter::new(),
+            by_protocol: std::array::from_fn(|_| ByStatus::new()),
             bad_requests: ShardedCounter::new(),
             tls_handshake_failures: ShardedCounter::new(),
             upstream,
@@ -74,15 +113,17 @@ impl Metrics {
         }
     }
 
-    /// A request the service answered with `status`, taking `duration`.
+    /// A request over `protocol` the service answered with `status`,
+    /// taking `duration`.
     #[inline]
-    pub fn record_request(&self, status: StatusCode, duration: Duration) {
+    pub fn record_request(&self, protocol: Protocol, status: StatusCode, duration: Duration) {
         if cfg!(gateway_no_metrics) {
             return;
         }
+        let answers = &self.by_protocol[protocol as usize];
         match STATUSES.iter().position(|&s| s == status.as_u16()) {
-            Some(index) => self.by_status[index].increment(),
-            None => self.other_status.increment(),
+            Some(index) => answers.known[index].increment(),
+            None => answers.other.increment(),
         }
         self.request_duration.observe(duration);
     }
@@ -102,7 +143,7 @@ impl Metrics {
 
     /// Requests the service has answered, all statuses.
     pub fn requests_total(&self) -> u64 {
-        self.by_status.iter().map(ShardedCounter::get).sum::<u64>() + self.other_status.get()
+        self.by_protocol.iter().map(ByStatus::total).sum()
     }
 
     /// A registry whose only collector reads these metrics at scrape time.
@@ -151,23 +192,30 @@ impl Collector for MetricsCollector {
     }
 }
 
-/// `gateway_requests`: the public service's answers, by status.
+/// `gateway_requests`: the public service's answers, by protocol and
+/// status.
 fn encode_requests(m: &Metrics, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(
         "gateway_requests",
-        "Requests answered by the service, by status.",
+        "Requests answered by the service, by protocol (http/1.1, h2) and status.",
         None,
         MetricType::Counter,
     )?;
-    let mut statuses: Vec<(Cow<'static, str>, u64)> = STATUSES
-        .iter()
-        .zip(&m.by_status)
-        .map(|(s, c)| (Cow::Owned(s.to_string()), c.get()))
-        .collect();
-    statuses.push((Cow::Borrowed("other"), m.other_status.get()));
-    for (status, value) in statuses {
-        let labels = [("status", status)];
-        Value(value).encode(family.encode_family(&labels)?)?;
+    for protocol in Protocol::ALL {
+        let answers = &m.by_protocol[protocol as usize];
+        let mut statuses: Vec<(Cow<'static, str>, u64)> = STATUSES
+            .iter()
+            .zip(&answers.known)
+            .map(|(s, c)| (Cow::Owned(s.to_string()), c.get()))
+            .collect();
+        statuses.push((Cow::Borrowed("other"), answers.other.get()));
+        for (status, value) in statuses {
+            let labels = [
+                ("protocol", Cow::Borrowed(protocol.label())),
+                ("status", status),
+            ];
+            Value(value).encode(family.encode_family(&labels)?)?;
+        }
     }
     Ok(())
 }
@@ -248,14 +296,17 @@ fn encode_open_connections(
     m: &Metrics,
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
-    encoder
-        .encode_descriptor(
-            "gateway_connections_open",
-            "Open connections on the public listener.",
-            None,
-            MetricType::Gauge,
-        )?
-        .encode_gauge(&((m.connections_open)() as i64))?;
+    let mut family = encoder.encode_descriptor(
+        "gateway_connections_open",
+        "Open connections on the public listener, by protocol (one counts as http/1.1 until it has chosen h2).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (protocol, open) in Protocol::ALL.iter().zip((m.connections_open)()) {
+        family
+            .encode_family(&[("protocol", protocol.label())])?
+            .encode_gauge(&(open as i64))?;
+    }
     encoder
         .encode_descriptor(
             "gateway_upstream_connections_open",

@@ -125,6 +125,14 @@ fn check_prints_a_one_line_summary() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.contains("backend=tokio workers=3"), "{stdout}");
+    assert!(
+        stdout.contains(
+            " http2 max_streams=128 stream_window=16384 connection_window=65535 max_header_list=16384"
+        ),
+        "the HTTP/2 limits: {stdout}"
+    );
+    let output = gateway(&["--check"], Some("[server]\nhttp2 = false\n"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains(" http2=off"));
 }
 
 #[test]
@@ -180,6 +188,18 @@ fn limits_and_url_rules_are_exit_78_also_for_check() {
         (
             "[upstream]\nmax_connections = 9223372036854775807\n",
             ":2:19: upstream.max_connections",
+        ),
+        (
+            "[server]\nhttp2_max_streams = 0\n",
+            ":2:21: server.http2_max_streams",
+        ),
+        (
+            "[server]\nhttp2_stream_window_bytes = 4294967296\n",
+            ":2:29: server.http2_stream_window_bytes",
+        ),
+        (
+            "[server]\nhttp2_connection_window_bytes = 1000\n",
+            ":2:33: server.http2_connection_window_bytes",
         ),
         (
             "[upstream]\nurl = \"http://127.0.0.1:99999/counter\"\n",

@@ -61,12 +61,30 @@ async fn metrics_equal_the_traffic_sent(backend: Backend) {
     );
     let m = common::scrape(admin).await;
     let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in {m:?}"));
-    assert_eq!(get(r#"gateway_requests_total{status="200"}"#), 7.0);
-    assert_eq!(get(r#"gateway_requests_total{status="404"}"#), 3.0);
-    assert_eq!(get(r#"gateway_requests_total{status="405"}"#), 2.0);
-    assert_eq!(get(r#"gateway_requests_total{status="502"}"#), 2.0);
-    assert_eq!(get(r#"gateway_requests_total{status="503"}"#), 0.0);
-    assert_eq!(get(r#"gateway_requests_total{status="504"}"#), 0.0);
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="200"}"#),
+        7.0
+    );
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="404"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="405"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="502"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="503"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"gateway_requests_total{protocol="http/1.1",status="504"}"#),
+        0.0
+    );
     assert_eq!(get("gateway_bad_requests_total"), 2.0);
     assert_eq!(get(r#"gateway_upstream_requests_total{outcome="ok"}"#), 7.0);
     assert_eq!(
@@ -104,7 +122,7 @@ async fn metrics_equal_the_traffic_sent(backend: Backend) {
     // The gauge follows the open public connections.
     let _held: Vec<Client> = futures_held(public, 3).await;
     let m = common::scrape(admin).await;
-    assert_eq!(m["gateway_connections_open"], 3.0);
+    assert_eq!(m[r#"gateway_connections_open{protocol="http/1.1"}"#], 3.0);
 
     assert_eq!(
         common::get(admin, "/other").await.status,
@@ -140,7 +158,10 @@ async fn per_core_metrics_add_up_every_worker(backend: Backend) {
         assert_eq!(answer.unwrap().status, StatusCode::OK);
     }
     let m = common::scrape(gateway.addr("admin")).await;
-    assert_eq!(m[r#"gateway_requests_total{status="200"}"#], 16.0);
+    assert_eq!(
+        m[r#"gateway_requests_total{protocol="http/1.1",status="200"}"#],
+        16.0
+    );
     assert_eq!(m[r#"gateway_upstream_requests_total{outcome="ok"}"#], 16.0);
     assert_eq!(upstream.posts(), 16);
     assert_eq!(

@@ -181,7 +181,8 @@ async fn a_connection_closed_before_sending_a_byte_is_no_failed_handshake(backen
         "the silent connections closed",
         Duration::from_secs(5),
         async || {
-            let open = common::scrape(admin).await["gateway_connections_open"];
+            let open =
+                common::scrape(admin).await[r#"gateway_connections_open{protocol="http/1.1"}"#];
             if open > 0.0 { Err(open) } else { Ok(()) }
         },
     )

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::{line_column, span_of};
 use super::{
-    Config, ConfigError, Escaped, HEADER_BYTES, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS,
-    UpstreamTarget,
+    Config, ConfigError, Escaped, HEADER_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW,
+    HTTP2_STREAMS, MAX_CONFIG_BYTES, MAX_CONNECTIONS, MAX_WORKERS, UpstreamTarget,
 };
 use crate::batch_protocol::MAX_VISITS_PER_POST;
 
@@ -136,8 +136,8 @@ impl Config {
         Ok(())
     }
 
-    /// The worker count, the batch size and the header limit, each in its
-    /// range.
+    /// The worker count, the batch size, the header limit and the HTTP/2
+    /// limits, each in its range.
     fn check_sizes(&self) -> Result<(), (&'static str, String)> {
         if self.runtime.workers > MAX_WORKERS {
             return Err((
@@ -154,6 +154,31 @@ impl Config {
                 "upstream.batch_max",
                 format!("expected 1 (a POST per visit) to {MAX_VISITS_PER_POST}, got {batch_max}"),
             ));
+        }
+        let server = &self.server;
+        for (key, value, range) in [
+            (
+                "server.http2_max_streams",
+                server.http2_max_streams,
+                HTTP2_STREAMS,
+            ),
+            (
+                "server.http2_stream_window_bytes",
+                server.http2_stream_window_bytes,
+                HTTP2_STREAM_WINDOW,
+            ),
+            (
+                "server.http2_connection_window_bytes",
+                server.http2_connection_window_bytes,
+                HTTP2_CONNECTION_WINDOW,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err((
+                    key,
+                    format!("expected {} to {}, got {value}", range.start(), range.end()),
+                ));
+            }
         }
         if !HEADER_BYTES.contains(&self.server.max_header_bytes) {
             return Err((

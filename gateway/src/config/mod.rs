@@ -100,6 +100,21 @@ pub const MAX_CONNECTIONS: usize = 1 << 31;
 /// `net/http` default.
 pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=1 << 20;
 
+/// What `server.http2_max_streams` may be: each open stream may hold a
+/// visit, so a client with many could hold much of the upstream pool.
+/// nginx allows 128 by default; the ceiling is nginx's too, and a stream
+/// is at least one upstream connection's worth of waiting.
+pub const HTTP2_STREAMS: std::ops::RangeInclusive<u32> = 1..=1024;
+
+/// What `server.http2_stream_window_bytes` may be: a visitor's request
+/// has no body, so a window is only how much of an unwanted one a client
+/// may send ahead on each stream. HTTP/2 caps windows at 2^31 - 1.
+pub const HTTP2_STREAM_WINDOW: std::ops::RangeInclusive<u32> = 1024..=(1 << 24);
+
+/// What `server.http2_connection_window_bytes` may be: at least the
+/// protocol's initial 65,535 (a server can only widen it).
+pub const HTTP2_CONNECTION_WINDOW: std::ops::RangeInclusive<u32> = 65_535..=(1 << 24);
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -109,6 +124,16 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     pub max_header_bytes: usize,
     pub shutdown_timeout_ms: u64,
+    /// HTTP/2 beside HTTP/1.1: offered by ALPN with HTTPS, and with prior
+    /// knowledge (h2c) on a plain listener.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_streams: u32,
+    /// How much request body a client may send ahead on one stream.
+    pub http2_stream_window_bytes: u32,
+    /// How much request body a client may send ahead on one connection,
+    /// all its streams together.
+    pub http2_connection_window_bytes: u32,
     /// PEM certificate chain (leaf first): the listener speaks HTTPS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`'s leaf.
@@ -124,6 +149,10 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60000,
             max_header_bytes: 16384,
             shutdown_timeout_ms: 10000,
+            http2: true,
+            http2_max_streams: 128,
+            http2_stream_window_bytes: 16384,
+            http2_connection_window_bytes: 65_535,
             tls_cert: None,
             tls_key: None,
         }

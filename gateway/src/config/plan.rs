@@ -152,6 +152,18 @@ impl Plan {
         if let Some(cert) = &config.server.tls_cert {
             line.push_str(&format!(" https cert={}", Escaped(cert.display())));
         }
+        let server = &config.server;
+        if server.http2 {
+            line.push_str(&format!(
+                " http2 max_streams={} stream_window={} connection_window={} max_header_list={}",
+                server.http2_max_streams,
+                server.http2_stream_window_bytes,
+                server.http2_connection_window_bytes,
+                server.max_header_bytes,
+            ));
+        } else {
+            line.push_str(" http2=off");
+        }
         if let Some(counter) = &config.counter {
             line.push_str(&format!(" counter={}", counter.listen));
             match counter.store {

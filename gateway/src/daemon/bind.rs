@@ -61,7 +61,8 @@ impl<R: Runtime> Bound<R> {
         let listener = public_listener(config.server.listen)?;
         let tls = match &plan.tls.server {
             Some(certificate) => Some(forever(
-                ServerTls::new(certificate.clone()).map_err(Fatal::ServerTls)?,
+                ServerTls::new(certificate.clone(), plan.config.server.http2)
+                    .map_err(Fatal::ServerTls)?,
             )),
             None => None,
         };

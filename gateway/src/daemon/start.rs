@@ -15,7 +15,7 @@ use crate::counter::Counter;
 use crate::forever;
 use crate::forward::Forward;
 use crate::metrics::Metrics;
-use crate::server::{Connections, ServerSettings, serve, spawn_with_latch};
+use crate::server::{Connections, Http2Limits, ServerSettings, serve, spawn_with_latch};
 use crate::service::Service;
 use crate::shutdown::{Latch, Stop};
 use crate::tls::ServerTls;
@@ -77,6 +77,13 @@ fn server_settings(
     tls: Option<&'static ServerTls>,
 ) -> &'static ServerSettings {
     let server = &plan.config.server;
+    // Only visitors are offered HTTP/2: the counter's clients and the
+    // admin listener's scrapers speak HTTP/1.1.
+    let http2 = (metrics.is_some() && server.http2).then_some(Http2Limits {
+        max_streams: server.http2_max_streams,
+        stream_window: server.http2_stream_window_bytes,
+        connection_window: server.http2_connection_window_bytes,
+    });
     forever(ServerSettings {
         name,
         header_read_timeout: ms(server.header_read_timeout_ms),
@@ -85,6 +92,7 @@ fn server_settings(
         access_log: plan.config.log.access,
         metrics,
         tls,
+        http2,
     })
 }
 
@@ -122,7 +130,7 @@ fn start_public<R: Runtime>(
         R::NAME,
         plan.workers,
         upstream_metrics,
-        Box::new(|| connections.open()),
+        Box::new(|| connections.open_by_protocol()),
         Box::new(|| upstreams.iter().map(|u| u.open_connections()).sum()),
     ));
     let settings = server_settings(

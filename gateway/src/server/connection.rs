@@ -23,11 +23,12 @@ use std::time::Instant;
 use backends::Runtime;
 use futures_lite::future::poll_fn;
 use hyper::body::Incoming;
-use hyper::rt::Timer;
 use hyper::server::conn::http1;
 
 use super::ServerSettings;
+use super::alarm::Alarm;
 use super::drain::{Open, StopWatch, may_finish_now};
+use super::http2::{self, Abuse};
 use super::phase::{Activity, Phase, WatchedIo};
 use super::wrapper;
 use crate::service::{Body, Service};
@@ -51,14 +52,18 @@ pub(super) struct Accepted<S: 'static> {
     pub(super) at: Instant,
     pub(super) listening: &'static Listening<S>,
     pub(super) open: Open,
+    pub(super) offered: Offered,
 }
 
 /// How a connection ended, for the debug log.
-enum Ended {
+pub(super) enum Ended {
     Closed(Result<(), hyper::Error>),
     TimedOut(Phase),
-    /// Waiting for a parked connection to be readable failed.
+    /// Waiting for a parked connection to be readable failed, or reading
+    /// its first bytes did.
     Unreadable(io::Error),
+    /// An HTTP/2 client was cut off for abusing the protocol.
+    Cut(Abuse),
 }
 
 /// How a connection's stream is waited on while it is parked: ready once
@@ -77,50 +82,30 @@ impl<I, F> Readable<I> for F where
 /// What a connection keeps from its accept to its close, whether hyper
 /// serves it or it is parked: kept small, since a parked connection is
 /// little more than this.
-struct Watch<R: Runtime, S: 'static> {
-    peer: SocketAddr,
-    security: Security,
-    listening: &'static Listening<S>,
-    activity: Arc<Activity>,
-    /// One timer for every deadline of the connection, re-armed lazily.
-    timer: R::Timer,
-    sleep: Pin<Box<dyn hyper::rt::Sleep>>,
-    /// When the sleep fires; `None` once it has fired (a fired sleep may
-    /// never fire again until it is reset).
-    armed: Option<Instant>,
+pub(super) struct Watch<R: Runtime, S: 'static> {
+    pub(super) peer: SocketAddr,
+    pub(super) security: Security,
+    pub(super) offered: Offered,
+    pub(super) listening: &'static Listening<S>,
+    pub(super) activity: Arc<Activity>,
+    pub(super) alarm: Alarm<R>,
     stop: StopWatch,
 }
 
 impl<R: Runtime, S: Service> Watch<R, S> {
     /// Whether shutdown has come.
-    fn stopping(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(super) fn stopping(&mut self, cx: &mut Context<'_>) -> bool {
         self.stop.stopping(self.listening.stop, cx)
     }
 
     /// Waits for the earliest of `deadlines`: ready with the index of the
     /// first one passed.
-    fn wait_for(&mut self, cx: &mut Context<'_>, deadlines: [Option<Instant>; 2]) -> Poll<usize> {
-        loop {
-            let Some(next) = deadlines.iter().flatten().min().copied() else {
-                return Poll::Pending;
-            };
-            if self.armed.is_none_or(|armed| next < armed) {
-                self.timer.reset(&mut self.sleep, next);
-                self.armed = Some(next);
-            }
-            match self.sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    self.armed = None;
-                    let now = Instant::now();
-                    if let Some(passed) = deadlines.iter().position(|d| d.is_some_and(|d| now >= d))
-                    {
-                        return Poll::Ready(passed);
-                    }
-                    // Fired for an earlier phase; wait for this one's deadline.
-                }
-            }
-        }
+    pub(super) fn wait_for(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadlines: [Option<Instant>; 2],
+    ) -> Poll<usize> {
+        self.alarm.wait_for(cx, deadlines)
     }
 
     /// When the phase the connection is in times out.
@@ -140,9 +125,21 @@ pub(super) fn adopt<R: Runtime>(
         .ok()
 }
 
-/// Serves HTTP/1.1 over the stream `open_stream` gives (a TCP stream, or
-/// TLS over one, as `security` says) until it closes or times out, parking
-/// it with `readable` while it idles (see the module's doc).
+/// Which HTTP a connection may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offered {
+    Http1,
+    /// Chosen before the first byte (by ALPN).
+    Http2,
+    /// HTTP/2 if the client's first bytes are its preface (prior
+    /// knowledge), else HTTP/1.1.
+    Either,
+}
+
+/// Serves HTTP over the stream `open_stream` gives (a TCP stream, or TLS
+/// over one, as `security` says) until it closes or times out: HTTP/1.1,
+/// parked with `readable` while it idles (see the module's doc), or
+/// HTTP/2 where the connection offered it and the client chose it.
 pub(super) async fn serve_connection<R, S, I>(
     open_stream: impl FnOnce(SocketAddr) -> Option<I> + Send + 'static,
     security: Security,
@@ -164,9 +161,16 @@ pub(super) async fn serve_connection<R, S, I>(
     }) else {
         return;
     };
+    // Boxed, like every step below, so that a parked connection's task
+    // does not keep room for a step it is not in.
+    if watch.offered != Offered::Http1 {
+        let served = Box::pin(http2::serve_if_chosen(&mut watch, &mut io, &open));
+        if let Some(ended) = served.await {
+            log_end(&watch, ended);
+            return;
+        }
+    }
     let ended = loop {
-        // Boxed, so that a parked connection's task does not keep room
-        // for what serving takes.
         match Box::pin(serve_until_parked(&mut watch, io)).await {
             Ok(taken) => io = taken,
             Err(ended) => break ended,
@@ -195,24 +199,22 @@ where
         at,
         listening,
         open,
+        offered,
     } = connection;
     let settings = listening.settings;
     let stream = open_stream(peer)?;
     let activity = Arc::new(Activity::new(Phase::Head, at));
     let io = WatchedIo::new(stream, activity.clone());
-    let timer = R::timer();
     let first_deadline = activity
         .deadline(settings)
         .unwrap_or_else(|| Instant::now() + settings.header_read_timeout);
-    let sleep = timer.sleep_until(first_deadline);
     let watch = Watch::<R, S> {
         peer,
         security,
+        offered,
         listening,
         activity,
-        timer,
-        sleep,
-        armed: Some(first_deadline),
+        alarm: Alarm::new(first_deadline),
         stop: StopWatch::new(listening.stop),
     };
     Some((watch, io, open))
@@ -231,8 +233,9 @@ fn log_end<R: Runtime, S>(watch: &Watch<R, S>, ended: Ended) {
             }
             tracing::debug!(%peer, %error, "connection closed with an error")
         }
-        Ended::Unreadable(error) => tracing::debug!(%peer, %error, "parked connection failed"),
+        Ended::Unreadable(error) => tracing::debug!(%peer, %error, "connection unreadable"),
         Ended::TimedOut(phase) => tracing::debug!(%peer, ?phase, "connection timed out"),
+        Ended::Cut(abuse) => tracing::info!(%peer, %abuse, "HTTP/2 client cut off"),
     }
 }
 
@@ -255,7 +258,7 @@ where
             wrapper::wrap(
                 listening.service,
                 listening.settings,
-                &watch.activity,
+                watch.activity.clone(),
                 watch.peer,
                 watch.security,
             ),
@@ -389,6 +392,7 @@ mod tests {
             access_log: false,
             metrics: None,
             tls: None,
+            http2: None,
         });
         let connections = forever(Connections::new(1));
         let permit = connections.limit.try_acquire_arc().unwrap();
@@ -403,6 +407,7 @@ mod tests {
             at: Instant::now(),
             listening,
             open: Open::new(connections, permit),
+            offered: Offered::Either,
         };
         let future = serve_connection::<R, Unserved, _>(
             move |peer| adopt::<R>(stream, peer),

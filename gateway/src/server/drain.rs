@@ -23,6 +23,7 @@ use event_listener::{Event, EventListener};
 
 use super::ServerSettings;
 use super::phase::{Activity, Phase};
+use crate::metrics::Protocol;
 use crate::shutdown::{Latch, Stop, wait_until};
 
 /// The connections of one listener: the cap, and the count to drain.
@@ -31,6 +32,8 @@ pub struct Connections {
     /// at the cap the accept loop waits (new clients queue in the backlog).
     pub(super) limit: Arc<Semaphore>,
     open: AtomicUsize,
+    /// Of those open, the ones speaking HTTP/2.
+    open_http2: AtomicUsize,
     /// Notified when a connection closes, for the drain.
     closed: Event,
 }
@@ -40,6 +43,7 @@ impl Connections {
         Self {
             limit: Arc::new(Semaphore::new(max_connections)),
             open: AtomicUsize::new(0),
+            open_http2: AtomicUsize::new(0),
             closed: Event::new(),
         }
     }
@@ -47,6 +51,13 @@ impl Connections {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Connections open now by protocol, as [`Protocol::ALL`] orders
+    /// them: one counts as HTTP/1.1 until it has chosen HTTP/2.
+    pub fn open_by_protocol(&self) -> [usize; Protocol::ALL.len()] {
+        let http2 = self.open_http2.load(Ordering::Acquire);
+        [self.open().saturating_sub(http2), http2]
     }
 
     async fn wait_until_none_open(&self) {
@@ -69,6 +80,22 @@ impl Open {
             connections,
             _permit: permit,
         }
+    }
+
+    /// The connection has chosen HTTP/2: counted as such until the guard
+    /// is dropped (with its connection's HTTP/2 driver).
+    pub(super) fn speaks_http2(&self) -> SpeaksHttp2 {
+        self.connections.open_http2.fetch_add(1, Ordering::AcqRel);
+        SpeaksHttp2(self.connections)
+    }
+}
+
+/// An open connection counted as HTTP/2 ([`Open::speaks_http2`]).
+pub(super) struct SpeaksHttp2(&'static Connections);
+
+impl Drop for SpeaksHttp2 {
+    fn drop(&mut self) {
+        self.0.open_http2.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

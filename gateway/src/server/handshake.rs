@@ -1,9 +1,10 @@
 //! The start of an HTTPS connection: the TLS handshake, within the
-//! header-read timeout, before the connection driver takes over.
+//! header-read timeout, before the connection driver takes over with the
+//! HTTP that ALPN chose.
 
 use backends::Runtime;
 
-use super::connection::{Accepted, adopt, serve_connection};
+use super::connection::{Accepted, Offered, adopt, serve_connection};
 use crate::service::Service;
 use crate::time::timeout_at;
 use crate::tls::{self, HandshakeFailure, ServerTls};
@@ -15,7 +16,7 @@ use crate::tls::{self, HandshakeFailure, ServerTls};
 pub(super) async fn serve_tls<R: Runtime, S: Service>(
     tls: &'static ServerTls,
     stream: std::net::TcpStream,
-    connection: Accepted<S>,
+    mut connection: Accepted<S>,
 ) {
     let settings = connection.listening.settings;
     let peer = connection.peer;
@@ -26,6 +27,10 @@ pub(super) async fn serve_tls<R: Runtime, S: Service>(
     let failure = match tls.accept::<R, _>(stream, deadline).await {
         Ok(stream) => {
             let security = tls::negotiated(&stream);
+            connection.offered = match tls::chose_http2(&stream) {
+                true => Offered::Http2,
+                false => Offered::Http1,
+            };
             let open_stream = move |_| Some(stream);
             return serve_connection::<R, S, _>(
                 open_stream,

@@ -14,7 +14,7 @@ use backends::Runtime;
 use futures_lite::future;
 
 use super::ServerSettings;
-use super::connection::{Accepted, Listening, adopt, serve_connection};
+use super::connection::{Accepted, Listening, Offered, adopt, serve_connection};
 use super::drain::{Connections, Open};
 use super::handshake::serve_tls;
 use crate::service::Service;
@@ -86,6 +86,11 @@ impl<R: Runtime, S: Service> Listener<R, S> {
             at: Instant::now(),
             listening: &self.workers[worker],
             open: Open::new(self.connections, permit),
+            // With TLS, ALPN decides before the first byte.
+            offered: match self.settings.http2 {
+                Some(_) => Offered::Either,
+                None => Offered::Http1,
+            },
         };
         match self.settings.tls {
             None => R::spawn_on(

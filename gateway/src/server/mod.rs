@@ -1,9 +1,10 @@
-//! The HTTP/1.1 server, written once over the runtime trait, in four
-//! parts:
+//! The HTTP server (HTTP/1.1, and HTTP/2 where a listener offers it),
+//! written once over the runtime trait, in these parts:
 //! - the [`listener`] accepts connections up to the listener's cap and
 //!   hands each to a worker;
 //! - the [`connection`] driver serves one with hyper on its own task,
-//!   enforcing its phase's timeout and parking it while it idles;
+//!   enforcing its phase's timeout and parking it while it idles; one
+//!   that speaks HTTP/2 is served by the [`http2`] driver instead;
 //! - the service [`wrapper`] does what every request gets around the
 //!   [`Service`] that answers it;
 //! - the [`drain`] lets connections finish on shutdown, up to a deadline.
@@ -19,9 +20,11 @@
 //! gateway's connections are idle; parked, each costs the socket's
 //! registration, its timer, its stop listener and a small task.
 
+mod alarm;
 mod connection;
 mod drain;
 mod handshake;
+mod http2;
 mod listener;
 mod phase;
 mod wrapper;
@@ -57,6 +60,20 @@ pub struct ServerSettings {
     /// HTTPS: every connection starts with a TLS handshake, which must
     /// finish within the header-read timeout along with the first head.
     pub tls: Option<&'static ServerTls>,
+    /// HTTP/2 beside HTTP/1.1, within these limits: chosen by ALPN over
+    /// TLS, by the client preface (prior knowledge) on a plain listener.
+    pub http2: Option<Http2Limits>,
+}
+
+/// What one HTTP/2 connection may hold (`server.http2_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams: u32,
+    /// Request body a client may send ahead on one stream.
+    pub stream_window: u32,
+    /// Request body a client may send ahead on the connection.
+    pub connection_window: u32,
 }
 
 /// Serves `listener` until `stop` is set, then drains: lets every

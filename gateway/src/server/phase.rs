@@ -65,12 +65,12 @@ pub(super) struct Activity {
     closing: AtomicBool,
 }
 
-fn epoch() -> Instant {
+pub(super) fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn nanos_since_epoch(at: Instant) -> u64 {
+pub(super) fn nanos_since_epoch(at: Instant) -> u64 {
     at.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
@@ -147,7 +147,8 @@ impl Activity {
         idle.then(|| self.since() + PARK_AFTER)
     }
 
-    fn since(&self) -> Instant {
+    /// When the current phase began.
+    pub(super) fn since(&self) -> Instant {
         epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed))
     }
 
@@ -160,6 +161,22 @@ impl Activity {
             Phase::Idle => Some(since + settings.idle_timeout),
         }
     }
+}
+
+/// An HTTP/1 connection's requests come one at a time: each moves it to
+/// busy, and its answer to idle (or to reading the next head).
+impl super::wrapper::RequestCycle for Activity {
+    fn began(&self, at: Instant) {
+        self.enter(Phase::Busy, at);
+    }
+
+    fn answered(&self, at: Instant) -> bool {
+        Activity::answered(self, at);
+        self.eof_held()
+    }
+
+    /// Only when the connection itself is ending.
+    fn abandoned(&self) {}
 }
 
 /// The client stream, reporting reads to the connection's [`Activity`].

@@ -37,6 +37,7 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
 
 /// The only application protocol either side speaks.
 const HTTP_1_1: &[u8] = b"http/1.1";
+const H2: &[u8] = b"h2";
 
 /// The public listener's TLS: its settings, and the certificate it
 /// presents, which [`ServerTls::replace_certificate`] swaps for the
@@ -102,15 +103,20 @@ pub enum HandshakeFailure<S> {
 }
 
 impl ServerTls {
-    /// TLS 1.2 and 1.3 with ALPN `http/1.1`, presenting `certificate`;
-    /// stateless session tickets for resumption, as nginx's default.
-    pub fn new(certificate: Arc<CertifiedKey>) -> Result<Self, rustls::Error> {
+    /// TLS 1.2 and 1.3 with ALPN `http/1.1` (and first `h2` when
+    /// `http2`), presenting `certificate`; stateless session tickets for
+    /// resumption, as nginx's default.
+    pub fn new(certificate: Arc<CertifiedKey>, http2: bool) -> Result<Self, rustls::Error> {
         let current = Arc::new(CurrentCertificate(RwLock::new(certificate)));
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(VERSIONS)?
             .with_no_client_auth()
             .with_cert_resolver(current.clone());
-        config.alpn_protocols = vec![HTTP_1_1.to_vec()];
+        // The server's order decides: HTTP/2 for a client offering both.
+        config.alpn_protocols = match http2 {
+            true => vec![H2.to_vec(), HTTP_1_1.to_vec()],
+            false => vec![HTTP_1_1.to_vec()],
+        };
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(Self {
             acceptor: futures_rustls::TlsAcceptor::from(Arc::new(config)),
@@ -177,6 +183,12 @@ pub fn negotiated<S>(stream: &ServerStream<S>) -> Security {
         Some(ProtocolVersion::TLSv1_2) => Security::Tls12,
         _ => Security::Tls,
     }
+}
+
+/// Whether ALPN chose HTTP/2 for a served connection. A client that
+/// offered no ALPN speaks HTTP/1.1.
+pub fn chose_http2<S>(stream: &ServerStream<S>) -> bool {
+    stream.get_ref().get_ref().1.alpn_protocol() == Some(H2)
 }
 
 /// Answers a client that spoke plain HTTP to the TLS listener, and closes:

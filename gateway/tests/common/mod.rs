@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod eventually;
+pub mod h2;
 pub mod netns;
 pub mod postgres;
 pub mod process;

@@ -230,6 +230,8 @@ pub struct GatewayConfig {
     pub server: String,
     /// Extra `key = value` lines for `[upstream]`.
     pub upstream_extra: String,
+    /// Extra `key = value` lines for `[log]`.
+    pub log_extra: String,
     /// Serve the built-in counter in the same process.
     pub counter: bool,
     /// `counter.listen`: an ephemeral port unless set.
@@ -257,6 +259,7 @@ impl GatewayConfig {
             listen: "127.0.0.1:0".to_owned(),
             server: String::new(),
             upstream_extra: String::new(),
+            log_extra: String::new(),
             counter: false,
             counter_listen: "127.0.0.1:0".to_owned(),
             admin: false,
@@ -315,6 +318,12 @@ impl GatewayConfig {
         self
     }
 
+    pub fn log(mut self, lines: &str) -> Self {
+        self.log_extra.push_str(lines);
+        self.log_extra.push('\n');
+        self
+    }
+
     fn listeners(&self) -> usize {
         1 + usize::from(self.counter) + usize::from(self.admin)
     }
@@ -332,7 +341,7 @@ impl GatewayConfig {
             counter.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
         }
         format!(
-            "[runtime]\nbackend = \"{}\"\nworkers = {}\nthreading = \"{}\"\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n",
+            "[runtime]\nbackend = \"{}\"\nworkers = {}\nthreading = \"{}\"\n\n[server]\nlisten = \"{}\"\n{}\n[upstream]\nurl = \"{}\"\n{}\n{}[log]\nlevel = \"info\"\n{}",
             self.backend.name(),
             self.workers,
             self.threading.name(),
@@ -341,6 +350,7 @@ impl GatewayConfig {
             self.upstream,
             self.upstream_extra,
             counter,
+            self.log_extra,
         )
     }
 
