@@ -8,8 +8,10 @@
 //! runs h2load once or more for the warm-up (a first probe, then runs
 //! sized from the rate seen, until `--warmup` is spent), then once more
 //! with as many requests as that rate fills `--duration` with, and its
-//! CPU, time, counts and latency log are the row's. Every run's 2xx
-//! count toward the check, the warm-up's too.
+//! CPU, time, counts and latency log are the row's. The rate is read from
+//! each run's log of every request, over the run's middle half, as a
+//! short run's setup and tail would understate it. Every run's 2xx count
+//! toward the check, the warm-up's too.
 
 mod output;
 
@@ -20,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use self::output::{Summary, record_log};
+use self::output::{Summary, record_log, steady_rate};
 use super::LoadResult;
 use super::result::empty_result;
 use crate::layout::CpuList;
@@ -78,11 +80,13 @@ pub fn run<S>(spec: &H2Spec, mut sample: impl FnMut() -> S) -> Result<(LoadResul
     let mut rate;
     let mut runs = 0;
     loop {
-        let child = spawn(&binary, spec, requests, None)?;
+        fresh_log(&spec.log)?;
+        let child = spawn(&binary, spec, requests, &spec.log)?;
         let summary = finish(child, planned)?;
         add(&mut totals, &summary);
         refuse(spec, &summary)?;
-        rate = summary.total as f64 / summary.elapsed.as_secs_f64().max(1e-6);
+        let whole_run = summary.total as f64 / summary.elapsed.as_secs_f64().max(1e-6);
+        rate = steady_rate(open_log(&spec.log)?)?.unwrap_or(whole_run);
         runs += 1;
         let left = spec.warmup.saturating_sub(warmup_start.elapsed());
         // A tenth of the warm-up left is not worth a run of its own.
@@ -93,15 +97,9 @@ pub fn run<S>(spec: &H2Spec, mut sample: impl FnMut() -> S) -> Result<(LoadResul
         planned = left;
     }
 
-    // h2load appends to its log: a stale one would be read as this run's.
-    match std::fs::remove_file(&spec.log) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("{}: {e}", spec.log.display()));
-        }
-        _ => {}
-    }
+    fresh_log(&spec.log)?;
     let requests = ((rate * spec.duration.as_secs_f64()) as u64).max(least);
-    let child = spawn(&binary, spec, requests, Some(&spec.log))?;
+    let child = spawn(&binary, spec, requests, &spec.log)?;
     let at_start = sample();
     let summary = finish(child, spec.duration)?;
     let at_end = sample();
@@ -118,14 +116,29 @@ pub fn run<S>(spec: &H2Spec, mut sample: impl FnMut() -> S) -> Result<(LoadResul
     let mut result = empty_result(summary.elapsed);
     result.requests = summary.total;
     result.errors = summary.not_2xx();
-    let log = std::fs::File::open(&spec.log)
-        .map_err(|e| format!("h2load's log {}: {e}", spec.log.display()))?;
-    record_log(BufReader::new(log), &mut result.latency)?;
+    record_log(open_log(&spec.log)?, &mut result.latency)?;
     let _ = std::fs::remove_file(&spec.log);
     result.ok_total = totals.ok_total;
     result.failed_total = totals.failed_total;
     result.first_error = totals.first_error;
     Ok((result, at_start, at_end))
+}
+
+/// Removes the last run's log: h2load appends to its log, so a stale one
+/// would be read as the next run's.
+fn fresh_log(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("{}: {e}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn open_log(path: &Path) -> Result<BufReader<std::fs::File>, String> {
+    std::fs::File::open(path)
+        .map(BufReader::new)
+        .map_err(|e| format!("h2load's log {}: {e}", path.display()))
 }
 
 /// Adds a run's 2xx and failures to the totals the counter is checked
@@ -152,14 +165,11 @@ fn refuse(spec: &H2Spec, summary: &Summary) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts `h2load -n requests` on the spec's CPUs, its output piped to
+/// Starts `h2load -n requests` on the spec's CPUs, logging every request
+/// to `log` (a `write` each; on the 2-CPU VM h2load's CPU per run was the
+/// same with and without, within the runs' spread), its output piped to
 /// threads that read it whole.
-fn spawn(
-    binary: &Path,
-    spec: &H2Spec,
-    requests: u64,
-    log: Option<&Path>,
-) -> Result<Running, String> {
+fn spawn(binary: &Path, spec: &H2Spec, requests: u64, log: &Path) -> Result<Running, String> {
     // One thread per load CPU, as the bench's own generator runs; h2load
     // refuses more threads than connections.
     let threads = spec.cpus.len().min(spec.connections).max(1);
@@ -190,10 +200,8 @@ fn spawn(
         command.arg("--no-tls-proto=h2c");
         "http"
     };
-    if let Some(log) = log {
-        command.arg(format!("--log-file={}", log.display()));
-    }
     command
+        .arg(format!("--log-file={}", log.display()))
         .arg(format!("{scheme}://{}/", spec.target))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
