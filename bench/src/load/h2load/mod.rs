@@ -44,11 +44,10 @@ pub struct H2Spec {
     pub log: PathBuf,
 }
 
-/// h2load on the PATH (or in /usr/bin), or an error saying what to install.
+/// h2load on the PATH, or an error saying what to install.
 pub fn binary() -> Result<PathBuf, String> {
     let paths = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&paths)
-        .chain([PathBuf::from("/usr/bin")])
         .map(|dir| dir.join("h2load"))
         .find(|path| path.is_file())
         .ok_or_else(|| {
