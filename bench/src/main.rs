@@ -8,8 +8,9 @@
 //! that the counter's tally grew by exactly the 200s seen. Processes are
 //! pinned to disjoint CPU sets (see [`layout`]). With `--tls` every
 //! server is reached over HTTPS on a certificate the bench makes (see
-//! [`tls`]). Outputs: a table on stdout, `results.json` and
-//! `throughput.svg` in `--out`.
+//! [`tls`]); with `--http2`, over HTTP/2, with h2load as the load
+//! generator (see [`load::h2load`]). Outputs: a table on stdout,
+//! `results.json` and `throughput.svg` in `--out`.
 
 mod cpu;
 mod layout;
@@ -60,6 +61,15 @@ struct Options {
     /// `backend/tls`. The upstream side stays plain http.
     #[arg(long)]
     tls: bool,
+    /// Measure every row over HTTP/2 with h2load (Debian's
+    /// nghttp2-client) instead of the bench's own HTTP/1.1 generator:
+    /// h2c with prior knowledge, or with --tls h2 by ALPN; rows are named
+    /// `backend/h2` or `backend/h2-tls`.
+    #[arg(long)]
+    http2: bool,
+    /// With --http2: concurrent streams on each connection (h2load's -m).
+    #[arg(long, value_name = "M", default_value_t = 32, requires = "http2")]
+    streams: usize,
     /// Hold this many clients beside the load that open a connection,
     /// send the first bytes of a request (with --tls, of a ClientHello) and
     /// never finish it, reconnecting when the server closes them at its
@@ -168,6 +178,27 @@ fn check(options: &Options) -> Result<(), String> {
     if options.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err("--rate must be above 0".to_owned());
     }
+    if options.http2 {
+        if options.streams == 0 {
+            return Err("--streams: give 1 or more streams a connection".to_owned());
+        }
+        // What h2load cannot do as the bench's own generator does: an
+        // open loop corrected for coordinated omission, a connection per
+        // request, clients beside the load; and wrk speaks HTTP/1.1.
+        let unsupported = [
+            (options.rate.is_some(), "--rate"),
+            (options.new_connections, "--new-connections"),
+            (options.stalled > 0, "--stalled"),
+            (options.idle > 0, "--idle"),
+            (options.wrk, "--wrk"),
+        ];
+        if let Some((_, option)) = unsupported.iter().find(|(given, _)| *given) {
+            return Err(format!(
+                "--http2: h2load drives the load, and {option} is the bench's own \
+                 generator's (HTTP/1.1); not with --http2"
+            ));
+        }
+    }
     if options.tls && options.target.is_some() {
         return Err(
             "--tls: only the servers the bench starts present its certificate; \
@@ -180,6 +211,10 @@ fn check(options: &Options) -> Result<(), String> {
 
 fn run(options: &Options) -> Result<bool, String> {
     check(options)?;
+    if options.http2 {
+        // Missing, it should stop the run before any server starts.
+        load::h2load::binary()?;
+    }
     let cpus = available_cpus();
     let mut layout = Layout::for_cpus(&cpus);
     if let Some(spec) = &options.cpus {
@@ -195,11 +230,21 @@ fn run(options: &Options) -> Result<bool, String> {
         .map_err(|e| format!("{}: {e}", options.out.display()))?;
     let certificates = options.tls.then(|| tls::generate(&out)).transpose()?;
     // One configuration for every connection of every row, as one client
-    // program would have.
+    // program would have. With --http2 it only makes the probe before a
+    // server's rows, offering h2 alone, as h2load will: a server without
+    // h2 fails there, with rustls's reason.
     let client = certificates
         .as_ref()
         .map(|c| c.client_config(!options.new_connections))
-        .transpose()?;
+        .transpose()?
+        .map(|config| {
+            if !options.http2 {
+                return config;
+            }
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            std::sync::Arc::new(config)
+        });
 
     let mut rows = Vec::new();
     if let Some(target) = options.target {
@@ -240,6 +285,8 @@ fn run(options: &Options) -> Result<bool, String> {
         rounds: options.rounds,
         counter_store: options.counter_store.clone(),
         tls: options.tls,
+        http2: options.http2,
+        streams: options.http2.then_some(options.streams),
         new_connections: options.new_connections,
         stalled: options.stalled,
         idle: options.idle,
@@ -281,4 +328,33 @@ fn command_line() -> String {
         }
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(args: &[&str]) -> Result<(), String> {
+        let options =
+            Options::try_parse_from(["bench"].iter().chain(args)).map_err(|e| e.to_string())?;
+        check(&options)
+    }
+
+    #[test]
+    fn http2_takes_streams_and_refuses_what_only_the_own_generator_does() {
+        assert_eq!(checked(&["--http2", "--tls", "--streams", "8"]), Ok(()));
+        assert!(checked(&["--streams", "8"]).is_err(), "--streams alone");
+        let zero = checked(&["--http2", "--streams", "0"]).unwrap_err();
+        assert!(zero.starts_with("--streams"), "{zero}");
+        for option in [
+            &["--rate", "100"][..],
+            &["--new-connections"],
+            &["--idle", "3"],
+            &["--wrk"],
+        ] {
+            let args: Vec<&str> = ["--http2"].iter().chain(option).copied().collect();
+            let error = checked(&args).unwrap_err();
+            assert!(error.contains(option[0]), "{error}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use rustls::ClientConfig;
 use crate::Options;
 use crate::cpu;
 use crate::layout::{Layout, cpu_model};
+use crate::load::h2load::H2Spec;
 use crate::load::{self, LoadSpec};
 use crate::procs;
 use crate::report::Row;
@@ -153,18 +154,26 @@ impl Local<'_> {
         runs: &mut Runs,
     ) -> Result<Vec<Row>, String> {
         let server = self.start(target)?;
-        // The row's name says it ran over TLS, as `/batchN` says what
-        // else differs from a bare backend.
-        let label = match self.https {
-            Some(_) => format!("{target}/tls"),
-            None => target.to_owned(),
+        // The row's name says it ran over TLS or HTTP/2, as `/batchN`
+        // says what else differs from a bare backend.
+        let label = match (self.options.http2, self.https.is_some()) {
+            (false, false) => target.to_owned(),
+            (false, true) => format!("{target}/tls"),
+            (true, false) => format!("{target}/h2"),
+            (true, true) => format!("{target}/h2-tls"),
         };
         // What the server negotiated, once per start; a server that
         // does not present the bench's certificate stops the run here.
         let negotiated = match self.https {
             Some((_, client)) => {
-                let negotiated = load::tls_probe(server.addr, Arc::clone(client))
-                    .map_err(|e| format!("{label} at {}: {e}", server.addr))?;
+                let negotiated = load::tls_probe(server.addr, Arc::clone(client)).map_err(|e| {
+                    let offered = if self.options.http2 {
+                        " (--http2 offers ALPN h2 alone)"
+                    } else {
+                        ""
+                    };
+                    format!("{label} at {}: {e}{offered}", server.addr)
+                })?;
                 eprintln!("      {label}: {negotiated}");
                 Some(negotiated)
             }
@@ -205,6 +214,7 @@ impl Local<'_> {
                 self.counter.addr,
                 self.out,
                 certificates,
+                self.options.http2,
             ),
             _ => procs::start_gateway(
                 &self.binary,
@@ -238,22 +248,35 @@ pub fn measure(
     let counter_addr = counter.map(|c| c.addr);
     announce(options, connections, progress);
     let before = counter_addr.map(procs::settled_tally).transpose()?;
-    let spec = LoadSpec {
-        target: addr,
-        connections,
-        cpus: layout.load.clone(),
-        warmup: options.warmup,
-        duration: options.duration,
-        rate: options.rate,
-        new_connections: options.new_connections,
-        tls: tls.cloned(),
-        stalled: options.stalled,
-        idle: options.idle,
-    };
     let (server_pid, counter_pid) = (server.map(|s| s.pid()), counter.map(|c| c.pid()));
-    let (result, window_start, window_end) =
-        load::run(&spec, || cpu::Sample::take(server_pid, counter_pid))
-            .map_err(|e| format!("load generator: {e}"))?;
+    let sample = || cpu::Sample::take(server_pid, counter_pid);
+    let (result, window_start, window_end) = if options.http2 {
+        let spec = H2Spec {
+            target: addr,
+            connections,
+            streams: options.streams,
+            cpus: layout.load.clone(),
+            warmup: options.warmup,
+            duration: options.duration,
+            tls: tls.is_some(),
+            log: options.out.join("h2load-requests.log"),
+        };
+        load::h2load::run(&spec, sample).map_err(|e| format!("{target} at {addr}: h2load: {e}"))?
+    } else {
+        let spec = LoadSpec {
+            target: addr,
+            connections,
+            cpus: layout.load.clone(),
+            warmup: options.warmup,
+            duration: options.duration,
+            rate: options.rate,
+            new_connections: options.new_connections,
+            tls: tls.cloned(),
+            stalled: options.stalled,
+            idle: options.idle,
+        };
+        load::run(&spec, sample).map_err(|e| format!("load generator: {e}"))?
+    };
     let cpu = cpu::Usage::between(&window_start, &window_end);
     let after = counter_addr.map(procs::settled_tally).transpose()?;
     let tally_delta = before.zip(after).map(|(before, after)| after - before);
@@ -300,10 +323,13 @@ pub fn measure(
 
 /// The progress line before a row's load starts.
 fn announce(options: &Options, connections: usize, progress: &str) {
+    let streams = format!("connections of {} streams (h2load)", options.streams);
     eprintln!(
         "{progress}, {connections} {}: {} warm-up, {} measured{}",
         if options.new_connections {
             "in flight, a new connection each"
+        } else if options.http2 {
+            &streams
         } else {
             "connections"
         },

@@ -20,8 +20,11 @@
 //! bytes and answers are parsed with `httparse`, so the client costs far
 //! less per request than the servers it measures (see the README for the
 //! cross-check against wrk).
+//!
+//! With `--http2`, h2load drives the load instead ([`h2load`]).
 
 mod clients;
+pub mod h2load;
 mod http;
 mod result;
 

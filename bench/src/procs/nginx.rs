@@ -44,7 +44,8 @@ pub fn nginx_binary() -> Option<PathBuf> {
 
 /// nginx with one worker per gateway worker, proxying to the counter with
 /// an upstream keep-alive pool: the outside yardstick. With `tls`, it
-/// serves HTTPS, TLS 1.3 only, on the gateway's certificate and key.
+/// serves HTTPS, TLS 1.3 only, on the gateway's certificate and key; with
+/// `http2`, HTTP/2 (h2 by ALPN over TLS, else h2c with prior knowledge).
 pub fn start_nginx(
     binary: &Path,
     cpus: &CpuList,
@@ -52,6 +53,7 @@ pub fn start_nginx(
     counter: SocketAddr,
     out: &Path,
     tls: Option<&Certificates>,
+    http2: bool,
 ) -> Result<Running, String> {
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let dir = out.join("nginx");
@@ -59,7 +61,7 @@ pub fn start_nginx(
     let template = include_str!("../../nginx.conf");
     let (ssl, tls) = match tls {
         Some(files) => (
-            " ssl",
+            "ssl",
             format!(
                 "ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.3;",
                 nginx_string(&files.chain)?,
@@ -68,11 +70,18 @@ pub fn start_nginx(
         ),
         None => ("", "# plain HTTP (the bench without --tls)".to_owned()),
     };
+    // nginx 1.22's form (`http2` on `listen`); on a listener without
+    // `ssl` it takes HTTP/2 with prior knowledge alone, as h2load sends.
+    let protocols: String = [ssl, if http2 { "http2" } else { "" }]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| format!(" {p}"))
+        .collect();
     let config = template
         .replace("{{workers}}", &workers.to_string())
         .replace("{{dir}}", &dir.display().to_string())
         .replace("{{listen}}", &format!("127.0.0.1:{port}"))
-        .replace("{{ssl}}", ssl)
+        .replace("{{protocols}}", &protocols)
         .replace("{{tls}}", &tls)
         .replace("{{counter}}", &counter.to_string());
     let config_path = dir.join("nginx.conf");

@@ -18,7 +18,8 @@ pub use self::table::table;
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     /// `tokio`, `smol` or `nginx`, with what sets the row apart
-    /// (`tokio/shared/batch64`; `/tls` last for HTTPS).
+    /// (`tokio/shared/batch64`; last, `/tls` for HTTPS, `/h2` or
+    /// `/h2-tls` for HTTP/2).
     pub target: String,
     pub workers: usize,
     pub connections: usize,
@@ -121,6 +122,10 @@ pub struct Report {
     pub counter_store: String,
     /// Every row over HTTPS (`--tls`).
     pub tls: bool,
+    /// Every row over HTTP/2, by h2load (`--http2`).
+    pub http2: bool,
+    /// With `--http2`, concurrent streams per connection (`--streams`).
+    pub streams: Option<usize>,
     /// A new connection for every request (`--new-connections`), instead
     /// of keep-alive ones.
     pub new_connections: bool,
@@ -205,14 +210,26 @@ fn is_nginx(target: &str) -> bool {
 
 /// How the load reached the servers, for the table's first line and the
 /// chart's title; nothing for the default, plain keep-alive connections.
-fn transport(report: &Report) -> Option<&'static str> {
+fn transport(report: &Report) -> Option<String> {
+    if report.http2 {
+        let streams = report
+            .streams
+            .map(|m| format!(", {m} streams per connection"))
+            .unwrap_or_default();
+        return Some(if report.tls {
+            format!("HTTP/2 by h2load over HTTPS (TLS 1.3, ECDSA P-256, ALPN h2){streams}")
+        } else {
+            format!("HTTP/2 by h2load, h2c with prior knowledge{streams}")
+        });
+    }
     match (report.tls, report.new_connections) {
         (false, false) => None,
-        (false, true) => Some("a new connection per request"),
-        (true, false) => Some("HTTPS (TLS 1.3, ECDSA P-256), keep-alive connections"),
-        (true, true) => {
-            Some("HTTPS (TLS 1.3, ECDSA P-256), a new connection and a full handshake per request")
-        }
+        (false, true) => Some("a new connection per request".to_owned()),
+        (true, false) => Some("HTTPS (TLS 1.3, ECDSA P-256), keep-alive connections".to_owned()),
+        (true, true) => Some(
+            "HTTPS (TLS 1.3, ECDSA P-256), a new connection and a full handshake per request"
+                .to_owned(),
+        ),
     }
 }
 
@@ -285,6 +302,8 @@ mod tests {
             rounds: 1,
             counter_store: "memory".to_owned(),
             tls: false,
+            http2: false,
+            streams: None,
             new_connections: false,
             stalled: 0,
             idle: 0,

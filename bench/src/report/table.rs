@@ -201,6 +201,13 @@ fn notes(report: &Report, any_load_bound: bool, any_short_of_rate: bool) -> Stri
          request; busy%: how busy the server (s), counter (c) and load generator (l) kept \
          their CPUs over the window\n",
     );
+    if report.http2 {
+        out.push_str(
+            "HTTP/2: each row is one h2load run of as many requests as the warm-up's rate \
+             fills the duration with, its connections' setup included; the load generator \
+             (l) is h2load; latency from its log of every request\n",
+        );
+    }
     out.push_str(&host(report));
     out.push('\n');
     out
@@ -282,5 +289,54 @@ mod tests {
         };
         assert!(line("tokio/tls").contains(" 3000     1.50x "), "{printed}");
         assert!(line("nginx/tls").contains(" 2000     1.00x "), "{printed}");
+    }
+
+    #[test]
+    fn http2_rows_are_compared_with_nginx_over_http2_and_the_header_says_how() {
+        let mut report = report(EIGHT, 31.0, 4.0, 12.0);
+        report.tls = true;
+        report.http2 = true;
+        report.streams = Some(32);
+        let first = report.rows[0].clone();
+        report.rows = [("tokio/h2-tls", 3_000.0), ("nginx/h2-tls", 2_000.0)]
+            .into_iter()
+            .map(|(target, requests_per_second)| Row {
+                target: target.to_owned(),
+                requests_per_second,
+                ..first.clone()
+            })
+            .collect();
+        let printed = table(&report);
+        assert!(
+            printed.starts_with(
+                "counter store: memory; HTTP/2 by h2load over HTTPS (TLS 1.3, ECDSA P-256, \
+                 ALPN h2), 32 streams per connection\n"
+            ),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("\nHTTP/2: each row is one h2load run"),
+            "{printed}"
+        );
+        let line = |name: &str| {
+            printed
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            line("tokio/h2-tls").contains(" 3000     1.50x "),
+            "{printed}"
+        );
+        report.tls = false;
+        assert!(
+            table(&report).starts_with(
+                "counter store: memory; HTTP/2 by h2load, h2c with prior knowledge, \
+                 32 streams per connection\n"
+            ),
+            "{}",
+            table(&report)
+        );
     }
 }
