@@ -73,6 +73,40 @@ async fn alpn_chooses_h2_or_http1_on_the_tls_port(backend: Backend) {
     assert_eq!(site.upstream.accepted_visits(), 2);
 }
 
+/// curl, as a user would try it: `--http2` over TLS and `--http1.1` on
+/// the same port, and `--http2-prior-knowledge` on a plain listener.
+async fn curl_gets_http2_and_http1_on_each_port(backend: Backend) {
+    if !common::require::tool_or_skip("curl", &["--version"], "curl over HTTP/2") {
+        return;
+    }
+    let site = TlsSite::start(backend).await;
+    let folder = tempfile::tempdir().unwrap();
+    let ca_file = site.ca.write(folder.path(), "ca.pem");
+    let port = site.public.port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let https = format!("https://localhost:{port}/");
+    let plain = GatewayConfig::new(backend, site.upstream.addr).start();
+    let http = format!("http://{}/", plain.addr("public"));
+    let ca_file = ca_file.to_str().unwrap();
+    let tls = ["--cacert", ca_file, "--resolve", &resolve];
+    for (args, version) in [
+        ([&tls[..], &["--http2", &https]].concat(), "2"),
+        ([&tls[..], &["--http1.1", &https]].concat(), "1.1"),
+        (vec!["--http2-prior-knowledge", &http], "2"),
+        (vec![&http[..]], "1.1"),
+    ] {
+        let args = [&args[..], &["--write-out", " %{http_version} %{http_code}"]].concat();
+        let output = common::curl(&args).await;
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("{WELCOME} {version} 200"),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(site.upstream.accepted_visits(), 4);
+}
+
 async fn http2_off_leaves_http1_alone(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
@@ -406,6 +440,7 @@ async fn a_zero_window_stall_is_closed(backend: Backend) {
 both_backends!(
     prior_knowledge_and_http1_share_the_plain_port,
     alpn_chooses_h2_or_http1_on_the_tls_port,
+    curl_gets_http2_and_http1_on_each_port,
     http2_off_leaves_http1_alone,
     the_servers_settings_bound_streams_headers_and_windows,
     streams_on_one_connection_are_each_counted_once,

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::tls::{
@@ -386,21 +385,6 @@ async fn an_rsa_key_of_1024_bits_is_refused_saying_why(backend: Backend) {
 }
 
 /// `curl ARGS`, at most 10 s.
-async fn curl(args: &[&str]) -> Output {
-    let run = tokio::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "5"])
-        .args(args)
-        .env_remove("CURL_CA_BUNDLE")
-        .env_remove("SSL_CERT_FILE")
-        .env_remove("SSL_CERT_DIR")
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("curl within 10 s")
-        .expect("run curl")
-}
-
 async fn curl_gets_the_welcome_over_https(backend: Backend) {
     if !common::require::tool_or_skip("curl", &["--version"], "curl over HTTPS") {
         return;
@@ -424,7 +408,7 @@ async fn curl_gets_the_welcome_over_https(backend: Backend) {
         vec!["--cacert", ca_file, &by_ip],
         vec!["--cacert", ca_file, "--tlsv1.2", "--tls-max", "1.2", &by_ip],
     ] {
-        let output = curl(&args).await;
+        let output = common::curl(&args).await;
         assert_eq!(
             output.status.code(),
             Some(0),
@@ -435,7 +419,7 @@ async fn curl_gets_the_welcome_over_https(backend: Backend) {
     }
     // Without the CA, curl refuses the certificate (60: peer certificate
     // cannot be authenticated with known CA certificates).
-    let output = curl(&["--resolve", &resolve, &by_name]).await;
+    let output = common::curl(&["--resolve", &resolve, &by_name]).await;
     assert_eq!(
         output.status.code(),
         Some(60),

@@ -173,3 +173,20 @@ pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> String
     .await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Runs curl with `args` (silent, errors shown, 5 s at most), none of the
+/// environment's CA settings reaching it.
+pub async fn curl(args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "5"])
+        .args(args)
+        .env_remove("CURL_CA_BUNDLE")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("curl within 10 s")
+        .expect("run curl")
+}
