@@ -284,6 +284,28 @@ async fn sigterm_says_goaway_and_lets_open_streams_finish(backend: Backend) {
     assert_eq!(upstream.accepted_visits(), 1);
 }
 
+/// SIGTERM with a client that has no stream open and never answers the
+/// server's PING: it has the header-read timeout after the GOAWAY, not
+/// the whole shutdown timeout.
+async fn on_sigterm_an_idle_client_has_the_header_read_timeout(backend: Backend) {
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let gateway = GatewayConfig::new(backend, upstream.addr)
+        .server(
+            "header_read_timeout_ms = 1000\nidle_timeout_ms = 30000\nshutdown_timeout_ms = 30000",
+        )
+        .start();
+    let mut stream = h2::connect(gateway.addr("public"), &[]).await;
+    stream.write_all(&h2::get(1, true)).await.unwrap();
+    let seen = h2::read_frames(&mut stream, Duration::from_millis(500)).await;
+    assert!(seen.answered(1), "{seen:?}");
+    gateway.terminate();
+    let seen = h2::read_frames(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(seen.goaways().first(), Some(&NO_ERROR), "{seen:?}");
+    assert!(seen.ended(), "{seen:?}");
+    assert!(seen.after < Duration::from_secs(4), "{seen:?}");
+    gateway.assert_exits_0_within(Duration::from_secs(5)).await;
+}
+
 async fn the_access_log_says_http_2(backend: Backend) {
     let upstream = TestUpstream::start(Behaviour::Ok).await;
     let gateway = GatewayConfig::new(backend, upstream.addr)
@@ -351,6 +373,32 @@ async fn rapid_reset_is_cut_off(backend: Backend) {
         .flat_map(|group| {
             let streams: Vec<u32> = (0..10).map(|i| 2 * (group * 10 + i) + 1).collect();
             let opened = streams.iter().flat_map(|&s| h2::get(s, true)).collect();
+            let reset = streams
+                .iter()
+                .flat_map(|&s| h2::rst_stream(s, CANCEL))
+                .collect();
+            [opened, reset]
+        })
+        .collect();
+    assert_cut_off(backend, &[], abuse, SLOW).await;
+}
+
+/// The same with a trailer before each reset: HEADERS, trailing
+/// HEADERS, RST_STREAM. A trailer opens no stream, so it does not hide
+/// the resets.
+async fn rapid_reset_behind_trailers_is_cut_off(backend: Backend) {
+    let trailer = header_block(&[("x-trailer", "1")]);
+    let abuse: Vec<Vec<u8>> = (0..200u32)
+        .flat_map(|group| {
+            let streams: Vec<u32> = (0..10).map(|i| 2 * (group * 10 + i) + 1).collect();
+            let opened = streams
+                .iter()
+                .flat_map(|&s| {
+                    let mut frames = h2::get(s, false);
+                    frames.extend(frame(HEADERS, END_HEADERS | h2::END_STREAM, s, &trailer));
+                    frames
+                })
+                .collect();
             let reset = streams
                 .iter()
                 .flat_map(|&s| h2::rst_stream(s, CANCEL))
@@ -449,8 +497,10 @@ both_backends!(
     the_preface_and_first_request_must_come_within_the_header_read_timeout,
     an_idle_connection_says_goaway_and_closes,
     sigterm_says_goaway_and_lets_open_streams_finish,
+    on_sigterm_an_idle_client_has_the_header_read_timeout,
     the_access_log_says_http_2,
     rapid_reset_is_cut_off,
+    rapid_reset_behind_trailers_is_cut_off,
     settings_floods_are_cut_off,
     ping_floods_are_cut_off,
     window_update_floods_are_cut_off,

@@ -3,15 +3,17 @@
 //! bidding for long.
 //!
 //! h2 already ends a connection with GOAWAY for CONTINUATION floods, for
-//! header lists far over the limit, and for streams reset before they are
-//! accepted; it answers an over-large one 431. What it does not bound is
-//! work that each frame asks for and that costs the client nothing:
-//! - **rapid reset**: HEADERS then RST_STREAM, over and over. Each stream
-//!   is accepted and its visit begun before the reset arrives, so the
-//!   client makes the gateway start visits it never waits for;
+//! header lists far over the limit, for floods of empty DATA, and for
+//! streams reset before they are accepted; it answers an over-large
+//! header list 431. What it does not bound is work that each frame asks
+//! for and that costs the client nothing:
+//! - **rapid reset**: a stream opened, then RST_STREAM, over and over.
+//!   Each stream is accepted and its visit begun before the reset
+//!   arrives, so the client makes the gateway start visits it never
+//!   waits for;
 //! - **floods** of SETTINGS (each acknowledged), PING (each answered),
-//!   WINDOW_UPDATE, PRIORITY, empty DATA, and frames of unknown types:
-//!   work and writes without a request.
+//!   WINDOW_UPDATE, PRIORITY, and frames of unknown types: work and
+//!   writes without a request.
 //!
 //! [`FrameWatch`] reads the frame headers in the bytes hyper reads, and
 //! fails the read once a [`Tally`] finds the client over its allowance:
@@ -45,7 +47,7 @@ const RESETS_ALLOWED: u64 = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abuse {
     /// More than [`RESETS_ALLOWED`] streams reset, and more than half of
-    /// those it opened.
+    /// the streams it opened.
     RapidReset,
     /// More frames that ask for work without a request than its requests
     /// allow.
@@ -57,7 +59,7 @@ impl std::fmt::Display for Abuse {
         f.write_str(match self {
             Abuse::RapidReset => "rapid reset: most of its streams reset as soon as opened",
             Abuse::ControlFlood => {
-                "flood: SETTINGS, PING, WINDOW_UPDATE, PRIORITY or empty frames far beyond its requests"
+                "flood: SETTINGS, PING, WINDOW_UPDATE or PRIORITY frames far beyond its requests"
             }
         })
     }
@@ -69,26 +71,32 @@ impl std::error::Error for Abuse {}
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
-const END_STREAM: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
 
 /// What one connection's client has sent.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Tally {
-    /// HEADERS frames: requests (and the odd trailer).
+    /// Streams opened: HEADERS on a stream above every one before (a
+    /// trailer's HEADERS, on a stream already open, opens none).
     requests: u64,
+    highest_stream: u32,
     resets: u64,
     /// Frames that ask for work and carry no request or body.
     control: u64,
 }
 
 impl Tally {
-    /// Counts a frame of `kind` with `flags` and a payload of `length`
-    /// bytes; an error once the client is over its allowance.
-    pub(super) fn count(&mut self, kind: u8, flags: u8, length: u32) -> Result<(), Abuse> {
+    /// Counts a frame of `kind` on `stream`; an error once the client is
+    /// over its allowance. DATA and CONTINUATION carry a body or a header
+    /// block, which h2 bounds.
+    pub(super) fn count(&mut self, kind: u8, stream: u32) -> Result<(), Abuse> {
         match kind {
-            HEADERS => self.requests += 1,
+            HEADERS if stream > self.highest_stream => {
+                self.highest_stream = stream;
+                self.requests += 1;
+            }
+            HEADERS | DATA | CONTINUATION => {}
             RST_STREAM => self.resets += 1,
-            DATA if length > 0 || flags & END_STREAM != 0 => {}
             _ => self.control += 1,
         }
         if self.resets > RESETS_ALLOWED && self.resets * 2 > self.requests {
@@ -144,10 +152,10 @@ impl Scan {
             bytes = &bytes[n..];
             if self.head_len == self.head.len() {
                 self.head_len = 0;
-                let [l0, l1, l2, kind, flags, ..] = self.head;
-                let length = u32::from_be_bytes([0, l0, l1, l2]);
-                self.skip = length as usize;
-                self.tally.count(kind, flags, length)?;
+                let [l0, l1, l2, kind, _flags, s0, s1, s2, s3] = self.head;
+                self.skip = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+                let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
+                self.tally.count(kind, stream)?;
             }
         }
         Ok(())
@@ -209,29 +217,34 @@ impl<I: Write + Unpin> Write for FrameWatch<I> {
 mod tests {
     use super::*;
 
-    /// A frame header: `kind`, `flags`, stream 1, and a payload of
+    /// A frame header: `kind`, `flags`, `stream`, and a payload of
     /// `length` zero bytes.
-    fn frame(kind: u8, flags: u8, length: u32) -> Vec<u8> {
+    fn frame(kind: u8, flags: u8, stream: u32, length: u32) -> Vec<u8> {
         let mut bytes = length.to_be_bytes()[1..].to_vec();
-        bytes.extend([kind, flags, 0, 0, 0, 1]);
+        bytes.extend([kind, flags]);
+        bytes.extend(stream.to_be_bytes());
         bytes.extend(std::iter::repeat_n(0, length as usize));
         bytes
     }
 
     const SETTINGS: u8 = 0x4;
     const PING: u8 = 0x6;
+    const WINDOW_UPDATE: u8 = 0x8;
+    const PRIORITY: u8 = 0x2;
 
     #[test]
     fn the_preface_and_frames_split_anywhere_are_counted_once() {
         let mut bytes = PREFACE.to_vec();
-        bytes.extend(frame(SETTINGS, 0, 6));
-        bytes.extend(frame(HEADERS, 0x4, 20));
-        bytes.extend(frame(DATA, END_STREAM, 3));
+        bytes.extend(frame(SETTINGS, 0, 0, 6));
+        bytes.extend(frame(HEADERS, 0x4, 1, 20));
+        bytes.extend(frame(DATA, 0x1, 1, 3));
+        bytes.extend(frame(HEADERS, 0x4, 3, 20));
         for split in 0..bytes.len() {
             let mut scan = Scan::new();
             scan.feed(&bytes[..split]).unwrap();
             scan.feed(&bytes[split..]).unwrap();
-            assert_eq!(scan.tally.requests, 1, "split at {split}");
+            assert_eq!(scan.tally.requests, 2, "split at {split}");
+            assert_eq!(scan.tally.highest_stream, 3, "split at {split}");
             assert_eq!(scan.tally.control, 1, "split at {split}");
             assert_eq!((scan.head_len, scan.skip), (0, 0));
         }
@@ -241,45 +254,64 @@ mod tests {
     fn streams_reset_as_soon_as_opened_are_cut_off_past_the_allowance() {
         let mut tally = Tally::default();
         let pairs = (0..)
-            .find(|_| {
-                tally.count(HEADERS, 0x5, 10).is_err() || tally.count(RST_STREAM, 0, 4).is_err()
+            .find(|i| {
+                let stream = 2 * i + 1;
+                tally.count(HEADERS, stream).is_err() || tally.count(RST_STREAM, stream).is_err()
             })
             .unwrap();
-        assert_eq!(pairs, RESETS_ALLOWED);
+        assert_eq!(u64::from(pairs), RESETS_ALLOWED);
         assert_eq!(
-            tally.count(RST_STREAM, 0, 4),
+            tally.count(RST_STREAM, 1),
             Err(Abuse::RapidReset),
             "stays cut"
         );
+    }
+
+    /// A trailer's HEADERS is no new stream: sending one before each reset
+    /// does not double the streams the resets are weighed against.
+    #[test]
+    fn trailers_do_not_hide_a_rapid_reset() {
+        let mut tally = Tally::default();
+        let streams = (0..)
+            .find(|i| {
+                let stream = 2 * i + 1;
+                tally.count(HEADERS, stream).is_err()
+                    || tally.count(HEADERS, stream).is_err()
+                    || tally.count(RST_STREAM, stream).is_err()
+            })
+            .unwrap();
+        assert_eq!(u64::from(streams), RESETS_ALLOWED);
     }
 
     #[test]
     fn a_client_resetting_a_few_of_many_streams_is_served() {
         let mut tally = Tally::default();
         for request in 0..10_000 {
-            tally.count(HEADERS, 0x5, 10).unwrap();
+            let stream = 2 * request + 1;
+            tally.count(HEADERS, stream).unwrap();
             if request % 3 == 0 {
-                tally.count(RST_STREAM, 0, 4).unwrap();
+                tally.count(RST_STREAM, stream).unwrap();
             }
         }
     }
 
     #[test]
     fn control_frames_beyond_the_requests_allowance_are_a_flood() {
-        for kind in [SETTINGS, PING, 0x8, 0x2, 0x9, 0xfa] {
+        for kind in [SETTINGS, PING, WINDOW_UPDATE, PRIORITY, 0xfa] {
             let mut tally = Tally::default();
-            let allowed = (0..).find(|_| tally.count(kind, 0, 8).is_err()).unwrap();
+            let allowed = (0..).find(|_| tally.count(kind, 0).is_err()).unwrap();
             assert_eq!(allowed, CONTROL_FRAMES_ALLOWED, "kind {kind}");
         }
+        // Requests with bodies, trailers and a window update each are no
+        // flood; DATA and CONTINUATION are h2's to bound.
         let mut tally = Tally::default();
-        let empty_data = (0..).find(|_| tally.count(DATA, 0, 0).is_err()).unwrap();
-        assert_eq!(empty_data, CONTROL_FRAMES_ALLOWED);
-        // Requests with bodies and a window update each are no flood.
-        let mut tally = Tally::default();
-        for _ in 0..10_000 {
-            tally.count(HEADERS, 0x4, 10).unwrap();
-            tally.count(DATA, END_STREAM, 100).unwrap();
-            tally.count(0x8, 0, 4).unwrap();
+        for request in 0..10_000 {
+            let stream = 2 * request + 1;
+            tally.count(HEADERS, stream).unwrap();
+            tally.count(CONTINUATION, stream).unwrap();
+            tally.count(DATA, stream).unwrap();
+            tally.count(HEADERS, stream).unwrap();
+            tally.count(WINDOW_UPDATE, stream).unwrap();
         }
     }
 }

@@ -13,7 +13,8 @@
 //!   timeout to finish what it has (an answer a client will not take,
 //!   with its window closed, never finishes), then closes;
 //! - on shutdown it says GOAWAY at once, and open streams finish within
-//!   the drain's deadline.
+//!   the drain's deadline; with none open, it has the header-read
+//!   timeout to finish (or its first request's deadline, if none came).
 
 mod frames;
 pub(super) mod preface;
@@ -103,8 +104,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GoingAway {
     No,
-    /// On shutdown: by the drain's deadline.
-    Draining,
+    /// On shutdown, since then: by the drain's deadline while a stream is
+    /// open; otherwise as a connection that went idle then.
+    Draining(Instant),
     /// After the idle timeout: by this.
     IdleBy(Instant),
 }
@@ -132,8 +134,11 @@ where
     loop {
         if *going_away == GoingAway::No && watch.stopping(cx) {
             connection.as_mut().graceful_shutdown();
-            *going_away = GoingAway::Draining;
+            *going_away = GoingAway::Draining(Instant::now());
         }
+        // Before the phase is read below: a stream closing after that
+        // wakes this task to arm the deadline it then has.
+        streams.wake_when_none_open(cx.waker());
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
             return Poll::Ready(match streams.cut_for() {
                 Some(abuse) => Ended::Cut(abuse),
@@ -142,7 +147,15 @@ where
         }
         let deadline = match *going_away {
             GoingAway::No => streams.deadline(settings),
-            GoingAway::Draining => None,
+            // After GOAWAY a client needs no more than the header-read
+            // timeout to finish (its PING's answer, a stream's last
+            // frames); one yet to send its first request keeps its
+            // header-read deadline.
+            GoingAway::Draining(at) => match streams.phase() {
+                Phase::Head => streams.deadline(settings),
+                Phase::Busy => None,
+                Phase::Idle => Some(at.max(streams.since()) + settings.header_read_timeout),
+            },
             GoingAway::IdleBy(by) => Some(by),
         };
         ready!(watch.wait_for(cx, [deadline, None]));

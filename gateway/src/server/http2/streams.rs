@@ -6,8 +6,10 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use backends::Runtime;
 
 use super::super::ServerSettings;
@@ -27,6 +29,11 @@ pub(in crate::server) struct Streams {
     /// Nanoseconds since [`epoch`] of the accept, or of the last answer.
     since: AtomicU64,
     cut: OnceLock<Abuse>,
+    /// The connection's task, woken when its last open stream closes: a
+    /// stream's task may close it after the connection last looked (with
+    /// shared threading, on another worker at the same time), and a
+    /// connection with none open has a deadline to arm.
+    connection: AtomicWaker,
 }
 
 impl Streams {
@@ -37,6 +44,7 @@ impl Streams {
             begun: AtomicBool::new(false),
             since: AtomicU64::new(nanos_since_epoch(accepted)),
             cut: OnceLock::new(),
+            connection: AtomicWaker::new(),
         }
     }
 
@@ -52,17 +60,27 @@ impl Streams {
         }
     }
 
+    /// Wakes `waker` when the last open stream closes.
+    pub(super) fn wake_when_none_open(&self, waker: &Waker) {
+        self.connection.register(waker);
+    }
+
     /// When the connection's phase times out: the preface and the first
     /// request within the header-read timeout of the accept, and no
     /// stream open for longer than the idle timeout. A busy connection
     /// has none (the service has its own).
     pub(super) fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
-        let since = epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed));
+        let since = self.since();
         match self.phase() {
             Phase::Head => Some(since + settings.header_read_timeout),
             Phase::Busy => None,
             Phase::Idle => Some(since + settings.idle_timeout),
         }
+    }
+
+    /// The accept, or the last answer.
+    pub(super) fn since(&self) -> Instant {
+        epoch() + Duration::from_nanos(self.since.load(Ordering::Relaxed))
     }
 
     /// The client is cut off for `abuse`; the first reason found stays.
@@ -79,7 +97,9 @@ impl Streams {
         // Stored before the count drops: a connection seeing none open
         // then reads this answer's time, not an older one.
         self.since.store(nanos_since_epoch(at), Ordering::Relaxed);
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.connection.wake();
+        }
     }
 }
 
