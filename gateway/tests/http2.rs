@@ -369,17 +369,7 @@ async fn assert_cut_off(
 /// itself cuts off a client whose streams are reset before the server
 /// takes them, but not this one).
 async fn rapid_reset_is_cut_off(backend: Backend) {
-    let abuse: Vec<Vec<u8>> = (0..200u32)
-        .flat_map(|group| {
-            let streams: Vec<u32> = (0..10).map(|i| 2 * (group * 10 + i) + 1).collect();
-            let opened = streams.iter().flat_map(|&s| h2::get(s, true)).collect();
-            let reset = streams
-                .iter()
-                .flat_map(|&s| h2::rst_stream(s, CANCEL))
-                .collect();
-            [opened, reset]
-        })
-        .collect();
+    let abuse = rapid_resets(|stream| h2::get(stream, true));
     assert_cut_off(backend, &[], abuse, SLOW).await;
 }
 
@@ -388,25 +378,33 @@ async fn rapid_reset_is_cut_off(backend: Backend) {
 /// the resets.
 async fn rapid_reset_behind_trailers_is_cut_off(backend: Backend) {
     let trailer = header_block(&[("x-trailer", "1")]);
-    let abuse: Vec<Vec<u8>> = (0..200u32)
+    let abuse = rapid_resets(|stream| {
+        let mut frames = h2::get(stream, false);
+        frames.extend(frame(
+            HEADERS,
+            END_HEADERS | h2::END_STREAM,
+            stream,
+            &trailer,
+        ));
+        frames
+    });
+    assert_cut_off(backend, &[], abuse, SLOW).await;
+}
+
+/// 2,000 streams, ten at a time: each ten opened with `open`, then
+/// reset, as two chunks.
+fn rapid_resets(open: impl Fn(u32) -> Vec<u8>) -> Vec<Vec<u8>> {
+    (0..200u32)
         .flat_map(|group| {
             let streams: Vec<u32> = (0..10).map(|i| 2 * (group * 10 + i) + 1).collect();
-            let opened = streams
-                .iter()
-                .flat_map(|&s| {
-                    let mut frames = h2::get(s, false);
-                    frames.extend(frame(HEADERS, END_HEADERS | h2::END_STREAM, s, &trailer));
-                    frames
-                })
-                .collect();
+            let opened = streams.iter().flat_map(|&s| open(s)).collect();
             let reset = streams
                 .iter()
                 .flat_map(|&s| h2::rst_stream(s, CANCEL))
                 .collect();
             [opened, reset]
         })
-        .collect();
-    assert_cut_off(backend, &[], abuse, SLOW).await;
+        .collect()
 }
 
 async fn settings_floods_are_cut_off(backend: Backend) {

@@ -215,8 +215,8 @@ fn notes(report: &Report, any_load_bound: bool, any_short_of_rate: bool) -> Stri
 
 #[cfg(test)]
 mod tests {
-    use super::super::Row;
     use super::super::tests::{EIGHT, report};
+    use super::super::{Report, Row};
     use super::table;
 
     #[test]
@@ -257,14 +257,11 @@ mod tests {
         assert!(table(&report).contains("249990-250010"));
     }
 
-    #[test]
-    fn tls_rows_are_compared_with_nginx_over_tls_and_the_header_says_how() {
-        let mut report = report(EIGHT, 31.0, 4.0, 12.0);
-        assert_eq!(table(&report).lines().next(), Some("counter store: memory"));
-        report.tls = true;
-        report.new_connections = true;
+    /// Replaces `report`'s rows with copies of its first, one per
+    /// (target, requests/s).
+    fn rows_named<const N: usize>(report: &mut Report, rows: [(&str, f64); N]) {
         let first = report.rows[0].clone();
-        report.rows = [("tokio/tls", 3_000.0), ("nginx/tls", 2_000.0)]
+        report.rows = rows
             .into_iter()
             .map(|(target, requests_per_second)| Row {
                 target: target.to_owned(),
@@ -272,6 +269,18 @@ mod tests {
                 ..first.clone()
             })
             .collect();
+    }
+
+    #[test]
+    fn tls_rows_are_compared_with_nginx_over_tls_and_the_header_says_how() {
+        let mut report = report(EIGHT, 31.0, 4.0, 12.0);
+        assert_eq!(table(&report).lines().next(), Some("counter store: memory"));
+        report.tls = true;
+        report.new_connections = true;
+        rows_named(
+            &mut report,
+            [("tokio/tls", 3_000.0), ("nginx/tls", 2_000.0)],
+        );
         let printed = table(&report);
         assert!(
             printed.starts_with(
@@ -297,15 +306,10 @@ mod tests {
         report.tls = true;
         report.http2 = true;
         report.streams = Some(32);
-        let first = report.rows[0].clone();
-        report.rows = [("tokio/h2-tls", 3_000.0), ("nginx/h2-tls", 2_000.0)]
-            .into_iter()
-            .map(|(target, requests_per_second)| Row {
-                target: target.to_owned(),
-                requests_per_second,
-                ..first.clone()
-            })
-            .collect();
+        rows_named(
+            &mut report,
+            [("tokio/h2-tls", 3_000.0), ("nginx/h2-tls", 2_000.0)],
+        );
         let printed = table(&report);
         assert!(
             printed.starts_with(
