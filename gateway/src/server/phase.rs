@@ -43,6 +43,19 @@ pub(super) enum Phase {
     Idle = 2,
 }
 
+impl Phase {
+    /// When this phase, begun at `since`, times out: reading a head after
+    /// the header-read timeout, idle after the idle timeout, busy never
+    /// (the service has its own).
+    pub(super) fn deadline(self, since: Instant, settings: &ServerSettings) -> Option<Instant> {
+        match self {
+            Phase::Head => Some(since + settings.header_read_timeout),
+            Phase::Busy => None,
+            Phase::Idle => Some(since + settings.idle_timeout),
+        }
+    }
+}
+
 /// A connection's phase and when it began, shared between the IO wrapper,
 /// the service wrapper and the connection task (all on the same task; the
 /// atomics are only there to make it `Sync`).
@@ -154,12 +167,7 @@ impl Activity {
 
     /// When the current phase times out, if it can.
     pub(super) fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
-        let since = self.since();
-        match self.phase() {
-            Phase::Head => Some(since + settings.header_read_timeout),
-            Phase::Busy => None,
-            Phase::Idle => Some(since + settings.idle_timeout),
-        }
+        self.phase().deadline(self.since(), settings)
     }
 }
 

@@ -70,12 +70,7 @@ impl Streams {
     /// stream open for longer than the idle timeout. A busy connection
     /// has none (the service has its own).
     pub(super) fn deadline(&self, settings: &ServerSettings) -> Option<Instant> {
-        let since = self.since();
-        match self.phase() {
-            Phase::Head => Some(since + settings.header_read_timeout),
-            Phase::Busy => None,
-            Phase::Idle => Some(since + settings.idle_timeout),
-        }
+        self.phase().deadline(self.since(), settings)
     }
 
     /// The accept, or the last answer.
