@@ -1,13 +1,14 @@
 //! TLS and SIGHUP: the listener's certificate swapped for new connections,
 //! a bad one refused while the old one serves on, an out-of-date one
-//! warned of, and the reload's other effects (the log level, what needs a
-//! restart).
+//! warned of, HTTP/2 connections kept and h2 still offered, and the
+//! reload's other effects (the log level, what needs a restart).
 
 mod common;
 
 use std::time::Duration;
 
-use common::tls::{Leaf, SERVER_NAMES, TestCa, TlsClient, WELCOME, serve_tls};
+use common::h2;
+use common::tls::{Leaf, SERVER_NAMES, TestCa, TlsClient, WELCOME, serve_tls, tls_connect};
 use common::{Backend, Behaviour, GatewayConfig, Process, TestUpstream, raw_exchange};
 use http::StatusCode;
 
@@ -236,9 +237,73 @@ async fn sighup_applies_the_log_level_and_names_what_needs_a_restart(backend: Ba
     assert_eq!(common::get(public, "/").await.status, StatusCode::OK);
 }
 
+/// HTTP/2 through a reload, as HTTP/1.1: an h2 connection made before
+/// SIGHUP goes on with its streams, and new connections get the new
+/// certificate and are still offered h2.
+async fn sighup_keeps_http2_connections_and_offers_h2_with_the_new_certificate(backend: Backend) {
+    let folder = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let old = ca.leaf(SERVER_NAMES);
+    let upstream = TestUpstream::start(Behaviour::Ok).await;
+    let mut gateway = serve_tls(
+        GatewayConfig::new(backend, upstream.addr).server("idle_timeout_ms = 60000"),
+        &old,
+        folder.path(),
+    );
+    let public = gateway.addr("public");
+    let mut h2_config = (*ca.client_config()).clone();
+    h2_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // A resumed session shows the certificate of the handshake it
+    // resumes: each connection here makes a full one.
+    h2_config.resumption = rustls::client::Resumption::disabled();
+    let h2_config = std::sync::Arc::new(h2_config);
+    let h2_connect = async || {
+        let stream = tls_connect(public, "localhost", h2_config.clone())
+            .await
+            .unwrap();
+        let (_, session) = stream.get_ref();
+        assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
+        let peer = session.peer_certificates().unwrap()[0].clone();
+        (
+            h2::handshake(hyper_util::rt::TokioIo::new(stream)).await,
+            peer,
+        )
+    };
+    let (mut kept, peer) = h2_connect().await;
+    assert_eq!(peer, old.der);
+    assert_eq!(
+        h2::get_over(&mut kept).await.unwrap().status,
+        StatusCode::OK
+    );
+
+    let new = ca.leaf_with(SERVER_NAMES, |params| {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "renewed");
+    });
+    new.write(folder.path(), "server");
+    gateway.signal("HUP");
+    wait_for_certificate(public, &ca, &new).await;
+
+    let (mut fresh, peer) = h2_connect().await;
+    assert_eq!(peer, new.der);
+    assert_eq!(
+        h2::get_over(&mut fresh).await.unwrap().status,
+        StatusCode::OK
+    );
+    let answer = h2::get_over(&mut kept).await.unwrap();
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, WELCOME)
+    );
+    assert_eq!(upstream.accepted_visits(), 3);
+    assert_alive(&mut gateway);
+}
+
 both_backends!(
     an_out_of_date_certificate_is_warned_of_at_start_and_on_reload,
     sighup_serves_the_new_certificate_to_new_connections,
     sighup_with_a_bad_key_keeps_the_old_certificate,
+    sighup_keeps_http2_connections_and_offers_h2_with_the_new_certificate,
     sighup_applies_the_log_level_and_names_what_needs_a_restart,
 );
