@@ -1,11 +1,13 @@
 //! TLS on both sides, written once over the backends' streams: the public
 //! listener's HTTPS ([`ServerTls`], whose certificate a reload replaces in
-//! place) and https upstreams ([`ClientTls`], [`UpstreamStream`]).
+//! place) and https upstreams ([`ClientTls`], [`UpstreamStream`]); and the
+//! configuration the PostgreSQL store's client is given ([`DatabaseTls`]).
 //!
 //! rustls does the protocol, on the ring provider; futures-rustls drives
 //! it over futures-io, and the `io` module's two adapters put it between
 //! a backend's stream and hyper, so tokio and smol serve the same TLS.
 
+mod database;
 mod files;
 mod io;
 mod upstream;
@@ -21,6 +23,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
 
+pub use self::database::{DatabaseTls, DatabaseVerification};
 pub use self::files::{KeyedError, OutOfDate, certified_key, out_of_date, roots};
 pub use self::io::{FuturesIo, HyperIo};
 pub use self::upstream::{ClientTls, ClientTlsError, UpstreamStream};

@@ -218,6 +218,16 @@ impl Postgres {
         );
     }
 
+    /// What `psql` is pointed at: the server's Unix socket, which the
+    /// tests' own sessions use whatever TCP clients must do.
+    fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=gateway dbname=postgres",
+            self.folder.path().display(),
+            self.port
+        )
+    }
+
     /// Runs `sql` with `psql` and returns what it printed (unaligned,
     /// tuples only).
     pub fn query(&self, sql: &str) -> String {
@@ -230,7 +240,7 @@ impl Postgres {
             "ON_ERROR_STOP=1",
             "-c",
             sql,
-            &self.url(),
+            &self.socket_url(),
         ]);
         let out = command.output().expect("run psql");
         assert!(
@@ -244,15 +254,62 @@ impl Postgres {
     /// Starts `psql` running `sql` in the background.
     pub fn spawn_query(&self, sql: &str) -> std::process::Child {
         Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql, &self.url()])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .arg(self.socket_url())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("run psql")
     }
 
-    /// The count in the database.
+    /// From now on, takes TCP connections only over TLS, with `leaf` as
+    /// its certificate, and only with a password (`hostssl …
+    /// scram-sha-256`), `gateway`'s being `password`; its Unix socket
+    /// stays trusted, for the tests' own sessions. Restarts the server.
+    pub fn require_tls_and_passwords(&self, leaf: &super::tls::Leaf, password: &str) {
+        use std::io::Write as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.data();
+        let (cert, key) = leaf.write(&data, "server");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some((uid, gid)) = self.account {
+            for file in [&cert, &key] {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut conf| {
+                conf.write_all(
+                    b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                      password_encryption = 'scram-sha-256'\n",
+                )
+            })
+            .expect("turn TLS on");
+        self.query(&format!("ALTER ROLE gateway PASSWORD '{password}'"));
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        self.stop_server();
+        self.start_server();
+    }
+
+    /// Whether every session of the counter's is over TLS (and there is one).
+    pub fn counter_sessions_encrypted(&self) -> bool {
+        self.query(
+            "SELECT count(*) > 0 AND bool_and(s.ssl) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'gateway counter'",
+        ) == "t"
+    }
+
+    /// The count in the database: the base row and every writer's part.
     pub fn total(&self) -> u64 {
-        let total = self.query("SELECT total FROM gateway_counter");
+        let total = self.query(
+            "SELECT c.total + (SELECT coalesce(sum(total), 0) FROM gateway_counter_parts) \
+             FROM gateway_counter c",
+        );
         total
             .parse()
             .unwrap_or_else(|_| panic!("a total, not {total:?}"))

@@ -1,30 +1,36 @@
-//! A batch committed as one transaction, and a commit whose connection
-//! was lost settled by the writer's record of its last batch.
+//! A batch committed as one transaction on the writer's own part of the
+//! count, and a commit whose connection was lost settled by that part's
+//! record of its last batch.
 
 use std::io;
 use std::time::Instant;
 
 use super::connection::{explain, is_statement_error, refusal};
-use super::schema::{ROW_GONE, first_row, last_row, parse_number};
+use super::schema::{ROW_GONE, TOTAL, first_row, last_row, parse_number};
 use super::{LOCK_WAIT, PostgresStore, describe};
 use crate::store::{CommitError, Durable};
 
 impl PostgresStore {
     /// Whether the unsettled batch committed, asked on a new connection.
     fn ask(&mut self, batch: u64) -> Result<Option<u64>, io::Error> {
-        // The row lock waits for the lost transaction to end, if the
-        // server still holds it; the read after it, a statement of its own
-        // and so a snapshot taken after the wait, then sees its record or
-        // never will. (Read in the locking statement, the writer's row
-        // would be as it was before the wait.)
+        // The upsert on the writer's own part waits for the lost
+        // transaction to end, if the server still holds it: for its row
+        // lock, or for its insert of the part, where that was the
+        // writer's first (a row lock would not wait for a row not yet
+        // committed; a unique index does). The read after it, a
+        // statement of its own and so a snapshot taken after the wait,
+        // then sees its record or never will. The part it makes where
+        // there is none adds 0.
         let query = format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms';
-             SELECT FROM gateway_counter WHERE id = 1 FOR UPDATE;
-             SELECT c.total, (SELECT w.last_batch FROM gateway_counter_writers w WHERE w.writer = '{}')
-               FROM gateway_counter c WHERE c.id = 1;
+             INSERT INTO gateway_counter_parts AS part (writer, total, last_batch, updated)
+               VALUES ('{writer}', 0, 0, now())
+               ON CONFLICT (writer) DO UPDATE SET last_batch = part.last_batch;
+             SELECT ({TOTAL}),
+                    (SELECT last_batch FROM gateway_counter_parts WHERE writer = '{writer}');
              COMMIT;",
             LOCK_WAIT.as_millis(),
-            self.writer
+            writer = self.writer,
         );
         let answer = match self.connected() {
             Ok(client) => client.simple_query(&query),
@@ -37,9 +43,14 @@ impl PostgresStore {
             io::Error::other(why)
         })?;
         let Some(values) = last_row(&messages, 2)? else {
-            return Err(io::Error::other("the counter's row is missing"));
+            return Err(io::Error::other(
+                "no answer to whether the lost batch committed",
+            ));
         };
-        let total = parse_number(values[0].as_deref())?;
+        let total = values[0]
+            .as_deref()
+            .ok_or_else(|| io::Error::other(ROW_GONE))
+            .and_then(|total| parse_number(Some(total)))?;
         let last = values[1]
             .as_deref()
             .map(|v| parse_number(Some(v)))
@@ -64,16 +75,20 @@ impl Durable for PostgresStore {
         })?;
         let (writer, batch) = (&self.writer, self.batch + 1);
         // Numbers and the hex writer id only: nothing here needs quoting.
-        // An UPDATE, not an upsert: a total's row deleted meanwhile is an
-        // error, not a count started again from this batch.
+        // The writer adds to its own part, which no other writer's commit
+        // touches, so commits from many hosts do not wait on one another.
+        // The part is written only where the base row is there: a base
+        // row deleted meanwhile is an error, not a count started again
+        // from the parts.
         let query = format!(
             "BEGIN;
-             UPDATE gateway_counter SET total = total + {increments} WHERE id = 1
-               RETURNING total;
-             INSERT INTO gateway_counter_writers (writer, last_batch, updated) VALUES ('{writer}', {batch}, now())
+             INSERT INTO gateway_counter_parts AS part (writer, total, last_batch, updated)
+               SELECT '{writer}', {increments}, {batch}, now() FROM gateway_counter WHERE id = 1
                ON CONFLICT (writer) DO UPDATE
-               SET last_batch = GREATEST(gateway_counter_writers.last_batch, EXCLUDED.last_batch),
+               SET total = part.total + EXCLUDED.total,
+                   last_batch = GREATEST(part.last_batch, EXCLUDED.last_batch),
                    updated = EXCLUDED.updated;
+             {TOTAL};
              SET LOCAL statement_timeout = 0;
              COMMIT;"
         );
@@ -91,9 +106,8 @@ impl Durable for PostgresStore {
                     self.unsettled = Some(batch);
                     CommitError::Unsettled(error)
                 }),
-                // Every statement was answered, the COMMIT too, and the
-                // UPDATE found no row: nothing was added (the writer's
-                // record of this number alone committed, harmlessly).
+                // Every statement was answered, the COMMIT too, and there
+                // was no base row: nothing was added.
                 Ok(None) => Err(CommitError::Refused(io::Error::other(ROW_GONE))),
                 // An answer this store's query does not give: settled
                 // like a lost one, by the writer's record.
@@ -145,6 +159,6 @@ impl Durable for PostgresStore {
     }
 
     fn describe(&self) -> String {
-        describe(&self.config)
+        describe(&self.connector.database)
     }
 }

@@ -5,9 +5,19 @@
 //!
 //! ```sql
 //! gateway_counter (id smallint PRIMARY KEY CHECK (id = 1), total bigint NOT NULL)
-//! gateway_counter_writers (writer text PRIMARY KEY, last_batch bigint NOT NULL,
-//!                          updated timestamptz NOT NULL)
+//! gateway_counter_parts (writer text PRIMARY KEY, total bigint NOT NULL,
+//!                        last_batch bigint NOT NULL, updated timestamptz NOT NULL)
 //! ```
+//!
+//! The count is the base row's total plus every writer's part. Each
+//! process is a writer (a random id drawn at start) and adds only to its
+//! own part, so that no row is shared by every host's commit: a commit
+//! holds its row's lock through its `COMMIT`, WAL flush included, and one
+//! shared row would make every host's commit wait behind every other's.
+//! The base row holds what was counted before parts existed (a database
+//! made by an earlier version keeps its total there) and the parts of
+//! writers pruned for idleness, folded into it in the transaction that
+//! deletes them.
 //!
 //! The tables are looked for once per process, on its first connection
 //! (under an advisory lock, so that counters starting together do not
@@ -15,14 +25,14 @@
 //! them, the counter's role needs no right on the schema beyond using it.
 //! Later connections only set the session's limits, so that tables that
 //! vanish under a running counter (dropped) refuse its visits instead of
-//! being made again with a count of 0; so does a missing total's row.
+//! being made again with a count of 0; so does a missing base row.
 //!
-//! A batch is one transaction: add its increments to the total and record
-//! its number as the last batch of this process (the writer, a random id
-//! drawn at start). When the connection is lost before the `COMMIT`'s answer
-//! came back, whether it committed is settled on a new connection: once the
-//! total's row lock is taken (so the lost transaction has ended, one way or
-//! the other), the writer's last batch says. A batch is never sent twice.
+//! A batch is one transaction: add its increments to the writer's part
+//! and record its number there as the writer's last batch. When the
+//! connection is lost before the `COMMIT`'s answer came back, whether it
+//! committed is settled on a new connection: once the writer's part is
+//! locked (so the lost transaction has ended, one way or the other), its
+//! last batch says. A batch is never sent twice.
 //! A connection the server closed while it was idle (an idle-session
 //! timeout, a terminated backend, a pooler or a proxy letting go) is
 //! noticed before a batch is handed to it, and the batch goes out on a new
@@ -42,6 +52,7 @@
 
 mod commit;
 mod connection;
+mod passfile;
 mod schema;
 mod url;
 
@@ -50,18 +61,23 @@ use std::io::{self, Read as _};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, Config};
+use std::sync::Arc;
 
-use self::connection::{Attempt, Failure, closed_while_idle, is_statement_error, refusal};
+use postgres::Client;
+
+use self::connection::{
+    Attempt, Connector, Failure, closed_while_idle, is_statement_error, refusal,
+};
 use self::schema::read_total;
-pub use self::url::{UrlError, describe, parse_url};
+pub use self::url::{Database, UrlError, describe, parse_url};
 use super::{CommitError, Durable as _};
 
 /// How often a lost database is tried again; 200s resume within about this
 /// much of it coming back.
 const RECONNECT_EVERY: Duration = Duration::from_millis(100);
-/// How long settling a lost commit waits for the lost transaction's row
-/// lock (held while the server has not yet noticed the lost connection).
+/// How long settling a lost commit waits for the lost transaction's lock
+/// on the writer's part (held while the server has not yet noticed the
+/// lost connection).
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How long a connection's whole set-up is waited for before the database
 /// counts as unreachable (see [`PostgresStore::connect`]).
@@ -83,7 +99,7 @@ const LOOK_AFTER_IDLE: Duration = Duration::from_millis(10);
 
 /// A count kept in PostgreSQL.
 pub struct PostgresStore {
-    config: Config,
+    connector: Arc<Connector>,
     client: Option<Client>,
     /// No connection is tried before this, after one failed.
     next_connect: Instant,
@@ -111,10 +127,12 @@ impl PostgresStore {
     /// reached, or does not answer within [`CONNECT_TIMEOUT`], is tried
     /// again with the first commit (visits are answered 503 until then);
     /// one that answers with an error (a wrong password, no such database,
-    /// no right to make absent tables) is an error here.
+    /// no right to make absent tables), or with TLS that `sslmode` does
+    /// not accept, or whose password file cannot be used, is an error here.
     pub fn open(url: &str) -> io::Result<(Self, u64)> {
-        let mut config = parse_url(url).map_err(io::Error::other)?;
-        config
+        let mut database = parse_url(url).map_err(io::Error::other)?;
+        database
+            .config
             .application_name("gateway counter")
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_user_timeout(NETWORK_TIMEOUT)
@@ -122,8 +140,11 @@ impl PostgresStore {
             .keepalives_idle(NETWORK_TIMEOUT)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
+        let named = describe(&database);
+        let connector = Connector::new(database)
+            .map_err(|error| io::Error::other(format!("{named}: {error}")))?;
         let mut store = Self {
-            config,
+            connector: Arc::new(connector),
             client: None,
             next_connect: Instant::now(),
             lost_since: None,
@@ -170,7 +191,7 @@ impl PostgresStore {
             Some(earlier) => (earlier, Duration::ZERO),
             None => {
                 let writer = (!self.prepared).then_some(self.writer.as_str());
-                (Attempt::start(&self.config, writer)?, CONNECT_TIMEOUT)
+                (Attempt::start(&self.connector, writer)?, CONNECT_TIMEOUT)
             }
         };
         let (mut client, ready) = match attempt.answer.recv_timeout(wait) {
@@ -261,7 +282,14 @@ impl PostgresStore {
             Err(Failure::Postgres(error)) if is_statement_error(&error) => {
                 Err(CommitError::Refused(refusal(&error)))
             }
-            Err(failure @ (Failure::Postgres(_) | Failure::Unconnected(_))) => {
+            // Not a connection's failures once it is made, but as they
+            // would be: the connection is made again.
+            Err(
+                failure @ (Failure::Postgres(_)
+                | Failure::Unconnected(_)
+                | Failure::Tls(_)
+                | Failure::Passfile(_)),
+            ) => {
                 let why = failure.explain();
                 self.lost(&why);
                 Err(CommitError::Refused(io::Error::other(why)))

@@ -16,33 +16,45 @@ pub(super) fn limits() -> String {
     format!("SET statement_timeout = '{timeout}ms'; SET lock_timeout = '{timeout}ms';")
 }
 
-/// The tables, made where absent.
+/// The tables, made where absent: the base total, and each writer's
+/// part (see the module's doc in `mod.rs`).
 pub(super) const COUNTER_TABLE: &str = "CREATE TABLE gateway_counter (
     id smallint PRIMARY KEY CHECK (id = 1),
     total bigint NOT NULL CHECK (total >= 0));";
-pub(super) const WRITERS_TABLE: &str = "CREATE TABLE gateway_counter_writers (
+pub(super) const PARTS_TABLE: &str = "CREATE TABLE gateway_counter_parts (
     writer text PRIMARY KEY,
+    total bigint NOT NULL CHECK (total >= 0),
     last_batch bigint NOT NULL,
     updated timestamptz NOT NULL);";
 
+/// How long a writer may go without a commit before its part is folded
+/// into the base row, so that the parts table does not grow with every
+/// process ever started.
+const PRUNE_AFTER: &str = "7 days";
+
 /// Readies the database, once per process: under an advisory lock (its
-/// key is "gwcount" in ASCII), makes whichever table is absent (looked up
-/// on the search path, as the counter's statements find it), puts the
-/// total's row in place so that settling always has a row to lock, and
-/// forgets writers idle for a week, never this one. A `CREATE ... IF NOT
-/// EXISTS` would need `CREATE` on the schema even where the table exists,
-/// and log a notice each time.
+/// key is "gwcount" in ASCII, as every version has taken it), makes
+/// whichever table is absent (looked up on the search path, as the
+/// counter's statements find it), puts the base row in place with its
+/// table, and folds the parts of writers idle for [`PRUNE_AFTER`], never
+/// this one, into the base row in the same transaction, so the count
+/// never moves. A database made by a version with one row for the whole
+/// count is upgraded by this alone: its total stays in the base row, the
+/// parts table is made beside it, and that version's writers table is
+/// left to any counter of that version still running. A `CREATE ... IF
+/// NOT EXISTS` would need `CREATE` on the schema even where the table
+/// exists, and log a notice each time.
 pub(super) fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> {
     let messages = client.simple_query(
         "BEGIN;
          SELECT pg_advisory_xact_lock(29123191556632180);
          SELECT to_regclass('gateway_counter') IS NULL,
-                to_regclass('gateway_counter_writers') IS NULL;",
+                to_regclass('gateway_counter_parts') IS NULL;",
     )?;
     let absent = last_row(&messages, 2)?
         .ok_or_else(|| io::Error::other("no answer to whether the tables exist"))?;
     let mut statements = String::new();
-    // The total's row is made with its table only: a row deleted later
+    // The base row is made with its table only: a row deleted later
     // stays missing, an error for every counter, instead of coming back
     // at 0 with the next counter to start.
     if parse_bool(absent[0].as_deref())? {
@@ -50,28 +62,42 @@ pub(super) fn prepare(client: &mut Client, writer: &str) -> Result<(), Failure> 
         statements.push_str("INSERT INTO gateway_counter (id, total) VALUES (1, 0);");
     }
     if parse_bool(absent[1].as_deref())? {
-        statements.push_str(WRITERS_TABLE);
+        statements.push_str(PARTS_TABLE);
     }
-    // The hex writer id only: nothing here needs quoting.
+    // The base row is locked first so that it cannot go between the
+    // check and the fold: a part is deleted only where the base row is
+    // there to take it. The hex writer id only: nothing here needs quoting.
     let _ = write!(
         statements,
-        "DELETE FROM gateway_counter_writers
-           WHERE updated < now() - interval '7 days' AND writer <> '{writer}';
+        "SELECT FROM gateway_counter WHERE id = 1 FOR UPDATE;
+         WITH pruned AS (
+           DELETE FROM gateway_counter_parts
+            WHERE updated < now() - interval '{PRUNE_AFTER}' AND writer <> '{writer}'
+              AND EXISTS (SELECT FROM gateway_counter WHERE id = 1)
+            RETURNING total)
+         UPDATE gateway_counter SET total = total + (SELECT sum(total) FROM pruned)
+          WHERE id = 1 AND EXISTS (SELECT FROM pruned);
          COMMIT;"
     );
     client.batch_execute(&statements)?;
     Ok(())
 }
 
-/// Why visits are refused once the total's row was deleted: it is not
+/// Why visits are refused once the base row was deleted: it is not
 /// made again, which would start the count again from 0.
 pub(super) const ROW_GONE: &str =
-    "the counter's total row (id = 1) is gone: restore it to go on counting";
+    "the counter's base row (gateway_counter, id = 1) is gone: restore it to go on counting";
 
-/// The total in the database. Its row is made with the tables, so a
-/// missing one was deleted: an error, not a count of 0.
+/// The count: the base row and every writer's part, read in one
+/// statement (one snapshot, so a part folded meanwhile is counted once).
+pub(super) const TOTAL: &str =
+    "SELECT c.total + (SELECT coalesce(sum(p.total), 0) FROM gateway_counter_parts p)
+      FROM gateway_counter c WHERE c.id = 1";
+
+/// The count in the database. The base row is made with the tables, so
+/// a missing one was deleted: an error, not a count of 0.
 pub(super) fn read_total(client: &mut Client) -> Result<u64, Failure> {
-    let messages = client.simple_query("SELECT total FROM gateway_counter WHERE id = 1")?;
+    let messages = client.simple_query(TOTAL)?;
     let row = first_row(&messages, 1)?.ok_or_else(|| io::Error::other(ROW_GONE))?;
     Ok(parse_number(row[0].as_deref())?)
 }
