@@ -220,10 +220,12 @@ async fn a_password_file_others_may_read_is_refused(backend: Backend) {
 /// than go on in plaintext; `prefer`, libpq's default, goes on without.
 async fn a_server_without_tls_is_no_fallback_for_require(backend: Backend) {
     let Some(db) = Postgres::start() else { return };
+    let ca = TestCa::new("database CA").write(db.folder(), "ca.pem");
     for mode in ["require", "verify-ca", "verify-full"] {
         let url = format!(
-            "postgres://gateway@127.0.0.1:{}/postgres?sslmode={mode}",
-            db.port
+            "postgres://gateway@127.0.0.1:{}/postgres?sslmode={mode}&sslrootcert={}",
+            db.port,
+            ca.display()
         );
         let stderr = failed_start(counter_command(backend, &url));
         assert!(stderr.contains("does not support TLS"), "{mode}: {stderr}");

@@ -6,7 +6,7 @@ use std::io;
 use std::time::Instant;
 
 use super::connection::{explain, is_statement_error, refusal};
-use super::schema::{ROW_GONE, TOTAL, first_row, last_row, parse_number};
+use super::schema::{ROW_GONE, TOTAL, last_row, parse_number};
 use super::{LOCK_WAIT, PostgresStore, describe};
 use crate::store::{CommitError, Durable};
 
@@ -33,7 +33,7 @@ impl PostgresStore {
             writer = self.writer,
         );
         let answer = match self.connected() {
-            Ok(client) => client.simple_query(&query),
+            Ok(session) => session.client.simple_query(&query),
             Err(error) => return Err(error.into_io()),
         };
         self.answered = Instant::now();
@@ -73,52 +73,41 @@ impl Durable for PostgresStore {
         let increments = i64::try_from(increments).map_err(|_| {
             CommitError::Refused(io::Error::other("more increments than a bigint holds"))
         })?;
-        let (writer, batch) = (&self.writer, self.batch + 1);
-        // Numbers and the hex writer id only: nothing here needs quoting.
-        // The writer adds to its own part, which no other writer's commit
-        // touches, so commits from many hosts do not wait on one another.
-        // The part is written only where the base row is there: a base
-        // row deleted meanwhile is an error, not a count started again
-        // from the parts.
-        let query = format!(
-            "BEGIN;
-             INSERT INTO gateway_counter_parts AS part (writer, total, last_batch, updated)
-               SELECT '{writer}', {increments}, {batch}, now() FROM gateway_counter WHERE id = 1
-               ON CONFLICT (writer) DO UPDATE
-               SET total = part.total + EXCLUDED.total,
-                   last_batch = GREATEST(part.last_batch, EXCLUDED.last_batch),
-                   updated = EXCLUDED.updated;
-             {TOTAL};
-             SET LOCAL statement_timeout = 0;
-             COMMIT;"
-        );
+        let batch = self.batch + 1;
+        let number = i64::try_from(batch).map_err(|_| {
+            CommitError::Refused(io::Error::other("more batches than a bigint holds"))
+        })?;
         // Up to here nothing of the batch has been handed to the client:
         // a connection found closed was replaced, and the batch goes out
         // on the new one (see `closed_while_idle`).
-        let answer = self.connected()?.simple_query(&query);
+        let writer = self.writer.clone();
+        let session = self.connected()?;
+        let answer = session
+            .client
+            .query_opt(&session.commit, &[&writer, &increments, &number]);
         // Sent, or maybe sent: this number is never used again.
         self.batch = batch;
         self.answered = Instant::now();
         // The answer comes back after the COMMIT's: a total here is durable.
         match answer {
-            Ok(messages) => match first_row(&messages, 1) {
-                Ok(Some(row)) => parse_number(row[0].as_deref()).map_err(|error| {
+            Ok(Some(row)) => row
+                .try_get::<_, i64>(0)
+                .map_err(|error| io::Error::other(format!("an unreadable count: {error}")))
+                .and_then(|total| {
+                    u64::try_from(total)
+                        .map_err(|_| io::Error::other(format!("a count below 0: {total}")))
+                })
+                .map_err(|error| {
                     self.unsettled = Some(batch);
                     CommitError::Unsettled(error)
                 }),
-                // Every statement was answered, the COMMIT too, and there
-                // was no base row: nothing was added.
-                Ok(None) => Err(CommitError::Refused(io::Error::other(ROW_GONE))),
-                // An answer this store's query does not give: settled
-                // like a lost one, by the writer's record.
-                Err(error) => {
-                    self.unsettled = Some(batch);
-                    Err(CommitError::Unsettled(error))
-                }
-            },
-            // An ERROR (not FATAL) aborted the transaction: nothing of
-            // it committed. The session is left in the aborted
-            // transaction, so it is not used again.
+            // The statement and its COMMIT were answered, and there was
+            // no base row: nothing was added.
+            Ok(None) => Err(CommitError::Refused(io::Error::other(ROW_GONE))),
+            // An ERROR (not FATAL) rolled the transaction back: nothing
+            // of it committed. The connection is not used again, so that
+            // the statement is prepared anew on the tables as they are
+            // now (dropped and made again, say).
             Err(error) if is_statement_error(&error) => {
                 self.client = None;
                 Err(CommitError::Refused(refusal(&error)))

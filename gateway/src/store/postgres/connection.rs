@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use postgres::config::LoadBalanceHosts;
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::LOOK_AFTER_IDLE;
 use super::passfile;
-use super::schema::{limits, prepare};
+use super::schema::{COMMIT_BATCH, limits, prepare};
 use super::url::{Database, RootCert, SslMode, Target, for_target, targets};
 use crate::tls::{DatabaseTls, DatabaseVerification};
 
@@ -50,7 +50,9 @@ impl From<io::Error> for Failure {
 impl Failure {
     pub(super) fn explain(&self) -> String {
         match self {
-            Self::Postgres(error) => explain(error),
+            // Through `refusal`, which says what to do where the tables
+            // are gone: a new connection prepares the commit on them.
+            Self::Postgres(error) => refusal(error).to_string(),
             Self::Unreadable(error) => error.to_string(),
             Self::Unconnected(why) | Self::Tls(why) | Self::Passfile(why) => why.clone(),
         }
@@ -73,7 +75,7 @@ pub(super) struct Attempt {
     /// Whether it looks for the tables too.
     pub(super) prepares: bool,
     /// The connection, with when it was ready, or why there is none.
-    pub(super) answer: mpsc::Receiver<Result<(Client, Instant), Failure>>,
+    pub(super) answer: mpsc::Receiver<Result<(Session, Instant), Failure>>,
 }
 
 impl Attempt {
@@ -104,16 +106,24 @@ impl Attempt {
     }
 }
 
-/// A new connection, with its session's limits set, and with `writer` the
-/// tables looked for: everything that waits on the server before a
-/// connection can take a batch.
-pub(super) fn set_up(connector: &Connector, writer: Option<&str>) -> Result<Client, Failure> {
+/// A connection and the statement its batches are committed with.
+pub(super) struct Session {
+    pub(super) client: Client,
+    /// [`COMMIT_BATCH`], prepared on this connection.
+    pub(super) commit: Statement,
+}
+
+/// A new connection, with its session's limits set, with `writer` the
+/// tables looked for, and the commit's statement prepared: everything
+/// that waits on the server before a connection can take a batch.
+pub(super) fn set_up(connector: &Connector, writer: Option<&str>) -> Result<Session, Failure> {
     let mut client = connector.connect()?;
     client.batch_execute(&limits())?;
     if let Some(writer) = writer {
         prepare(&mut client, writer)?;
     }
-    Ok(client)
+    let commit = client.prepare(COMMIT_BATCH)?;
+    Ok(Session { client, commit })
 }
 
 /// How the store connects: the database, and the TLS its `sslmode` may use.

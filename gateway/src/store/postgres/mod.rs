@@ -63,10 +63,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use postgres::Client;
-
 use self::connection::{
-    Attempt, Connector, Failure, closed_while_idle, is_statement_error, refusal,
+    Attempt, Connector, Failure, Session, closed_while_idle, is_statement_error, refusal,
 };
 use self::schema::read_total;
 pub use self::url::{Database, UrlError, describe, parse_url};
@@ -100,7 +98,7 @@ const LOOK_AFTER_IDLE: Duration = Duration::from_millis(10);
 /// A count kept in PostgreSQL.
 pub struct PostgresStore {
     connector: Arc<Connector>,
-    client: Option<Client>,
+    client: Option<Session>,
     /// No connection is tried before this, after one failed.
     next_connect: Instant,
     /// When the database was lost, for one log line per outage.
@@ -155,7 +153,9 @@ impl PostgresStore {
             attempt: None,
             answered: Instant::now(),
         };
-        let opened = store.connect().and_then(read_total);
+        let opened = store
+            .connect()
+            .and_then(|session| read_total(&mut session.client));
         let total = match opened {
             Ok(total) => total,
             Err(failure) if failure.unreachable() => {
@@ -185,7 +185,7 @@ impl PostgresStore {
     /// attempt not answered by then is kept, and the next call takes its
     /// outcome if it has one, or is refused at once if not, so that a
     /// database that never answers holds one thread, not one per call.
-    fn connect(&mut self) -> Result<&mut Client, Failure> {
+    fn connect(&mut self) -> Result<&mut Session, Failure> {
         self.client = None;
         let (attempt, wait) = match self.attempt.take() {
             Some(earlier) => (earlier, Duration::ZERO),
@@ -194,7 +194,7 @@ impl PostgresStore {
                 (Attempt::start(&self.connector, writer)?, CONNECT_TIMEOUT)
             }
         };
-        let (mut client, ready) = match attempt.answer.recv_timeout(wait) {
+        let (mut session, ready) = match attempt.answer.recv_timeout(wait) {
             Ok(made) => made?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let waited = attempt.started.elapsed().as_secs();
@@ -214,14 +214,14 @@ impl PostgresStore {
         }
         // An attempt answered late made its connection a while ago: the
         // server may have closed it since, as it may an idle one.
-        if let Some(why) = closed_while_idle(&mut client, ready) {
+        if let Some(why) = closed_while_idle(&mut session.client, ready) {
             return Err(Failure::Unconnected(why));
         }
         if let Some(since) = self.lost_since.take() {
             tracing::info!(store = self.describe(), after = ?since.elapsed(), "database reconnected");
         }
         self.answered = ready;
-        Ok(self.client.insert(client))
+        Ok(self.client.insert(session))
     }
 
     /// Forgets the connection after an error that says the database is
@@ -242,12 +242,12 @@ impl PostgresStore {
     /// The open connection, or a new one; an error if there is none and it
     /// is not yet time to try again. An open connection the server has
     /// closed meanwhile is replaced at once: nothing was sent on it.
-    fn connected(&mut self) -> Result<&mut Client, CommitError> {
+    fn connected(&mut self) -> Result<&mut Session, CommitError> {
         let answered = self.answered;
         if let Some(why) = self
             .client
             .as_mut()
-            .and_then(|client| closed_while_idle(client, answered))
+            .and_then(|session| closed_while_idle(&mut session.client, answered))
         {
             tracing::info!(
                 store = self.describe(),
@@ -274,7 +274,7 @@ impl PostgresStore {
     }
 
     fn read(&mut self) -> Result<u64, CommitError> {
-        let answer = read_total(self.connected()?);
+        let answer = read_total(&mut self.connected()?.client);
         self.answered = Instant::now();
         match answer {
             Ok(total) => Ok(total),

@@ -94,6 +94,33 @@ pub(super) const TOTAL: &str =
     "SELECT c.total + (SELECT coalesce(sum(p.total), 0) FROM gateway_counter_parts p)
       FROM gateway_counter c WHERE c.id = 1";
 
+/// A batch's commit: `$1` the writer, `$2` its increments, `$3` its
+/// number. One statement, prepared on each connection, in a transaction
+/// of its own, so one round trip and no `BEGIN`, `COMMIT` or `SET` to
+/// parse. The writer adds to its own part, which no other writer's
+/// commit touches, so commits from many hosts do not wait on one
+/// another; the part is written only where the base row is there (a
+/// base row deleted meanwhile is an error, not a count started again
+/// from the parts): no row back then, and nothing added. The count it
+/// answers is read in the statement's snapshot, from before its own
+/// insert, so its part's new total is added to the others'. The session's
+/// `statement_timeout` ends with the statement, before its implicit
+/// `COMMIT` (PostgreSQL's `finish_xact_command`): a `COMMIT` waiting for
+/// a synchronous standby is not cancelled, which would leave it
+/// committed locally only, and answered as if replicated.
+pub(super) const COMMIT_BATCH: &str = "WITH part AS (
+      INSERT INTO gateway_counter_parts AS part (writer, total, last_batch, updated)
+        SELECT $1, $2, $3, now() FROM gateway_counter WHERE id = 1
+        ON CONFLICT (writer) DO UPDATE
+        SET total = part.total + EXCLUDED.total,
+            last_batch = GREATEST(part.last_batch, EXCLUDED.last_batch),
+            updated = EXCLUDED.updated
+        RETURNING total)
+    SELECT (c.total + part.total
+            + (SELECT coalesce(sum(p.total), 0) FROM gateway_counter_parts p WHERE p.writer <> $1)
+           )::bigint
+      FROM gateway_counter c, part WHERE c.id = 1";
+
 /// The count in the database. The base row is made with the tables, so
 /// a missing one was deleted: an error, not a count of 0.
 pub(super) fn read_total(client: &mut Client) -> Result<u64, Failure> {
