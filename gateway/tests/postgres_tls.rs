@@ -130,25 +130,29 @@ async fn verify_full_with_a_ca_file_and_a_password_file_counts_exactly(backend: 
 }
 
 /// A certificate from a CA other than the one in `sslrootcert` stops
-/// the start, and the message names the certificate and why.
+/// the start, and the message names the certificate and why: in
+/// `verify-full`, `verify-ca`, and `require`, which checks the chain
+/// where a CA file is given, as libpq's does.
 async fn a_certificate_from_another_ca_stops_the_start_naming_it(backend: Backend) {
     let Some(secure) = SecureDatabase::start(SERVER_NAMES) else {
         return;
     };
     let stranger = TestCa::new("some other CA").write(secure.folder.path(), "other-ca.pem");
-    let url = secure.url(&format!(
-        "sslmode=verify-full&sslrootcert={}&passfile={}",
-        stranger.display(),
-        secure.passfile.display()
-    ));
-    let stderr = failed_start(counter_command(backend, &url));
-    assert!(
-        stderr.contains("UnknownIssuer")
-            && stderr.contains("issuer \"CN=database CA\"")
-            && stderr.contains(&format!("sslrootcert={}", stranger.display()))
-            && stderr.contains("sslmode=verify-full"),
-        "{stderr}"
-    );
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let url = secure.url(&format!(
+            "sslmode={mode}&sslrootcert={}&passfile={}",
+            stranger.display(),
+            secure.passfile.display()
+        ));
+        let stderr = failed_start(counter_command(backend, &url));
+        assert!(
+            stderr.contains("UnknownIssuer")
+                && stderr.contains("issuer \"CN=database CA\"")
+                && stderr.contains(&format!("sslrootcert={}", stranger.display()))
+                && stderr.contains(&format!("sslmode={mode}")),
+            "{stderr}"
+        );
+    }
 }
 
 /// `verify-ca` checks the chain and not the name; `verify-full` both.
@@ -170,25 +174,37 @@ async fn verify_ca_takes_a_certificate_for_another_name_and_verify_full_does_not
     assert!(stderr.contains("not valid for name"), "{stderr}");
 }
 
-/// The weaker modes, as libpq has them, against a server that takes TLS
+/// The weaker modes, as libpq has them. Against a server that takes TLS
 /// only: `require` and `prefer` connect over TLS without verifying;
 /// `allow` is refused without TLS, then tries with it; `disable` is
-/// refused, a failed start naming the server's reason.
+/// refused, a failed start naming the server's reason. Against one that
+/// takes both: `allow` and `disable` connect without TLS, `prefer` with.
 async fn the_weaker_modes_behave_as_libpqs(backend: Backend) {
     let Some(secure) = SecureDatabase::start(SERVER_NAMES) else {
         return;
     };
     let passfile = secure.passfile.display();
-    for mode in ["require", "prefer", "allow"] {
-        let url = secure.url(&format!("sslmode={mode}&passfile={passfile}"));
-        let counter = start_counter(counter_command(backend, &url));
+    let url = |mode: &str| secure.url(&format!("sslmode={mode}&passfile={passfile}"));
+    let sessions = async |mode: &str| {
+        let counter = start_counter(counter_command(backend, &url(mode)));
         post(&counter, 2).await;
-        assert!(secure.db.counter_sessions_encrypted(), "sslmode={mode}");
+        secure.db.counter_sessions()
+    };
+    for mode in ["require", "prefer", "allow"] {
+        assert_eq!(sessions(mode).await, (1, 1), "sslmode={mode}");
     }
-    assert_eq!(secure.db.total(), 6);
-    let url = secure.url(&format!("sslmode=disable&passfile={passfile}"));
-    let stderr = failed_start(counter_command(backend, &url));
+    let stderr = failed_start(counter_command(backend, &url("disable")));
     assert!(stderr.contains("no pg_hba.conf entry"), "{stderr}");
+
+    secure.db.allow_plaintext_too();
+    assert_eq!(sessions("allow").await, (1, 0), "allow: plaintext first");
+    assert_eq!(sessions("disable").await, (1, 0));
+    assert_eq!(
+        sessions("prefer").await,
+        (1, 1),
+        "prefer: TLS where offered"
+    );
+    assert_eq!(secure.db.total(), 12);
 }
 
 /// A password file that its group or others may read is refused, as
@@ -236,7 +252,7 @@ async fn a_server_without_tls_is_no_fallback_for_require(backend: Backend) {
     );
     let counter = start_counter(counter_command(backend, &url));
     post(&counter, 1).await;
-    assert!(!db.counter_sessions_encrypted());
+    assert_eq!(db.counter_sessions(), (1, 0));
 }
 
 both_backends!(

@@ -439,9 +439,9 @@ mod tests {
                 "invalid",
             ),
             (
-                "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h/db?sslmode=require\"\n",
+                "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h/db?sslmode=verify-ca\"\n",
                 "counter.postgres_url",
-                "TLS",
+                "sslmode=verify-ca needs sslrootcert=FILE",
             ),
             (
                 "[counter]\nstore = \"postgres\"\npostgres_url = \"postgres://h/db\"\npath = \"c\"\n",

@@ -296,12 +296,41 @@ impl Postgres {
         self.start_server();
     }
 
+    /// Also takes TCP connections without TLS (`hostnossl …
+    /// scram-sha-256`), as well as with it; reloads the server.
+    pub fn allow_plaintext_too(&self) {
+        use std::io::Write as _;
+        let data = self.data();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .and_then(|mut hba| hba.write_all(b"hostnossl all all 127.0.0.1/32 scram-sha-256\n"))
+            .expect("allow plaintext");
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "reload"]);
+        // A reload is applied asynchronously; new sessions read pg_hba.conf.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+
+    /// The counter's sessions: how many, and how many of them are over TLS.
+    pub fn counter_sessions(&self) -> (u64, u64) {
+        let counts = self.query(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'gateway counter'",
+        );
+        let parse = |n: &str| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("counts, not {counts:?}"))
+        };
+        let (all, encrypted) = counts
+            .split_once('|')
+            .unwrap_or_else(|| panic!("two counts, not {counts:?}"));
+        (parse(all), parse(encrypted))
+    }
+
     /// Whether every session of the counter's is over TLS (and there is one).
     pub fn counter_sessions_encrypted(&self) -> bool {
-        self.query(
-            "SELECT count(*) > 0 AND bool_and(s.ssl) FROM pg_stat_ssl s \
-             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'gateway counter'",
-        ) == "t"
+        let (all, encrypted) = self.counter_sessions();
+        all > 0 && encrypted == all
     }
 
     /// The count in the database: the base row and every writer's part.

@@ -6,7 +6,7 @@ use std::io;
 use std::time::Instant;
 
 use super::connection::{explain, is_statement_error, refusal};
-use super::schema::{ROW_GONE, TOTAL, last_row, parse_number};
+use super::schema::{ROW_GONE, TOTAL, last_row, parse_number, read_total};
 use super::{LOCK_WAIT, PostgresStore, describe};
 use crate::store::{CommitError, Durable};
 
@@ -90,17 +90,34 @@ impl Durable for PostgresStore {
         self.answered = Instant::now();
         // The answer comes back after the COMMIT's: a total here is durable.
         match answer {
-            Ok(Some(row)) => row
-                .try_get::<_, i64>(0)
-                .map_err(|error| io::Error::other(format!("an unreadable count: {error}")))
-                .and_then(|total| {
-                    u64::try_from(total)
-                        .map_err(|_| io::Error::other(format!("a count below 0: {total}")))
-                })
-                .map_err(|error| {
-                    self.unsettled = Some(batch);
-                    CommitError::Unsettled(error)
-                }),
+            Ok(Some(row)) => {
+                let read = row
+                    .try_get::<_, i64>(0)
+                    .and_then(|total| Ok((total, row.try_get::<_, bool>(1)?)))
+                    .map_err(|error| io::Error::other(format!("an unreadable count: {error}")))
+                    .and_then(|(total, inserted)| {
+                        let total = u64::try_from(total)
+                            .map_err(|_| io::Error::other(format!("a count below 0: {total}")))?;
+                        Ok((total, inserted))
+                    });
+                match read {
+                    // A part made anew: one folded into the base row
+                    // while this statement waited is missing from its
+                    // snapshot's count, and a statement of its own sees
+                    // it. The batch is durable either way; a failed read
+                    // leaves the count as the commit saw it.
+                    Ok((total, true)) => Ok(self
+                        .client
+                        .as_mut()
+                        .and_then(|session| read_total(&mut session.client).ok())
+                        .unwrap_or(total)),
+                    Ok((total, false)) => Ok(total),
+                    Err(error) => {
+                        self.unsettled = Some(batch);
+                        Err(CommitError::Unsettled(error))
+                    }
+                }
+            }
             // The statement and its COMMIT were answered, and there was
             // no base row: nothing was added.
             Ok(None) => Err(CommitError::Refused(io::Error::other(ROW_GONE))),

@@ -295,10 +295,14 @@ fn causes(error: &postgres::Error) -> impl Iterator<Item = &(dyn std::error::Err
     })
 }
 
-/// Whether the client's error is its TLS's: the server would not speak
-/// it, or the handshake failed (a verification among them).
+/// Whether the client's error says TLS cannot be had with this server as
+/// configured: it would not speak it, or rustls refused the handshake (a
+/// certificate that did not verify among the reasons). Not a connection
+/// lost during the handshake, which is an outage like any other.
 fn is_tls_failure(error: &postgres::Error) -> bool {
-    causes(error).any(|cause| cause.is::<rustls::Error>()) || error.to_string().contains("TLS")
+    causes(error).any(|cause| {
+        cause.is::<rustls::Error>() || cause.to_string() == "server does not support TLS"
+    })
 }
 
 /// Whether the server closed `client`'s connection while it sat idle

@@ -103,7 +103,11 @@ pub(super) const TOTAL: &str =
 /// base row deleted meanwhile is an error, not a count started again
 /// from the parts): no row back then, and nothing added. The count it
 /// answers is read in the statement's snapshot, from before its own
-/// insert, so its part's new total is added to the others'. The session's
+/// insert, so its part's new total is added to the others'. Where the
+/// part was inserted rather than added to (`inserted`, true where the
+/// new row has no `xmax`), it may have been folded into the base row by
+/// a counter starting meanwhile, after that snapshot: the count is then
+/// read again (see `commit.rs`). The session's
 /// `statement_timeout` ends with the statement, before its implicit
 /// `COMMIT` (PostgreSQL's `finish_xact_command`): a `COMMIT` waiting for
 /// a synchronous standby is not cancelled, which would leave it
@@ -115,10 +119,11 @@ pub(super) const COMMIT_BATCH: &str = "WITH part AS (
         SET total = part.total + EXCLUDED.total,
             last_batch = GREATEST(part.last_batch, EXCLUDED.last_batch),
             updated = EXCLUDED.updated
-        RETURNING total)
+        RETURNING total, xmax = 0 AS inserted)
     SELECT (c.total + part.total
             + (SELECT coalesce(sum(p.total), 0) FROM gateway_counter_parts p WHERE p.writer <> $1)
-           )::bigint
+           )::bigint,
+           part.inserted
       FROM gateway_counter c, part WHERE c.id = 1";
 
 /// The count in the database. The base row is made with the tables, so

@@ -96,8 +96,20 @@ pub enum UrlError {
         "sslrootcert=system needs sslmode=verify-full (a weaker mode, here {0}, would accept any certificate a public CA signed)"
     )]
     SystemRootsNeedVerifyFull(&'static str),
+    /// Checking the chain alone against the system's roots would let any
+    /// certificate a public CA signed, for any name, through.
+    #[error(
+        "sslmode=verify-ca needs sslrootcert=FILE, the CA that signs the database's certificate (the system's roots would accept any certificate a public CA signed, for any name; or use sslmode=verify-full)"
+    )]
+    VerifyCaNeedsRootCert,
     #[error("sslrootcert: expected a file name, got an empty one")]
     EmptyRootCert,
+    #[error("{0}")]
+    Hosts(String),
+    #[error("an unterminated quoted value (a ' with no closing ')")]
+    UnterminatedQuote,
+    #[error("{0}: not UTF-8 once its %-escapes are decoded")]
+    NotUtf8(&'static str),
     #[error("passfile: expected a file name, got an empty one")]
     EmptyPassfile,
 }
@@ -107,7 +119,7 @@ const OURS: [&str; 3] = ["sslmode", "sslrootcert", "passfile"];
 
 /// `postgres_url` parsed, as the configuration checks it: an error says why.
 pub fn parse_url(url: &str) -> Result<Database, UrlError> {
-    let (rest, ours) = take_parameters(url);
+    let (rest, ours) = take_parameters(url)?;
     let mut config: Config = rest.parse()?;
     let value = |key: &str| {
         ours.iter()
@@ -128,6 +140,10 @@ pub fn parse_url(url: &str) -> Result<Database, UrlError> {
     if root_cert == RootCert::System && ssl_mode != SslMode::VerifyFull {
         return Err(UrlError::SystemRootsNeedVerifyFull(ssl_mode.name()));
     }
+    if ssl_mode == SslMode::VerifyCa && root_cert == RootCert::Absent {
+        return Err(UrlError::VerifyCaNeedsRootCert);
+    }
+    check_hosts(&config)?;
     let passfile = match value("passfile") {
         None => None,
         Some("") => return Err(UrlError::EmptyPassfile),
@@ -144,8 +160,33 @@ pub fn parse_url(url: &str) -> Result<Database, UrlError> {
     })
 }
 
+/// The client checks these itself where it connects to the hosts; here
+/// each host is connected to alone, so the checks are made here, as
+/// libpq makes them.
+fn check_hosts(config: &Config) -> Result<(), UrlError> {
+    let (hosts, addrs, ports) = (
+        config.get_hosts().len(),
+        config.get_hostaddrs().len(),
+        config.get_ports().len(),
+    );
+    if hosts > 0 && addrs > 0 && hosts != addrs {
+        return Err(UrlError::Hosts(format!(
+            "{hosts} hosts and {addrs} hostaddrs: expected as many of each"
+        )));
+    }
+    let targets = hosts.max(addrs);
+    if ports > 1 && ports != targets {
+        return Err(UrlError::Hosts(format!(
+            "{ports} ports for {targets} hosts: expected one port, or one for each host"
+        )));
+    }
+    Ok(())
+}
+
+type Taken = (String, Vec<(String, String)>);
+
 /// `url` without [`OURS`], and their values (unescaped), in order.
-fn take_parameters(url: &str) -> (String, Vec<(String, String)>) {
+fn take_parameters(url: &str) -> Result<Taken, UrlError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         take_from_query(url)
     } else {
@@ -154,17 +195,22 @@ fn take_parameters(url: &str) -> (String, Vec<(String, String)>) {
 }
 
 /// From a URL's query: `?key=value&…`, percent-encoded.
-fn take_from_query(url: &str) -> (String, Vec<(String, String)>) {
+fn take_from_query(url: &str) -> Result<Taken, UrlError> {
     let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), Vec::new());
+        return Ok((url.to_owned(), Vec::new()));
     };
-    let decode = |text: &str| percent_decode_str(text).decode_utf8_lossy().into_owned();
+    let decode = |text: &str, what| {
+        percent_decode_str(text)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| UrlError::NotUtf8(what))
+    };
     let (mut kept, mut ours) = (Vec::new(), Vec::new());
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = decode(key);
-        if OURS.contains(&key.as_str()) {
-            ours.push((key, decode(value)));
+        let key = decode(key, "a parameter's name")?;
+        if let Some(name) = OURS.iter().find(|name| **name == key) {
+            ours.push((key, decode(value, name)?));
         } else {
             kept.push(pair);
         }
@@ -174,14 +220,14 @@ fn take_from_query(url: &str) -> (String, Vec<(String, String)>) {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    (rest, ours)
+    Ok((rest, ours))
 }
 
 /// From libpq's `key=value` pairs: separated by spaces, a value quoted
 /// with `'` where it holds spaces, `\` escaping the next character.
 /// Text that is not such pairs is left to the client, whose error says
 /// what is wrong with it.
-fn take_from_pairs(text: &str) -> (String, Vec<(String, String)>) {
+fn take_from_pairs(text: &str) -> Result<Taken, UrlError> {
     let (mut rest, mut ours) = (String::new(), Vec::new());
     let mut chars = text.char_indices().peekable();
     loop {
@@ -201,6 +247,7 @@ fn take_from_pairs(text: &str) -> (String, Vec<(String, String)>) {
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
         let mut value = String::new();
         let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        let mut closed = !quoted;
         while let Some((_, c)) = chars.next() {
             match c {
                 '\\' => {
@@ -208,10 +255,16 @@ fn take_from_pairs(text: &str) -> (String, Vec<(String, String)>) {
                         value.push(escaped);
                     }
                 }
-                '\'' if quoted => break,
+                '\'' if quoted => {
+                    closed = true;
+                    break;
+                }
                 c if c.is_whitespace() && !quoted => break,
                 c => value.push(c),
             }
+        }
+        if !closed {
+            return Err(UrlError::UnterminatedQuote);
         }
         let end = chars.peek().map_or(text.len(), |(i, _)| *i);
         if OURS.contains(&key.as_str()) {
@@ -221,7 +274,7 @@ fn take_from_pairs(text: &str) -> (String, Vec<(String, String)>) {
             rest.push(' ');
         }
     }
-    (rest, ours)
+    Ok((rest, ours))
 }
 
 /// One of a configuration's hosts: what to connect to, and the name
@@ -415,6 +468,14 @@ mod tests {
         assert!(error("host=db sslrootcert=''").contains("sslrootcert"));
         assert!(error("postgres://db/x?passfile=").contains("passfile"));
         assert!(parse_url("postgres://db/x?sslmode=verify-full&sslrootcert=system").is_ok());
+        assert!(error("postgres://db/x?sslmode=verify-ca").contains("sslrootcert=FILE"));
+        assert!(parse_url("postgres://db/x?sslmode=verify-ca&sslrootcert=/ca.pem").is_ok());
+        assert!(parse_url("postgres://db/x?sslmode=verify-full").is_ok());
+        assert!(error("host=db sslrootcert='/ca.pem").contains("unterminated"));
+        assert!(error("postgres://db/x?sslrootcert=%FF").contains("UTF-8"));
+        assert!(error("host=a,b hostaddr=10.0.0.1").contains("2 hosts and 1 hostaddrs"));
+        assert!(error("host=a,b,c port=1,2").contains("2 ports for 3 hosts"));
+        assert!(parse_url("host=a,b,c port=1").is_ok());
     }
 
     #[test]
