@@ -124,32 +124,61 @@ async fn an_out_of_date_certificate_is_warned_of_at_start_and_on_reload(backend:
     assert_alive(&mut gateway);
 }
 
+/// An HTTPS gateway whose certificate is renewed under it, with an idle
+/// timeout long enough for a connection kept across the renewal.
+struct Renewing {
+    folder: tempfile::TempDir,
+    ca: TestCa,
+    old: Leaf,
+    upstream: TestUpstream,
+    gateway: Process,
+}
+
+impl Renewing {
+    async fn start(backend: Backend) -> Self {
+        let folder = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("test CA");
+        let old = ca.leaf(SERVER_NAMES);
+        let upstream = TestUpstream::start(Behaviour::Ok).await;
+        let gateway = serve_tls(
+            GatewayConfig::new(backend, upstream.addr).server("idle_timeout_ms = 60000"),
+            &old,
+            folder.path(),
+        );
+        Self {
+            folder,
+            ca,
+            old,
+            upstream,
+            gateway,
+        }
+    }
+
+    /// Writes a new certificate over the old, sends SIGHUP, and returns
+    /// it once new connections get it.
+    async fn renew(&mut self) -> Leaf {
+        let new = self.ca.leaf_with(SERVER_NAMES, |params| {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, "renewed");
+        });
+        assert_ne!(new.der, self.old.der);
+        new.write(self.folder.path(), "server");
+        self.gateway.signal("HUP");
+        wait_for_certificate(self.gateway.addr("public"), &self.ca, &new).await;
+        new
+    }
+}
+
 async fn sighup_serves_the_new_certificate_to_new_connections(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let old = ca.leaf(SERVER_NAMES);
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let mut gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr).server("idle_timeout_ms = 60000"),
-        &old,
-        folder.path(),
-    );
-    let public = gateway.addr("public");
-    let mut kept = TlsClient::connect(public, &ca).await;
+    let mut site = Renewing::start(backend).await;
+    let (public, ca, old) = (site.gateway.addr("public"), &site.ca, &site.old);
+    let mut kept = TlsClient::connect(public, ca).await;
     assert_eq!(kept.peer, old.der);
     assert_eq!(kept.get("/").await.status, StatusCode::OK);
 
-    let new = ca.leaf_with(SERVER_NAMES, |params| {
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "renewed");
-    });
-    assert_ne!(new.der, old.der);
-    new.write(folder.path(), "server");
-    gateway.signal("HUP");
-    wait_for_certificate(public, &ca, &new).await;
-
-    let mut fresh = TlsClient::connect(public, &ca).await;
+    let new = site.renew().await;
+    let mut fresh = TlsClient::connect(public, &site.ca).await;
     assert_eq!(fresh.peer, new.der);
     assert_eq!(fresh.get("/").await.status, StatusCode::OK);
     // The connection made before the reload goes on.
@@ -158,7 +187,7 @@ async fn sighup_serves_the_new_certificate_to_new_connections(backend: Backend) 
         (answer.status, answer.body.as_str()),
         (StatusCode::OK, WELCOME)
     );
-    assert_alive(&mut gateway);
+    assert_alive(&mut site.gateway);
 }
 
 async fn sighup_with_a_bad_key_keeps_the_old_certificate(backend: Backend) {
@@ -241,16 +270,8 @@ async fn sighup_applies_the_log_level_and_names_what_needs_a_restart(backend: Ba
 /// SIGHUP goes on with its streams, and new connections get the new
 /// certificate and are still offered h2.
 async fn sighup_keeps_http2_connections_and_offers_h2_with_the_new_certificate(backend: Backend) {
-    let folder = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("test CA");
-    let old = ca.leaf(SERVER_NAMES);
-    let upstream = TestUpstream::start(Behaviour::Ok).await;
-    let mut gateway = serve_tls(
-        GatewayConfig::new(backend, upstream.addr).server("idle_timeout_ms = 60000"),
-        &old,
-        folder.path(),
-    );
-    let public = gateway.addr("public");
+    let mut site = Renewing::start(backend).await;
+    let (public, ca, old) = (site.gateway.addr("public"), &site.ca, &site.old);
     let mut h2_config = (*ca.client_config()).clone();
     h2_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // A resumed session shows the certificate of the handshake it
@@ -276,14 +297,7 @@ async fn sighup_keeps_http2_connections_and_offers_h2_with_the_new_certificate(b
         StatusCode::OK
     );
 
-    let new = ca.leaf_with(SERVER_NAMES, |params| {
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "renewed");
-    });
-    new.write(folder.path(), "server");
-    gateway.signal("HUP");
-    wait_for_certificate(public, &ca, &new).await;
+    let new = site.renew().await;
 
     let (mut fresh, peer) = h2_connect().await;
     assert_eq!(peer, new.der);
@@ -296,8 +310,8 @@ async fn sighup_keeps_http2_connections_and_offers_h2_with_the_new_certificate(b
         (answer.status, answer.body.as_str()),
         (StatusCode::OK, WELCOME)
     );
-    assert_eq!(upstream.accepted_visits(), 3);
-    assert_alive(&mut gateway);
+    assert_eq!(site.upstream.accepted_visits(), 3);
+    assert_alive(&mut site.gateway);
 }
 
 both_backends!(
