@@ -80,11 +80,17 @@ impl Durable for PostgresStore {
         // Up to here nothing of the batch has been handed to the client:
         // a connection found closed was replaced, and the batch goes out
         // on the new one (see `closed_while_idle`).
-        let writer = self.writer.clone();
-        let session = self.connected()?;
+        self.connected()?;
+        // The session and the writer id borrowed apart: no copy of the id
+        // per batch.
+        let Some(session) = self.client.as_mut() else {
+            return Err(CommitError::Refused(io::Error::other(
+                "no connection to the database",
+            )));
+        };
         let answer = session
             .client
-            .query_opt(&session.commit, &[&writer, &increments, &number]);
+            .query_opt(&session.commit, &[&self.writer, &increments, &number]);
         // Sent, or maybe sent: this number is never used again.
         self.batch = batch;
         self.answered = Instant::now();
